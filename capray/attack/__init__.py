@@ -1,0 +1,1 @@
+"""The protection engine (pure torch: no Ray, storage or HTTP code here)."""

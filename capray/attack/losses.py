@@ -1,0 +1,108 @@
+"""Losses: diffusion reconstruction (with explicit randomness), Gram/consistency, content, SimAC features."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from capray.attack.randomness import NoiseDraw
+
+
+def vae_latents(vae: Any, images: torch.Tensor, vae_noise: torch.Tensor) -> torch.Tensor:
+    """Reparameterised VAE posterior sample (mean + std·noise) scaled for the UNet; differentiable."""
+    dist = vae.encode(images.to(vae.dtype)).latent_dist
+    return (dist.mean + dist.std * vae_noise) * vae.config.scaling_factor
+
+
+def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def reconstruction_loss(
+    parts: Any,
+    unet: Any,
+    cond: torch.Tensor,
+    images: torch.Tensor,
+    draw: NoiseDraw,
+) -> torch.Tensor:
+    """Per-image DreamBooth loss ‖ε̂(z_t, t, S) − ε‖² (mean over latent elements), shape (B,).
+
+    The sum over a group is L_re of CAP Eq. 9; the mean is Anti-DreamBooth's loss. `draw` holds B
+    rows (tile it with `NoiseDraw.repeat` for several candidates of one group).
+    """
+    latents = vae_latents(parts.vae, images, draw.vae_noise.to(images.device, parts.vae.dtype))
+    noise = draw.noise.to(latents.device, latents.dtype)
+    timesteps = draw.timesteps.to(latents.device)
+    noisy = parts.scheduler.add_noise(latents, noise, timesteps)
+    hidden = cond.expand(images.shape[0], -1, -1).to(unet.dtype)
+    pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=hidden).sample
+    target = diffusion_target(parts.scheduler, latents, noise, timesteps)
+    return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+def gram(features: torch.Tensor, normalization: Literal["elements", "none"]) -> torch.Tensor:
+    """G = F·Fᵀ with F of shape (C, H·W) per image (Eq. 12); optionally divided by C·H·W."""
+    b, c, h, w = features.shape
+    flat = features.float().reshape(b, c, h * w)
+    g = flat @ flat.transpose(1, 2)
+    return g / (c * h * w) if normalization == "elements" else g
+
+
+def consistency_from_stats(stats: list[torch.Tensor]) -> torch.Tensor:
+    """(1/N)·Σᵢ ‖Sᵢ − S̄‖² summed over layers (Eq. 14–15); S is a Gram matrix or a feature map."""
+    total = stats[0].new_zeros(())
+    for s in stats:
+        mean = s.mean(dim=0, keepdim=True)
+        total = total + (s - mean).pow(2).flatten(1).sum(dim=1).mean()
+    return total
+
+
+def consistency_loss(
+    style_net: Any,
+    images: torch.Tensor,
+    *,
+    kind: Literal["style", "content"] = "style",
+    normalization: Literal["elements", "none"] = "elements",
+) -> torch.Tensor:
+    """CAP's cross-image loss on the model-resolution group (N, 3, r, r)."""
+    feats = style_net(images)
+    if kind == "style":
+        stats = [gram(f, normalization) for f in feats]
+    else:  # ablation: pull raw feature maps (content) toward the group mean
+        stats = [f.float() / (f[0].numel() if normalization == "elements" else 1) for f in feats]
+    return consistency_from_stats(stats)
+
+
+class FeatureTap:
+    """Records the conv2 outputs of the ResNets in the UNet decoder's highest-resolution block (SimAC)."""
+
+    def __init__(self, unet: Any):
+        self.outputs: list[torch.Tensor] = []
+        self.enabled = False
+        self._handles = [res.conv2.register_forward_hook(self._hook) for res in unet.up_blocks[-1].resnets]
+
+    def _hook(self, _module: Any, _inp: Any, out: torch.Tensor) -> None:
+        if self.enabled:
+            self.outputs.append(out)
+
+    def capture(self) -> "FeatureTap":
+        self.outputs = []
+        self.enabled = True
+        return self
+
+    def release(self) -> list[torch.Tensor]:
+        self.enabled = False
+        out, self.outputs = self.outputs, []
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def feature_interference(perturbed: list[torch.Tensor], clean: list[torch.Tensor]) -> torch.Tensor:
+    """SimAC's feature loss: MSE between perturbed and clean decoder features, summed over ResNets."""
+    return sum(torch.nn.functional.mse_loss(p.float(), c.float().detach()) for p, c in zip(perturbed, clean))

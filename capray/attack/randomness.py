@@ -1,0 +1,65 @@
+"""Explicit randomness: every draw comes from a generator seeded by (run seed, identity, purpose, step).
+
+The λ search compares candidates under common random numbers, and the same config + seed gives the
+same pixels through every front door. Draws are made on the CPU and moved to the device, so a CPU and
+a GPU run see the same timesteps and noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+def derive_seed(*parts: object) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def cpu_generator(*parts: object) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(derive_seed(*parts))
+
+
+@dataclass(frozen=True)
+class NoiseDraw:
+    """Timesteps, diffusion noise and VAE-posterior noise for one batch of N images."""
+
+    timesteps: torch.Tensor  # (N,) long
+    noise: torch.Tensor  # (N, C, h, w)
+    vae_noise: torch.Tensor  # (N, C, h, w)
+
+    def repeat(self, times: int) -> "NoiseDraw":
+        """The same draw for each of `times` candidates (candidate-major order)."""
+        return NoiseDraw(self.timesteps.repeat(times), self.noise.repeat(times, 1, 1, 1),
+                         self.vae_noise.repeat(times, 1, 1, 1))
+
+    def select(self, index: int) -> "NoiseDraw":
+        sl = slice(index, index + 1)
+        return NoiseDraw(self.timesteps[sl], self.noise[sl], self.vae_noise[sl])
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "NoiseDraw":
+        return NoiseDraw(self.timesteps.to(device), self.noise.to(device, dtype), self.vae_noise.to(device, dtype))
+
+
+def draw_noise(
+    n: int,
+    latent_shape: tuple[int, int, int],
+    *seed_parts: object,
+    num_train_timesteps: int = 1000,
+    timestep_pools: list[torch.Tensor] | None = None,
+    fixed_timestep: int | None = None,
+) -> NoiseDraw:
+    """One draw for `n` images: uniform timesteps (or from per-image pools, SimAC), Gaussian noises."""
+    gen = cpu_generator(*seed_parts)
+    if fixed_timestep is not None:
+        timesteps = torch.full((n,), int(fixed_timestep), dtype=torch.long)
+    elif timestep_pools is not None:
+        picks = [int(torch.randint(len(pool), (1,), generator=gen)) for pool in timestep_pools]
+        timesteps = torch.stack([pool[i] for pool, i in zip(timestep_pools, picks)]).long()
+    else:
+        timesteps = torch.randint(0, num_train_timesteps, (n,), generator=gen)
+    noise = torch.randn((n, *latent_shape), generator=gen)
+    vae_noise = torch.randn((n, *latent_shape), generator=gen)
+    return NoiseDraw(timesteps, noise, vae_noise)

@@ -1,0 +1,39 @@
+"""`capray protect | evaluate | serve | models | demo` — argument parsing and dispatch only.
+
+Each front door owns its options (`add_arguments`) and its work (`run`) in its own package; this
+module just wires them up, importing them lazily so `capray --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "protect": ("capray.batch.command", "protect photos of many identities on Ray (the main job)"),
+    "evaluate": ("capray.evaluate.command", "play the attacker: DreamBooth on protected photos, metrics, report"),
+    "serve": ("capray.serve.command", "run the online protection endpoint (Ray Serve)"),
+    "models": ("capray.models.command", "model utilities (build the tiny random SD model)"),
+    "demo": ("capray.batch.demo", "protect the bundled sample identities end to end and summarise"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(sp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Every knob capray has, in one place (pydantic), with presets and a stable hash.
+
+Defaults live here and nowhere else: the engine, the batch job, Serve and evaluate all take a
+`CaprayConfig` (or one of its parts). Images are in [-1, 1] inside the engine, so `eps=0.05` and
+`alpha=0.005` are Anti-DreamBooth's script values (~6.4/255 and ~0.64/255).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TINY_MODEL = "tiny"  # sentinel: build (once) and use the tiny random SD-format model
+
+VGG19_FIRST_FIVE_CONV = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1"]
+RESNET50_STAGES = ["conv1", "layer1", "layer2", "layer3", "layer4"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which diffusion model and style network the engine loads, and where they run."""
+
+    sd: str = Field(TINY_MODEL, description="hub id, local SD-format directory, or 'tiny'")
+    revision: str | None = None
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'…")
+    resolution: int = Field(512, ge=32, description="side of the square the model sees")
+    style_network: Literal["vgg19", "resnet50"] = "vgg19"
+    style_weights: str = Field(
+        "imagenet", description="'imagenet' (torchvision cache), 'random' (tests) or a state-dict path"
+    )
+    style_layers: list[str] | None = Field(
+        None, description="feature layers for Gram matrices; default: first five conv layers (VGG-19)"
+    )
+    tiny_cache_dir: str | None = Field(None, description="where the tiny model is built; default ~/.cache/capray")
+    gradient_checkpointing: bool = False
+    attention_slicing: bool = False
+
+    def effective_style_layers(self) -> list[str]:
+        if self.style_layers:
+            return list(self.style_layers)
+        return list(VGG19_FIRST_FIVE_CONV if self.style_network == "vgg19" else RESNET50_STAGES[:3])
+
+
+class SurrogateConfig(_Strict):
+    """DreamBooth-style surrogate training used by FSMG (once) and ASPL/SimAC (every outer loop)."""
+
+    learning_rate: float = 5e-7
+    weight_decay: float = 1e-2
+    train_text_encoder: bool = True
+    master_weights: Literal["fp32"] = Field(
+        "fp32", description="weights are trained in fp32 (Anti-DB's bf16 weights barely move at lr 5e-7)"
+    )
+    batch_size: int = Field(1, ge=1, description="instance images per training step (plus as many class images)")
+    max_grad_norm: float = 1.0
+    prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    class_prompt: str = "a photo of person"
+    num_class_images: int = Field(200, ge=0)
+    class_sample_steps: int = Field(50, ge=1)
+    class_guidance_scale: float = 7.5
+    class_images_dir: str | None = Field(None, description="cache for class images; default under ~/.cache/capray")
+
+
+class SimACConfig(_Strict):
+    """SimAC's greedy timestep selection and feature-interference loss (SimAC, CVPR'24)."""
+
+    max_select_iters: int = 50
+    samples_per_iter: int = 5
+    delta_t: int = 20
+    keep_timesteps: int = 100
+    feature_weight: float = 1.0
+    feature_detach: bool = Field(
+        False, description="True reproduces the public code: the feature loss contributes no gradient"
+    )
+
+
+class CAPConfig(_Strict):
+    """CAP: the cross-image consistency loss and the dynamic ratio λ (Algorithm 1)."""
+
+    enabled: bool = True
+    start_fraction: float = Field(0.5, ge=0.0, le=1.0, description="k̂ as a fraction of the PGD steps")
+    ratio_max: int = Field(100, ge=0, description="R: λ is searched in 0..R")
+    ratio_mode: Literal["dynamic", "static"] = "dynamic"
+    static_ratio: float = 40.0
+    loss: Literal["style", "content"] = "style"
+    gram_normalization: Literal["elements", "none"] = Field(
+        "elements", description="'elements' divides G by C·H·W (style-transfer convention); 'none' is Eq. 12 as printed"
+    )
+    search: Literal["fast", "reference"] = "fast"
+    candidate_batch_size: int = Field(8, ge=1, description="λ candidates per batched forward")
+
+
+class AttackConfig(_Strict):
+    method: Literal["fsmg", "aspl", "simac"] = "aspl"
+    eps: float = Field(0.05, gt=0, description="L∞ budget in [-1,1] units (×127.5 for /255)")
+    alpha: float = Field(0.005, gt=0, description="PGD step in [-1,1] units")
+    instance_prompt: str = "a photo of sks person"
+    pgd_steps: int = Field(100, ge=1, description="FSMG: PGD steps against the fine-tuned surrogate")
+    fsmg_train_steps: int = Field(1000, ge=0, description="FSMG: DreamBooth steps on the clean references")
+    fsmg_model: str | None = Field(None, description="FSMG: an already fine-tuned SD directory (skips training)")
+    outer_loops: int = Field(50, ge=1, description="ASPL/SimAC outer loops")
+    surrogate_steps: int = Field(3, ge=0, description="ASPL: training steps per phase")
+    adv_steps: int = Field(6, ge=1, description="ASPL: PGD steps per outer loop")
+    surrogate: SurrogateConfig = SurrogateConfig()
+    simac: SimACConfig = SimACConfig()
+
+    @property
+    def total_pgd_steps(self) -> int:
+        return self.pgd_steps if self.method == "fsmg" else self.outer_loops * self.adv_steps
+
+
+class BatchConfig(_Strict):
+    """The Ray Data job: actors, batching and fault tolerance."""
+
+    num_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(1.0, ge=0, description="used only when the cluster has GPUs")
+    cpus_per_actor: float = Field(1.0, ge=0)
+    groups_per_batch: int = Field(1, ge=1)
+    max_photos_per_identity: int = Field(64, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard")
+    max_file_bytes: int = Field(50_000_000, ge=1)
+    group_retries: int = Field(2, ge=0)
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. endpoint_url")
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    min_replicas: int = 0
+    max_replicas: int = 4
+    target_ongoing_requests: float = 1.0
+    max_ongoing_requests: int = 2
+    max_queued_requests: int = 16
+    max_photos: int = 16
+
+
+class CaprayConfig(_Strict):
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    attack: AttackConfig = AttackConfig()
+    cap: CAPConfig = CAPConfig()
+    batch: BatchConfig = BatchConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "CaprayConfig":
+        if self.attack.alpha > self.attack.eps:
+            raise ValueError(f"alpha ({self.attack.alpha}) larger than eps ({self.attack.eps})")
+        return self
+
+    # -- identity of a run -------------------------------------------------------------------
+    def engine_dict(self) -> dict[str, Any]:
+        """The parts that decide output pixels (batch/serve plumbing excluded)."""
+        return {"seed": self.seed, "model": self.model.model_dump(), "attack": self.attack.model_dump(),
+                "cap": self.cap.model_dump()}
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.engine_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# -- presets ----------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A few PGD steps and a small R: for trying things in seconds on a CPU with the tiny model.
+    "smoke": {
+        "model": {"resolution": 64, "style_weights": "random"},
+        "attack": {
+            "pgd_steps": 4, "fsmg_train_steps": 2, "outer_loops": 2, "surrogate_steps": 1, "adv_steps": 2,
+            "surrogate": {"num_class_images": 2, "class_sample_steps": 2},
+            "simac": {"max_select_iters": 3, "samples_per_iter": 2, "keep_timesteps": 900},
+        },
+        "cap": {"ratio_max": 10},
+    },
+    # The paper's settings (§5: α=0.005, η=0.05, k̂=K/2, R=100, VGG-19 first five conv layers).
+    "paper": {
+        "model": {"sd": "stabilityai/stable-diffusion-2-1-base", "dtype": "bf16", "resolution": 512,
+                  "style_weights": "imagenet"},
+        "attack": {"eps": 0.05, "alpha": 0.005, "pgd_steps": 100, "outer_loops": 50, "adv_steps": 6,
+                   "surrogate_steps": 3, "fsmg_train_steps": 1000},
+        "cap": {"ratio_max": 100, "start_fraction": 0.5},
+    },
+}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_set(assignments: list[str]) -> dict[str, Any]:
+    """Turn ['attack.eps=0.03', 'cap.enabled=false'] into a nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> CaprayConfig:
+    """Preset, then YAML/JSON file, then explicit overrides (later wins)."""
+    data: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        data = deep_merge(data, PRESETS[preset])
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping")
+        data = deep_merge(data, loaded)
+    if overrides:
+        data = deep_merge(data, overrides)
+    return CaprayConfig.model_validate(data)

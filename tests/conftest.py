@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny model built once, smoke configs, one local Ray cluster per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FACES = SHARED / "data" / "faces" / "n000050"
+
+
+@pytest.fixture(scope="session")
+def capray_cache(tmp_path_factory) -> Path:
+    """One cache (tiny model, class images) for the whole session, also seen by Ray workers."""
+    path = tmp_path_factory.mktemp("capray-cache")
+    os.environ["CAPRAY_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(capray_cache) -> Path:
+    from capray.models.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(str(capray_cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_model_dir):
+    """Loaded once: tiny SD parts + random VGG-19, on CPU in fp32."""
+    from capray.attack.engine import load_models
+    from capray.config import load_config
+
+    return load_models(load_config(preset="smoke").model)
+
+
+@pytest.fixture
+def smoke_config():
+    from capray.config import load_config
+
+    def make(**overrides):
+        return load_config(preset="smoke", overrides=overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(capray_cache):
+    """One local Ray for the whole session: more logical CPUs than cores so actors never starve readers."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, object_store_memory=256 * 1024**2, include_dashboard=False,
+                 runtime_env={"env_vars": {"CAPRAY_CACHE": str(capray_cache)}}, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    if not FACES.exists():
+        pytest.skip("shared sample faces not present")
+    return FACES
