@@ -143,6 +143,39 @@ class ServeConfig(_Strict):
     max_photos: int = 16
 
 
+class EvaluateConfig(_Strict):
+    """`capray evaluate`: the attacker (DreamBooth as in Anti-DreamBooth's evaluation), metrics and transforms.
+
+    Defaults are the paper's protocol (CAP §5, Anti-DB `train_dreambooth.py`): SD 2.1, batch 2, lr 5e-7,
+    1000 steps, prior preservation, 16 images per prompt, 100 sampling steps, CFG 7.5.
+    """
+
+    train_steps: int = Field(1000, ge=0, description="DreamBooth steps per (identity, photo set)")
+    learning_rate: float = Field(5e-7, gt=0)
+    batch_size: int = Field(2, ge=1, description="instance images per step (plus as many class images)")
+    prior_preservation: bool = True
+    num_class_images: int = Field(200, ge=0)
+    instance_prompt: str = "a photo of sks person"
+    prompts: list[str] = Field(default_factory=lambda: ["a photo of sks person", "a dslr portrait of sks person"])
+    images_per_prompt: int = Field(16, ge=1)
+    sample_steps: int = Field(100, ge=1)
+    guidance_scale: float = 7.5
+    generation_batch_size: int = Field(4, ge=1)
+    lora: bool = Field(False, description="train LoRA adapters (peft) on the UNet attention instead of full weights")
+    lora_rank: int = Field(4, ge=1)
+    lora_learning_rate: float = Field(1e-4, gt=0)
+    transforms: list[str] = Field(
+        default_factory=list, description="robustness: 'jpeg:75', 'blur:1.5', 'resize:0.5' applied before training"
+    )
+    face_backend: Literal["auto", "insightface", "opencv"] = Field(
+        "auto", description="'insightface' = the paper's RetinaFace-R50 + ArcFace (weights needed); 'opencv' = YuNet + SFace"
+    )
+    insightface_root: str | None = Field(None, description="insightface model root (holds models/antelopev2)")
+    clip_iqa_weights: str | None = Field(None, description="local CLIP directory (transformers format) for CLIP-IQA")
+    serfiq_passes: int = Field(100, ge=2, description="SER-FIQ stochastic forward passes (T)")
+    cpus_per_identity: float = Field(1.0, gt=0)
+
+
 class CaprayConfig(_Strict):
     seed: int = 0
     model: ModelConfig = ModelConfig()
@@ -150,6 +183,7 @@ class CaprayConfig(_Strict):
     cap: CAPConfig = CAPConfig()
     batch: BatchConfig = BatchConfig()
     serve: ServeConfig = ServeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "CaprayConfig":
@@ -180,6 +214,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "simac": {"max_select_iters": 3, "samples_per_iter": 2, "keep_timesteps": 900},
         },
         "cap": {"ratio_max": 10},
+        "evaluate": {"train_steps": 2, "num_class_images": 2, "prompts": ["a photo of sks person"],
+                     "images_per_prompt": 2, "sample_steps": 2, "generation_batch_size": 2, "serfiq_passes": 10},
     },
     # The paper's settings (§5: α=0.005, η=0.05, k̂=K/2, R=100, VGG-19 first five conv layers).
     "paper": {
