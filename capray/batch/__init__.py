@@ -1,0 +1,1 @@
+"""`capray protect`: bulk protection on Ray Data (read groups → decode → protect → encode+write → manifest)."""

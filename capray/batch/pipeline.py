@@ -1,0 +1,78 @@
+"""The Ray Data job: plan rows → repartition → decode (CPU tasks) → protect (actor pool) → write (CPU tasks).
+
+One row per identity all the way (no `groupby().map_groups()`, which would shuffle and block the
+stream); `repartition(target_num_rows_per_block=1)` spreads the groups over actors. The driver only
+iterates small summary rows, so its memory does not grow with the number of identities, and Ray
+Data's streaming executor bounds what is in flight. Resume is the manifest: identities with an `ok`
+row were left out of the plan, and every identity commits its row only after its PNGs are written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from capray.batch.metrics import JobMetrics
+from capray.batch.plan import Plan
+from capray.batch.progress import Progress
+from capray.batch.stages import PLAN_SCHEMA, ProtectActor, decode_batch, write_batch
+from capray.config import CaprayConfig
+from capray.io.storage import get_fs, join, write_bytes_atomic
+
+
+@dataclass
+class JobSummary:
+    total: int
+    skipped: int
+    ok: int
+    failed: int
+    unfinished: int  # rows Ray Data dropped (an unrecoverable stage error); a rerun retries them
+    output: str
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.failed == 0 and self.unfinished == 0 else 1
+
+
+def build_dataset(plan: Plan, cfg: CaprayConfig, actor_cls: type = ProtectActor):
+    import pyarrow as pa
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own one-line display counts identities, not blocks
+    ctx.max_errored_blocks = -1  # a broken block must not take the other identities down; counted below
+    b = cfg.batch
+    config_json = cfg.model_dump_json()
+    gpus = b.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    ds = ray.data.from_arrow(pa.Table.from_pylist(plan.pending, schema=PLAN_SCHEMA))
+    ds = ds.repartition(target_num_rows_per_block=1)
+    ds = ds.map_batches(decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=b.cpus_per_io_task,
+                        fn_kwargs={"config_json": config_json}, udf_modifying_row_count=False)
+    # The config rides on a subclass rather than in constructor args: Ray keeps constructor args in
+    # the object store, and a restarted actor (max_restarts=-1) would need them there (ray#53727).
+    configured = type(actor_cls.__name__, (actor_cls,), {"CONFIG_JSON": config_json})
+    ds = ds.map_batches(configured, batch_size=b.groups_per_batch, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=b.num_actors),
+                        num_cpus=b.cpus_per_actor, num_gpus=gpus, udf_modifying_row_count=False)
+    ds = ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=b.cpus_per_io_task,
+                        fn_kwargs={"config_json": config_json, "output": plan.output},
+                        udf_modifying_row_count=False)
+    return ds
+
+
+def run_job(plan: Plan, cfg: CaprayConfig, *, actor_cls: type = ProtectActor,
+            on_result: Callable[[dict[str, Any]], None] | None = None, show_progress: bool = True) -> JobSummary:
+    """Run the pending identities of `plan` on the connected Ray cluster and return the counts."""
+    progress = Progress(plan.total, plan.skipped, enabled=show_progress)
+    metrics = JobMetrics(cfg.cap.ratio_max, cfg.batch.metrics_port)
+    metrics.remaining.set(progress.remaining)
+    if plan.pending:
+        for summary in build_dataset(plan, cfg, actor_cls).iter_rows():
+            progress.update(summary["status"])
+            metrics.observe(summary, progress.remaining)
+            if on_result is not None:
+                on_result(summary)
+    progress.finish()
+    fs, path = get_fs(join(plan.output, "metrics.prom"), cfg.batch.storage_options)
+    write_bytes_atomic(fs, path, metrics.text())
+    return JobSummary(plan.total, plan.skipped, progress.ok, progress.failed, progress.remaining, plan.output)

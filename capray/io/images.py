@@ -1,0 +1,112 @@
+"""Decode untrusted photos safely and encode protected ones losslessly.
+
+Decoding checks the file size, the image header's pixel count (decompression bombs) and the minimum
+side *before* pixels are decoded, refuses truncated files (Pillow's default), applies the EXIF
+orientation (the photo is protected and written the way it is displayed), and maps every mode to
+8-bit RGB: grayscale is replicated to three channels, CMYK goes through Pillow's conversion, 16-bit
+images are scaled (not clipped) to 8 bits. An alpha channel is kept aside and re-attached unchanged
+to the output: the RGB channels are what an attacker's `convert("RGB")` sees, so they are what gets
+protected. Output is always PNG (lossless; JPEG would erase the perturbation) with no metadata, so
+the same pixels always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+PNG_COMPRESS_LEVEL = 6
+
+
+class BadImage(ValueError):
+    """A photo that cannot be used; the message says why in words a user understands."""
+
+
+@dataclass
+class DecodedImage:
+    rgb: np.ndarray  # (H, W, 3) uint8, displayed orientation
+    alpha: np.ndarray | None  # (H, W) uint8 or None
+    source_mode: str
+    notes: list[str]
+
+
+def _to_rgb_alpha(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    notes: list[str] = []
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        if mode == "I" and arr.max(initial=0) <= 255:
+            scaled = arr
+        else:
+            scaled = arr * (255.0 / 65535.0)
+            notes.append("16-bit grayscale scaled to 8 bits")
+        gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2), None, notes
+    if mode == "F":
+        raise BadImage("floating-point images are not supported")
+    alpha = None
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        alpha = np.array(img.getchannel("A"))
+        if alpha.min() == 255:
+            alpha = None  # fully opaque: nothing to keep
+        else:
+            notes.append("alpha channel kept unchanged")
+    if img.mode in ("L", "1"):
+        notes.append("grayscale written as RGB")
+    elif img.mode == "CMYK":
+        notes.append("CMYK converted to RGB")
+    rgb = np.array(img.convert("RGB"))
+    return rgb, alpha, notes
+
+
+def decode_image(data: bytes, *, max_pixels: int, min_side: int = 8) -> DecodedImage:
+    """Bytes → RGB uint8 (+ alpha), or `BadImage` with a clear reason."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImage(f"{w}x{h} = {w * h} pixels is over the batch.max_image_pixels limit of "
+                               f"{max_pixels} (decompression-bomb guard)")
+            if min(w, h) < min_side:
+                raise BadImage(f"{w}x{h} is too small (shorter side under {min_side} px)")
+            mode = img.mode
+            frames = getattr(img, "n_frames", 1)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb, alpha, notes = _to_rgb_alpha(img)
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"decompression bomb refused: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadImage(f"could not decode image: {exc}") from None
+    if frames > 1:
+        notes.append("animated image: first frame used")
+    return DecodedImage(rgb=np.ascontiguousarray(rgb), alpha=alpha, source_mode=mode, notes=notes)
+
+
+def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None) -> bytes:
+    """RGB(A) uint8 → PNG bytes, deterministic (fixed compression, no metadata)."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    if alpha is not None:
+        img = Image.fromarray(np.ascontiguousarray(np.dstack([rgb, alpha])))
+    else:
+        img = Image.fromarray(np.ascontiguousarray(rgb))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()

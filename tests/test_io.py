@@ -1,0 +1,265 @@
+"""capray.io without Ray: naming, safe decode of hostile files, atomic writes, discovery, manifest, plan."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from capray.io import manifest
+from capray.io.discover import discover
+from capray.io.images import BadImage, decode_image, encode_png
+from capray.io.naming import identity_problem, output_stems, safe_name
+from capray.io.storage import get_fs, inside, overlaps, redact, write_bytes_atomic
+
+RNG = np.random.default_rng(0)
+
+
+def png_bytes(arr: np.ndarray, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def rgb(h=20, w=30) -> np.ndarray:
+    return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG signature + IHDR claiming width×height, with a tiny (wrong) IDAT: only the header matters."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+
+
+# -- naming --------------------------------------------------------------------------------------
+
+def test_safe_names_are_unique_and_only_change_unsafe_names():
+    originals = ["alice", "a b", "a_b", "a?b", "Zoë", "José García", "x" * 300, "ünï cödé", "A.B-c_d"]
+    safe = [safe_name(n) for n in originals]
+    assert len(set(safe)) == len(originals)
+    assert safe_name("alice") == "alice" and safe_name("A.B-c_d") == "A.B-c_d" and safe_name("Zoë") == "Zoë"
+    for original, s in zip(originals, safe):
+        assert "/" not in s and " " not in s and not s.startswith(".") and len(s) <= 130
+        assert safe_name(original) == s  # stable
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".", ".hidden", "a\\b", "bad\x00name", "tab\tname", "", "  "])
+def test_path_tricks_are_rejected(name):
+    assert identity_problem(name) is not None
+
+
+def test_ordinary_names_are_accepted():
+    for name in ["alice", "bob smith", "Zoë", "名前", "o'neil"]:
+        assert identity_problem(name) is None
+
+
+def test_output_stems_disambiguate_collisions_only():
+    stems = output_stems(["/x/a.jpg", "/x/a.png", "/x/b.png", "/y/A.jpeg", "/x/c d.png"])
+    assert len(set(s.lower() for s in stems)) == 5
+    assert stems[2] == "b"
+    assert stems[0].startswith("a-") and stems[1].startswith("a-") and stems[3].startswith("A-")
+    assert stems == output_stems(["/x/a.jpg", "/x/a.png", "/x/b.png", "/y/A.jpeg", "/x/c d.png"])
+
+
+# -- decode ---------------------------------------------------------------------------------------
+
+def decode(data: bytes, **kw):
+    return decode_image(data, max_pixels=kw.pop("max_pixels", 10_000_000), **kw)
+
+
+def test_png_roundtrip_is_exact_and_encoding_deterministic():
+    arr = rgb()
+    out = decode(png_bytes(arr))
+    assert np.array_equal(out.rgb, arr) and out.alpha is None
+    assert encode_png(arr) == encode_png(arr.copy())
+    assert np.array_equal(np.array(Image.open(io.BytesIO(encode_png(arr)))), arr)
+
+
+@pytest.mark.parametrize("data,needle", [
+    (b"", "empty file"),
+    (b"hello, I am not an image\n" * 10, "not a recognised image"),
+    (png_bytes(rgb(64, 64))[:300], "decode"),
+    (bomb_png(50_000, 50_000), "decompression"),  # Pillow's own hard limit
+    (bomb_png(5_000, 5_000), "max_image_pixels"),  # our configured limit, checked before decoding
+    (png_bytes(rgb(4, 40)), "too small"),
+], ids=["empty", "text", "truncated", "bomb-pillow", "bomb-config", "tiny"])
+def test_bad_files_raise_clear_errors(data, needle):
+    with pytest.raises(BadImage, match=needle):
+        decode(data)
+
+
+def test_cmyk_grayscale_16bit_palette_alpha_handling():
+    arr = rgb()
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert("CMYK").save(buf, format="JPEG", quality=95)
+    cmyk = decode(buf.getvalue())
+    assert cmyk.rgb.shape == (20, 30, 3) and "CMYK converted to RGB" in cmyk.notes
+
+    gray = RNG.integers(0, 256, (20, 30), dtype=np.uint8)
+    g = decode(png_bytes(gray))
+    assert np.array_equal(g.rgb, np.repeat(gray[..., None], 3, axis=2))
+
+    deep = RNG.integers(0, 65536, (20, 30), dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(deep).save(buf, format="PNG")
+    d = decode(buf.getvalue())
+    expected = np.clip(np.rint(deep.astype(np.float64) * 255 / 65535), 0, 255).astype(np.uint8)
+    assert np.array_equal(d.rgb[..., 0], expected), "16-bit must be scaled, not clipped"
+
+    rgba = np.dstack([arr, RNG.integers(0, 256, (20, 30), dtype=np.uint8)])
+    a = decode(png_bytes(rgba))
+    assert np.array_equal(a.rgb, arr) and np.array_equal(a.alpha, rgba[..., 3])
+    assert np.array_equal(np.array(Image.open(io.BytesIO(encode_png(a.rgb, a.alpha)))), rgba)
+
+    pal = Image.fromarray(arr).convert("P")
+    p = decode(png_bytes(np.array(pal.convert("RGB"))))
+    assert p.rgb.shape == (20, 30, 3)
+
+
+def test_exif_orientation_is_applied():
+    arr = rgb(20, 40)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", exif=exif.tobytes())
+    out = decode(buf.getvalue())
+    assert out.rgb.shape == (40, 20, 3)
+    assert np.array_equal(out.rgb, np.rot90(arr, k=-1))
+
+
+# -- storage ----------------------------------------------------------------------------------------
+
+def test_atomic_write_never_leaves_partial_file(tmp_path, monkeypatch):
+    fs, path = get_fs(str(tmp_path / "d" / "x.png"))
+    write_bytes_atomic(fs, path, b"first")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        write_bytes_atomic(fs, path, b"second-and-longer")
+    assert (tmp_path / "d" / "x.png").read_bytes() == b"first"
+    assert os.listdir(tmp_path / "d") == ["x.png"]
+
+
+def test_overlap_rules(tmp_path):
+    assert overlaps(str(tmp_path), str(tmp_path / "out"))
+    assert overlaps(str(tmp_path / "in"), str(tmp_path))
+    assert not overlaps(str(tmp_path / "in"), str(tmp_path / "in2"))
+    assert overlaps("s3://b/photos", "s3://b/photos/out") and not overlaps("s3://b/photos", "s3://b/photos-out")
+    assert inside(str(tmp_path / "a" / "x.png"), str(tmp_path / "a")) and not inside("s3://b/a/x", str(tmp_path))
+
+
+def test_redact_hides_secrets():
+    r = redact({"key": "AK", "secret": "S", "endpoint_url": "http://x", "client_kwargs": {"aws_session_token": "T"}})
+    assert r == {"key": "***", "secret": "***", "endpoint_url": "http://x", "client_kwargs": {"aws_session_token": "***"}}
+
+
+# -- discovery -------------------------------------------------------------------------------------
+
+def test_folder_discovery(tmp_path):
+    (tmp_path / "bob").mkdir()
+    (tmp_path / "alice").mkdir()
+    (tmp_path / "alice" / "2.png").write_bytes(b"x")
+    (tmp_path / "alice" / "1.png").write_bytes(b"x")
+    (tmp_path / "alice" / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "alice" / "nested").mkdir()
+    (tmp_path / "README.txt").write_text("x")
+    (tmp_path / ".git").mkdir()
+    found = discover(str(tmp_path))
+    assert [(g.identity, [os.path.basename(u) for u in g.uris]) for g in found.groups] == [
+        ("alice", ["1.png", "2.png"]), ("bob", [])]
+    assert sorted(os.path.basename(u) for u in found.ignored) == ["README.txt", "nested"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_manifest_discovery(tmp_path, fmt):
+    rows = [{"identity": "b", "uri": "p/2.png"}, {"identity": "a", "uri": "/abs/1.png"},
+            {"identity": "b", "uri": "p/1.png"}, {"identity": "b", "uri": "p/1.png"},
+            {"identity": "c", "uri": "s3://bucket/c.png"}]
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "csv":
+        path.write_text("identity,uri\n" + "".join(f"{r['identity']},{r['uri']}\n" for r in rows))
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    found = discover(str(path))
+    assert found.kind == "manifest"
+    assert [(g.identity, g.uris) for g in found.groups] == [
+        ("a", ["/abs/1.png"]), ("b", [str(tmp_path / "p/1.png"), str(tmp_path / "p/2.png")]),
+        ("c", ["s3://bucket/c.png"])]
+
+
+def test_manifest_without_required_columns_is_refused(tmp_path):
+    (tmp_path / "m.csv").write_text("person,path\na,b\n")
+    with pytest.raises(ValueError, match="identity"):
+        discover(str(tmp_path / "m.csv"))
+
+
+# -- manifest ----------------------------------------------------------------------------------------
+
+def test_manifest_parts_overwrite_never_duplicate(tmp_path):
+    out = str(tmp_path)
+    manifest.write_part(out, "a", {"identity": "a", "status": "failed", "error": "x"}, None)
+    manifest.write_part(out, "b", {"identity": "b", "status": "ok", "linf_255": [3.0]}, None)
+    assert manifest.done_identities(out) == {"b"}
+    manifest.write_part(out, "a", {"identity": "a", "status": "ok"}, None)
+    table = manifest.read_manifest(out)
+    assert table.schema == manifest.SCHEMA
+    assert sorted(table.column("identity").to_pylist()) == ["a", "b"]
+    assert manifest.done_identities(out) == {"a", "b"}
+
+
+def test_empty_output_has_empty_manifest(tmp_path):
+    assert manifest.read_manifest(str(tmp_path)).num_rows == 0 and manifest.done_identities(str(tmp_path)) == set()
+
+
+# -- plan (usage errors before any work) ------------------------------------------------------------------
+
+def test_plan_refuses_overlap_and_config_change(tmp_path, smoke_config):
+    from capray.batch.plan import UsageError, make_plan, write_run_file
+
+    src = tmp_path / "in"
+    (src / "alice").mkdir(parents=True)
+    (src / "alice" / "1.png").write_bytes(png_bytes(rgb()))
+    with pytest.raises(UsageError, match="overlaps"):
+        make_plan(str(src), str(src / "out"), smoke_config())
+    with pytest.raises(UsageError, match="overlaps"):
+        make_plan(str(src / "alice"), str(src), smoke_config())
+    assert not (src / "out").exists()
+    manifest_csv = tmp_path / "m.csv"
+    manifest_csv.write_text(f"identity,uri\nalice,{src}/alice/1.png\n")
+    with pytest.raises(UsageError, match="inside OUTPUT"):
+        make_plan(str(manifest_csv), str(src), smoke_config())
+    plan = make_plan(str(src), str(tmp_path / "out"), smoke_config())
+    assert [r["identity"] for r in plan.pending] == ["alice"]
+    write_run_file(plan, smoke_config())
+    with pytest.raises(UsageError, match="same config"):
+        make_plan(str(src), str(tmp_path / "out"), smoke_config(seed=7))
+
+
+def test_plan_rows_flag_rejected_empty_and_oversized_groups(tmp_path, smoke_config):
+    from capray.batch.plan import plan_rows
+    from capray.io.discover import Discovery, IdentityGroup
+
+    found = Discovery([IdentityGroup("../evil", ["/a.png"]), IdentityGroup("none", []),
+                       IdentityGroup("many", [f"/{i}.png" for i in range(5)]), IdentityGroup("ok", ["/o.png"]),
+                       IdentityGroup("done", ["/d.png"])], "manifest", "/")
+    rows, skipped = plan_rows(found, smoke_config(batch={"max_photos_per_identity": 4}), {"done"})
+    problems = {r["identity"]: r["problem"] for r in rows}
+    assert skipped == 1 and set(problems) == {"../evil", "none", "many", "ok"}
+    assert "path separator" in problems["../evil"] and "no photos" in problems["none"]
+    assert "max_photos_per_identity=4" in problems["many"] and problems["ok"] is None
+    assert all("/" not in r["safe"] and not r["safe"].startswith(".") for r in rows)
