@@ -130,6 +130,9 @@ class BatchConfig(_Strict):
     max_file_bytes: int = Field(50_000_000, ge=1)
     group_retries: int = Field(2, ge=0)
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. endpoint_url")
+    min_image_side: int = Field(8, ge=1, description="photos with a shorter side are refused")
+    cpus_per_io_task: float = Field(0.5, gt=0, description="logical CPUs per decode / encode+write task")
+    metrics_port: int | None = Field(None, description="serve Prometheus metrics from the driver on this port")
 
 
 class ServeConfig(_Strict):
