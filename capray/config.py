@@ -136,14 +136,38 @@ class BatchConfig(_Strict):
 
 
 class ServeConfig(_Strict):
+    """The online endpoint (`capray serve`): HTTP, the GPU `Protector`'s autoscaling, request limits."""
+
     host: str = "127.0.0.1"
     port: int = 8000
-    min_replicas: int = 0
-    max_replicas: int = 4
-    target_ongoing_requests: float = 1.0
-    max_ongoing_requests: int = 2
-    max_queued_requests: int = 16
-    max_photos: int = 16
+    min_replicas: int = Field(0, ge=0, description="0 scales to zero (the first request then waits for a model load)")
+    max_replicas: int = Field(4, ge=1, description="at most one replica per GPU")
+    target_ongoing_requests: float = Field(1.0, gt=0)
+    max_ongoing_requests: int = Field(2, ge=1, description="keep above the target, or Serve never scales up")
+    max_queued_requests: int = Field(16, ge=-1, description="per caller; beyond it requests are refused (503)")
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    gpus_per_replica: float = Field(1.0, ge=0, description="0 on CPU-only clusters")
+    cpus_per_replica: float = Field(1.0, ge=0)
+    ingress_cpus: float = Field(0.25, ge=0)
+    request_timeout_s: float = Field(900.0, gt=0, description="end-to-end HTTP timeout (the sync endpoint)")
+    graceful_shutdown_timeout_s: float = Field(900.0, ge=0, description="let a running group finish on scale-down")
+    max_photos: int = Field(16, ge=1)
+    max_photo_bytes: int = Field(20_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard")
+    min_image_side: int = Field(8, ge=1)
+    max_pgd_steps: int = Field(300, ge=1, description="bound on a request's attack overrides")
+    max_finished_jobs: int = Field(256, ge=1, description="finished jobs whose results are kept for polling")
+    job_ttl_s: float = Field(3600.0, gt=0, description="how long a finished job's result is kept")
+
+    @model_validator(mode="after")
+    def _check_scaling(self) -> "ServeConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"serve.max_replicas ({self.max_replicas}) < serve.min_replicas ({self.min_replicas})")
+        if self.max_ongoing_requests <= self.target_ongoing_requests:
+            raise ValueError("serve.max_ongoing_requests must exceed serve.target_ongoing_requests, "
+                             "or the Protector never scales up")
+        return self
 
 
 class EvaluateConfig(_Strict):
