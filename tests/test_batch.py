@@ -1,0 +1,233 @@
+"""`capray protect` end to end on the shared local Ray: a mixed corpus of good and hostile input, resume,
+determinism (and equality with the in-process engine), and an actor killed mid-group."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from capray.batch.samples import sample_root
+from capray.config import load_config
+from capray.io.images import decode_image, encode_png
+from capray.io.manifest import read_manifest
+
+pytestmark = pytest.mark.ray
+
+CHEAP = {"attack": {"outer_loops": 1, "adv_steps": 2}, "cap": {"start_fraction": 0.5},
+         "batch": {"cpus_per_actor": 0.25, "cpus_per_io_task": 0.5, "max_photos_per_identity": 4}}
+# (actor and I/O tasks ask for different CPUs, so Ray keeps decode, protect and write as separate operators)
+RNG = np.random.default_rng(1)
+
+
+def cheap_config(**extra):
+    from capray.config import deep_merge
+
+    return load_config(preset="smoke", overrides=deep_merge(CHEAP, extra))
+
+
+def save(path: Path, arr: np.ndarray, fmt: str = "PNG", **kw) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt, **kw)
+
+
+def noise(h=40, w=48) -> np.ndarray:
+    return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def build_corpus(root: Path) -> dict[str, str]:
+    """Identity folder → expected status."""
+    for ident in ("astronaut", "chelsea"):
+        shutil.copytree(sample_root() / ident, root / ident)
+    save(root / "bob smith" / "1.png", noise())
+    save(root / "bob smith" / "2.png", noise(36, 52))
+    save(root / "Zoë" / "a.png", noise())
+    save(root / "Zoë" / "a.jpg", noise(), "JPEG", quality=95)  # duplicate stem
+    save(root / "solo" / "only.png", noise())  # one photo: baseline attack only
+    for i in range(5):
+        save(root / "crowd" / f"{i}.png", noise(32, 32))  # over max_photos_per_identity=4
+    save(root / "broken" / "good.png", noise())
+    (root / "broken" / "cut.png").write_bytes(buf_png(noise(64, 64))[:200])
+    save(root / "empty" / "good.png", noise())
+    (root / "empty" / "zero.png").write_bytes(b"")
+    (root / "text" / "notes.png").parent.mkdir(parents=True)
+    (root / "text" / "notes.png").write_text("not an image")
+    save(root / "text" / "ok.png", noise())
+    (root / "nophotos").mkdir()
+    # unusual but valid encodings: all protected
+    cmyk = Image.fromarray(noise()).convert("CMYK")
+    (root / "formats").mkdir()
+    cmyk.save(root / "formats" / "cmyk.jpg", format="JPEG", quality=95)
+    Image.fromarray(RNG.integers(0, 65536, (40, 44), dtype=np.uint16)).save(root / "formats" / "deep.png")
+    save(root / "formats" / "alpha.png", np.dstack([noise(), RNG.integers(0, 256, (40, 48), dtype=np.uint8)]))
+    save(root / "bob smith" / "gray.png", RNG.integers(0, 256, (40, 48), dtype=np.uint8))
+    rotated = Image.fromarray(noise(30, 60))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(root / "formats" / "rotated.jpg", format="JPEG", exif=exif.tobytes(), quality=95)
+    return {"astronaut": "ok", "chelsea": "ok", "bob smith": "ok", "Zoë": "ok", "solo": "ok", "formats": "ok",
+            "crowd": "failed", "broken": "failed", "empty": "failed", "text": "failed", "nophotos": "failed"}
+
+
+def buf_png(arr):
+    b = io.BytesIO()
+    Image.fromarray(arr).save(b, format="PNG")
+    return b.getvalue()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def corpus_run(ray_cluster, tmp_path_factory):
+    from capray.batch.command import protect
+
+    base = tmp_path_factory.mktemp("batch")
+    src, out = base / "in", base / "out"
+    expected = build_corpus(src)
+    before = tree_digest(src)
+    summary = protect(str(src), str(out), cheap_config())
+    return {"src": src, "out": out, "expected": expected, "before": before, "summary": summary, "base": base}
+
+
+def rows_by_identity(out: Path) -> dict[str, dict]:
+    rows = read_manifest(str(out)).to_pylist()
+    idents = [r["identity"] for r in rows]
+    assert len(idents) == len(set(idents)), "an identity committed twice"
+    return {r["identity"]: r for r in rows}
+
+
+def test_every_identity_has_exactly_one_row_with_expected_status(corpus_run):
+    rows = rows_by_identity(corpus_run["out"])
+    assert {i: r["status"] for i, r in rows.items()} == corpus_run["expected"]
+    s = corpus_run["summary"]
+    assert (s.ok, s.failed, s.unfinished, s.exit_code) == (6, 5, 0, 1)
+    assert "cut.png" in rows["broken"]["error"] and "good.png" not in rows["broken"]["error"]
+    assert "zero.png: empty file" in rows["empty"]["error"]
+    assert "notes.png: not a recognised image" in rows["text"]["error"]
+    assert "max_photos_per_identity=4" in rows["crowd"]["error"] and "no photos" in rows["nophotos"]["error"]
+    for ident in ("broken", "empty", "text", "crowd", "nophotos"):
+        assert rows[ident]["output_uris"] == []
+        assert not (corpus_run["out"] / rows[ident]["safe_name"]).exists(), "a failed identity wrote photos"
+
+
+def test_outputs_keep_size_orientation_alpha_and_budget(corpus_run):
+    src, out = corpus_run["src"], corpus_run["out"]
+    rows = rows_by_identity(out)
+    cfg = cheap_config()
+    bound = int(np.ceil(cfg.attack.eps * 127.5))
+    for ident, row in rows.items():
+        if row["status"] != "ok":
+            continue
+        assert len(row["output_uris"]) == len(row["input_uris"]) == row["num_photos"]
+        assert row["config_hash"] == cfg.config_hash() and row["seed"] == 0 and row["method"] == "aspl"
+        assert len(row["loss_trajectory"]) == row["pgd_steps"] == 2
+        for uri_in, uri_out in zip(row["input_uris"], row["output_uris"]):
+            assert uri_out.startswith(str(out / row["safe_name"])) and uri_out.endswith(".png")
+            clean = decode_image(Path(uri_in).read_bytes(), max_pixels=10**8)
+            prot = np.array(Image.open(uri_out))
+            assert prot.shape[:2] == clean.rgb.shape[:2]
+            if clean.alpha is not None:
+                assert np.array_equal(prot[..., 3], clean.alpha)
+                prot = prot[..., :3]
+            diff = np.abs(prot.astype(int) - clean.rgb.astype(int)).max()
+            assert 0 < diff <= bound
+    assert len(set(rows["Zoë"]["output_uris"])) == 2
+    assert rows["bob smith"]["safe_name"].startswith("bob_smith-")
+    assert rows["solo"]["cap_enabled"] is False and any("CAP skipped" in n for n in rows["solo"]["notes"])
+    rotated = [u for u in rows["formats"]["output_uris"] if "rotated" in u][0]
+    assert Image.open(rotated).size == (30, 60)  # EXIF orientation 6 applied: 60x30 stored, 30x60 displayed
+
+
+def test_inputs_untouched_and_nothing_outside_output(corpus_run):
+    assert tree_digest(corpus_run["src"]) == corpus_run["before"]
+    assert sorted(p.name for p in corpus_run["base"].iterdir()) == ["in", "out"]
+    assert not list(corpus_run["out"].rglob(".capray-tmp-*"))
+    run_json = (corpus_run["out"] / "run.json").read_text()
+    assert cheap_config().config_hash() in run_json
+    assert "capray_identities_total{status=\"ok\"} 6.0" in (corpus_run["out"] / "metrics.prom").read_text()
+
+
+def test_rerun_skips_ok_identities_and_keeps_one_row_each(corpus_run):
+    from capray.batch.command import protect
+
+    out = corpus_run["out"]
+    parts = {p.name: p.stat().st_mtime_ns for p in (out / "manifest").iterdir()}
+    pngs = tree_digest(out)
+    summary = protect(str(corpus_run["src"]), str(out), cheap_config(), show_progress=False)
+    assert (summary.skipped, summary.ok, summary.failed) == (6, 0, 5)
+    rows = rows_by_identity(out)
+    assert len(rows) == 11
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "manifest").iterdir()}
+    for ident, row in rows.items():
+        name = f"{row['safe_name']}.parquet"
+        assert (after[name] == parts[name]) == (row["status"] == "ok")  # only failed ones were redone
+    assert {k: v for k, v in tree_digest(out).items() if k.endswith(".png")} == \
+        {k: v for k, v in pngs.items() if k.endswith(".png")}
+
+
+def test_same_config_and_seed_give_same_png_bytes_as_the_in_process_engine(corpus_run, tiny_models, tmp_path):
+    """Pipeline run twice → identical bytes; and equal to the engine called directly in this process."""
+    import torch
+
+    from capray.batch.command import protect
+    from capray.batch.engine_call import protect_arrays
+
+    src = tmp_path / "in"
+    shutil.copytree(corpus_run["src"] / "chelsea", src / "chelsea")
+    protect(str(src), str(tmp_path / "out"), cheap_config(), show_progress=False)
+    first = corpus_run["out"] / "chelsea"
+    for png in sorted(first.iterdir()):
+        assert png.read_bytes() == (tmp_path / "out" / "chelsea" / png.name).read_bytes()
+    photos = sorted((src / "chelsea").iterdir())
+    rgbs = [decode_image(p.read_bytes(), max_pixels=10**8).rgb for p in photos]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        protected, record = protect_arrays(rgbs, cheap_config(), "chelsea", tiny_models)
+    finally:
+        torch.set_num_threads(threads)
+    for p, arr in zip(photos, protected):
+        assert encode_png(arr) == (first / f"{p.stem}.png").read_bytes()
+
+
+class KillOnce:
+    """Mixin: SIGKILL the actor's own process the first time it starts a group (marker file on disk)."""
+
+    MARKER = ""
+
+    def protect(self, row):
+        if not os.path.exists(self.MARKER):
+            Path(self.MARKER).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().protect(row)
+
+
+def test_actor_killed_mid_group_is_retried_and_completes(ray_cluster, tmp_path):
+    from ray import cloudpickle
+
+    from capray.batch.command import protect
+    from capray.batch.stages import ProtectActor
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    marker = tmp_path / "killed"
+    actor_cls = type("KillingActor", (KillOnce, ProtectActor), {"MARKER": str(marker)})
+    src = tmp_path / "in"
+    for ident in ("coffee", "chelsea"):
+        shutil.copytree(sample_root() / ident, src / ident)
+    summary = protect(str(src), str(tmp_path / "out"), cheap_config(), actor_cls=actor_cls, show_progress=False)
+    assert marker.exists(), "the fault was never injected"
+    assert (summary.ok, summary.failed, summary.unfinished) == (2, 0, 0)
+    rows = rows_by_identity(tmp_path / "out")
+    assert sorted(rows) == ["chelsea", "coffee"] and all(r["status"] == "ok" for r in rows.values())
+    assert sorted(p.name for p in (tmp_path / "out" / "coffee").iterdir()) == ["coffee_1.png", "coffee_2.png"]
