@@ -1,0 +1,49 @@
+"""`capray evaluate --clean DIR --protected DIR[,DIR…] --out DIR [--model ID_OR_DIR] [--preset smoke|paper]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from capray.config import PRESETS, deep_merge, load_config, parse_set
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clean", required=True, help="clean photos: DIR/<identity>/<photos>")
+    parser.add_argument("--protected", default="", help="comma-separated `capray protect` output folders")
+    parser.add_argument("--out", required=True, help="report folder (must not overlap the inputs)")
+    parser.add_argument("--model", help="SD hub id, local SD-format dir, or 'tiny' (sets model.sd)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke",
+                        help="'smoke': a few attacker steps and images (tiny model, CPU); 'paper': the paper's protocol")
+    parser.add_argument("--config", help="YAML/JSON config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config value, e.g. evaluate.train_steps=500 (repeatable)")
+    parser.add_argument("--transform", action="append", default=[], metavar="SPEC",
+                        help="robustness transform before training: jpeg:75, blur:1.5, resize:0.5 (repeatable)")
+    parser.add_argument("--lora", action="store_true", help="the attacker trains LoRA adapters instead of full weights")
+    parser.add_argument("--identity", action="append", default=[], help="evaluate only these identities")
+    parser.add_argument("--no-ray", action="store_true", help="run identities in this process, one after another")
+
+
+def build_config(args: argparse.Namespace):
+    overrides = parse_set(args.set)
+    extra: dict = {}
+    if args.model:
+        extra["model"] = {"sd": args.model}
+    if args.transform:
+        extra["evaluate"] = {"transforms": list(args.transform)}
+    if args.lora:
+        extra = deep_merge(extra, {"evaluate": {"lora": True}})
+    return load_config(args.config, preset=args.preset, overrides=deep_merge(extra, overrides))
+
+
+def run(args: argparse.Namespace) -> int:
+    from capray.evaluate.pipeline import evaluate
+
+    cfg = build_config(args)
+    protected = [p for p in args.protected.split(",") if p.strip()]
+    result = evaluate(args.clean, protected, args.out, cfg, use_ray=not args.no_ray,
+                      identities=args.identity or None)
+    failed = [r["identity"] for r in result["identities"] if r["status"] == "failed"]
+    if failed:
+        print(f"failed identities: {', '.join(failed)}")
+    return 1 if failed and len(failed) == len(result["identities"]) else 0

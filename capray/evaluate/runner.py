@@ -1,0 +1,181 @@
+"""Evaluate every identity, one Ray task each (a GPU per task when the cluster has GPUs).
+
+A task loads the diffusion model once, then for each source (clean, each protected set, each
+robustness variant) fine-tunes DreamBooth, generates, saves the samples under
+`OUT/generated/<identity>/<source>/` and scores them. All sources of an identity use the same
+training noise and sampling seeds (common random numbers), so differences between rows come from
+the photos, not from luck. A failing source or identity is recorded and the rest go on.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from capray.config import CaprayConfig
+from capray.evaluate.layout import Source, list_photos, read_photo, slugify
+from capray.evaluate.visibility import lpips_or_reason, visibility
+
+
+@dataclass
+class IdentityTask:
+    identity: str
+    sources: list[Source]
+    out: str
+
+
+def _save_png(rgb: np.ndarray, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(rgb).save(tmp, format="PNG")
+    tmp.replace(path)
+    return str(path)
+
+
+def _load_set(folder: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    photos, errors = {}, []
+    for path in list_photos(folder):
+        try:
+            photos[path.stem] = read_photo(path)
+        except Exception as exc:  # noqa: BLE001 - one bad photo must not sink the identity
+            errors.append(f"{path.name}: {exc}")
+    return photos, errors
+
+
+def source_visibility(clean: dict[str, np.ndarray], protected: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Mean L∞/PSNR/SSIM (and LPIPS when available) over photos present in both sets, matched by stem."""
+    pairs = [(clean[s], protected[s]) for s in sorted(protected) if s in clean and clean[s].shape == protected[s].shape]
+    if not pairs:
+        return {"n": 0, "reason": "no protected photo matches a clean photo (by file stem and size)"}
+    rows = [visibility(c, p) for c, p in pairs]
+    out: dict[str, Any] = {"n": len(rows)}
+    for key in ("linf_255", "psnr", "ssim"):
+        out[key] = float(np.mean([r[key] for r in rows]))
+    model, reason = lpips_or_reason()
+    out["lpips"] = float(np.mean([model.score(c, p) for c, p in pairs])) if model else None
+    out["lpips_reason"] = reason
+    return out
+
+
+def evaluate_identity(task: IdentityTask, cfg: CaprayConfig) -> dict[str, Any]:
+    """Everything for one identity; returns a JSON-friendly dict (errors recorded, never raised)."""
+    from capray.evaluate.attacker import generate, personalize
+    from capray.evaluate.metrics import MetricSuite
+
+    started = time.perf_counter()
+    result: dict[str, Any] = {"identity": task.identity, "sources": {}, "errors": [], "notes": []}
+    out = Path(task.out)
+    try:
+        clean_src = next(s for s in task.sources if not s.protected)
+        clean, errs = _load_set(Path(clean_src.root) / task.identity)
+        result["errors"] += [f"clean {e}" for e in errs]
+        if not clean:
+            raise ValueError("no readable clean photos")
+        suite = MetricSuite(cfg.evaluate)
+        result["notes"] += suite.notes
+        result["backends"] = suite.backends()
+        reference, n_ref = suite.reference_embedding(list(clean.values()))
+        result["reference_faces"] = n_ref
+        result["clean_photos"] = sorted(clean)
+
+        from capray.attack.surrogate import ensure_class_images
+        from capray.evaluate.attacker import attacker_surrogate_config
+        from capray.models.sd import load_diffusion
+
+        parts = load_diffusion(cfg.model)
+        class_images = ensure_class_images(parts, attacker_surrogate_config(cfg), cfg.model.resolution)
+        seed_parts = (cfg.seed, task.identity, "attacker")
+        for source in task.sources:
+            entry: dict[str, Any] = {"label": source.label, "group": source.group}
+            result["sources"][source.key] = entry
+            t0 = time.perf_counter()
+            try:
+                if source.protected:
+                    photos, errs = _load_set(Path(source.root) / task.identity)
+                    entry["errors"] = errs
+                    if not photos:
+                        raise ValueError(f"no readable photos in {source.root}/{task.identity}")
+                    entry["visibility"] = source_visibility(clean, photos)
+                    if source.transform is not None:
+                        photos = {k: source.transform(v) for k, v in photos.items()}
+                else:
+                    photos = clean
+                entry["photos"] = sorted(photos)
+                surrogate = personalize(parts, cfg, list(photos.values()), seed_parts, class_images)
+                samples = generate(parts, surrogate, cfg, seed_parts)
+                del surrogate
+                paths, images = [], []
+                for p_idx, (prompt, imgs) in enumerate(samples.items()):
+                    for i, rgb in enumerate(imgs):
+                        rel = Path("generated") / task.identity / source.key / f"{p_idx}-{slugify(prompt)}" / f"{i:03d}.png"
+                        _save_png(rgb, out / rel)
+                        paths.append(str(rel))
+                        images.append(rgb)
+                entry["samples"] = paths
+                entry["metrics"] = suite.score(images, reference, seed=int(cfg.seed))
+                entry["status"] = "ok"
+            except Exception as exc:  # noqa: BLE001 - keep going with the other sources
+                entry["status"] = "failed"
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+                entry["traceback"] = traceback.format_exc(limit=5)
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+            _free_cuda()
+        result["status"] = "ok" if all(e.get("status") == "ok" for e in result["sources"].values()) else "partial"
+    except Exception as exc:  # noqa: BLE001
+        result["status"] = "failed"
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc(limit=5)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _free_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_identities(tasks: list[IdentityTask], cfg: CaprayConfig, *, use_ray: bool = True,
+                   progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run every identity (Ray tasks, or in-process with use_ray=False) and report progress as they finish."""
+    results: list[dict[str, Any]] = []
+    total = len(tasks)
+    if not use_ray:
+        for i, task in enumerate(tasks, 1):
+            res = evaluate_identity(task, cfg)
+            results.append(res)
+            progress(f"[{i}/{total}] {task.identity}: {res['status']} ({res['seconds']:.1f} s)")
+        return results
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    remote = ray.remote(evaluate_identity).options(num_cpus=cfg.evaluate.cpus_per_identity, num_gpus=gpus,
+                                                   max_retries=0)
+    cfg_ref = ray.put(cfg)
+    pending = {remote.remote(task, cfg_ref): task for task in tasks}
+    progress(f"evaluating {total} identities on Ray ({'1 GPU' if gpus else 'CPU'} per task, "
+             f"{len(tasks[0].sources) if tasks else 0} photo sets each)")
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        task = pending.pop(done[0])
+        try:
+            res = ray.get(done[0])
+        except Exception as exc:  # noqa: BLE001 - a dead worker fails one identity, not the run
+            res = {"identity": task.identity, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                   "sources": {}, "errors": [], "notes": [], "seconds": 0.0}
+        results.append(res)
+        progress(f"[{len(results)}/{total}] {task.identity}: {res['status']} ({res['seconds']:.1f} s)")
+    return sorted(results, key=lambda r: r["identity"])
+
+
+def task_dict(task: IdentityTask) -> dict[str, Any]:
+    return asdict(task)
