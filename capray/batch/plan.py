@@ -70,6 +70,7 @@ def plan_rows(found: Discovery, cfg: CaprayConfig, done: set[str]) -> tuple[list
 
 def _previous_run(output: str, so: dict[str, Any]) -> dict[str, Any] | None:
     fs, path = get_fs(join(output, RUN_FILE), so)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return None
     try:

@@ -51,6 +51,7 @@ def discover(uri: str, storage_options: dict[str, Any] | None = None) -> Discove
     """Groups from a folder or a manifest; raises FileNotFoundError / ValueError for unusable input."""
     uri = normalize_uri(uri)
     fs, path = get_fs(uri, storage_options)
+    fs.invalidate_cache(path)  # a rerun must see the input as it is now, not a cached listing
     if is_manifest(uri):
         if not fs.isfile(path):
             raise FileNotFoundError(f"manifest {uri} not found")
@@ -81,6 +82,14 @@ def _from_folder(uri: str, fs: Any, path: str) -> Discovery:
             photos.append(_uri(fs, sub["name"]))
         groups.append(IdentityGroup(name, photos))
     return Discovery(groups, "folder", uri, ignored)
+
+
+def _resolve(base: str, relative: str) -> str:
+    """`relative` against the manifest's folder, '..' collapsed, for local paths and URLs alike."""
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, relative))}"
+    return posixpath.normpath(posixpath.join(base, relative))
 
 
 def _read_table(fs: Any, path: str):
@@ -115,7 +124,7 @@ def _from_manifest(uri: str, fs: Any, path: str, storage_options: dict[str, Any]
             continue
         photo = str(photo)
         if "://" not in photo and not photo.startswith("/"):
-            photo = posixpath.join(base, photo)
+            photo = _resolve(base, photo)
         by_identity.setdefault(ident, []).append(normalize_uri(photo))
     groups = [IdentityGroup(k, sorted(set(v)))  # a photo listed twice is protected once
               for k, v in sorted(by_identity.items())]

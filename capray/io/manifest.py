@@ -75,6 +75,7 @@ def read_manifest(output: str, storage_options: dict[str, Any] | None = None,
                   columns: list[str] | None = None) -> pa.Table:
     """All committed rows (an empty table when nothing is committed yet)."""
     fs, path = get_fs(join(output, MANIFEST_DIR), storage_options)
+    fs.invalidate_cache(path)  # fsspec instances are cached per process: list what is there *now*
     files = [f for f in fs.find(path) if f.endswith(".parquet")] if fs.exists(path) else []
     if not files:
         return SCHEMA.empty_table().select(columns or SCHEMA.names)
