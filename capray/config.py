@@ -133,6 +133,8 @@ class BatchConfig(_Strict):
     min_image_side: int = Field(8, ge=1, description="photos with a shorter side are refused")
     cpus_per_io_task: float = Field(0.5, gt=0, description="logical CPUs per decode / encode+write task")
     metrics_port: int | None = Field(None, description="serve Prometheus metrics from the driver on this port")
+    actor_resources: dict[str, float] = Field(default_factory=dict,
+                                              description="custom Ray resources per actor, e.g. {'protect': 1}")
 
 
 class ServeConfig(_Strict):

@@ -263,3 +263,28 @@ def test_plan_rows_flag_rejected_empty_and_oversized_groups(tmp_path, smoke_conf
     assert "path separator" in problems["../evil"] and "no photos" in problems["none"]
     assert "max_photos_per_identity=4" in problems["many"] and problems["ok"] is None
     assert all("/" not in r["safe"] and not r["safe"].startswith(".") for r in rows)
+
+
+def test_cli_usage_errors_exit_2_before_any_work(tmp_path, capsys):
+    import argparse
+
+    from capray.batch import command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    src = tmp_path / "in"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "1.png").write_bytes(png_bytes(rgb()))
+    cases = [
+        [str(src), str(src / "out")],  # output inside input
+        [str(tmp_path / "missing"), str(tmp_path / "o1")],  # no such input
+        [str(src), str(tmp_path / "o2"), "--set", "attack.eps=-1"],  # invalid config
+        [str(src), str(tmp_path / "o3"), "--set", "nonsense"],  # malformed --set
+        [str(src), str(tmp_path / "o4"), "--set", "batch.no_such_knob=1"],  # unknown key
+    ]
+    for argv in cases:
+        assert command.run(parser.parse_args(argv)) == command.EXIT_USAGE, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"], "a refused run wrote something"
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args([str(src), str(tmp_path / "o5"), "--method", "nope"])
+    assert exc.value.code == 2

@@ -53,7 +53,8 @@ def build_dataset(plan: Plan, cfg: CaprayConfig, actor_cls: type = ProtectActor)
     configured = type(actor_cls.__name__, (actor_cls,), {"CONFIG_JSON": config_json})
     ds = ds.map_batches(configured, batch_size=b.groups_per_batch, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=b.num_actors),
-                        num_cpus=b.cpus_per_actor, num_gpus=gpus, udf_modifying_row_count=False)
+                        num_cpus=b.cpus_per_actor, num_gpus=gpus, resources=b.actor_resources or None,
+                        udf_modifying_row_count=False)
     ds = ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=b.cpus_per_io_task,
                         fn_kwargs={"config_json": config_json, "output": plan.output},
                         udf_modifying_row_count=False)

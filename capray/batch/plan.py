@@ -16,7 +16,8 @@ from capray.config import CaprayConfig
 from capray.io import manifest
 from capray.io.discover import Discovery, discover
 from capray.io.naming import identity_problem, output_stems, rejected_name, safe_name
-from capray.io.storage import get_fs, inside, join, normalize_uri, overlaps, redact, write_bytes_atomic
+from capray.io.storage import (get_fs, inside, join, normalize_uri, overlaps, redact, remove_stale_temps,
+                               write_bytes_atomic)
 
 RUN_FILE = "run.json"
 
@@ -92,6 +93,9 @@ def make_plan(input_uri: str, output_uri: str, cfg: CaprayConfig) -> Plan:
     if previous and previous.get("config_hash") != cfg.config_hash():
         raise UsageError(f"OUTPUT {output_uri} holds a run with engine config {previous.get('config_hash')}, "
                          f"this run's is {cfg.config_hash()}; resume needs the same config (or use a new OUTPUT)")
+    if previous:  # a writer killed mid-commit leaves a hidden temp file; it never counts as a row
+        fs, path = get_fs(join(output_uri, manifest.MANIFEST_DIR), so)
+        remove_stale_temps(fs, path)
     done = manifest.done_identities(output_uri, so) if previous else set()
     pending, skipped = plan_rows(found, cfg, done)
     return Plan(input_uri, output_uri, found, pending, skipped, len(found.groups))
