@@ -1,0 +1,95 @@
+"""`capray serve`: run the online protection endpoint on Ray Serve (or print its Serve config).
+
+Exit codes: 0 served until interrupted (or deployed with --detach, or printed the config);
+2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML/JSON config file")
+    parser.add_argument("--preset", choices=["smoke", "paper"], help="'smoke': tiny model and budgets; 'paper': §5")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set serve.max_replicas=2 (repeatable)")
+    parser.add_argument("--host", help="HTTP host (default: serve.host)")
+    parser.add_argument("--port", type=int, help="HTTP port (default: serve.port)")
+    parser.add_argument("--route-prefix", default="/", help="URL prefix of the API (default /)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--detach", action="store_true", help="deploy and return (the app keeps running on the cluster)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the Serve config YAML (serve deploy / RayService serveConfigV2) and exit")
+
+
+def serve_args(args: argparse.Namespace):
+    from capray.config import deep_merge, parse_set
+    from capray.serve.app import ServeArgs
+
+    flags: dict = {}
+    if args.host:
+        flags["host"] = args.host
+    if args.port:
+        flags["port"] = args.port
+    overrides = deep_merge(parse_set(args.set), {"serve": flags} if flags else {})
+    return ServeArgs(config_path=args.config, preset=args.preset, overrides=overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        sargs = serve_args(args)
+        cfg = sargs.load()
+    except (ValueError, ValidationError, OSError) as exc:
+        print(f"capray serve: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        from capray.serve.app import deploy_config
+
+        print(yaml.safe_dump(deploy_config(sargs, route_prefix=args.route_prefix), sort_keys=False), end="")
+        return 0
+
+    import os
+
+    if args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
+        print("capray serve: --detach needs a cluster (--address or $RAY_ADDRESS)", file=sys.stderr)
+        return 2
+    import ray
+    from ray import serve
+
+    from capray.batch.command import connect_ray
+    from capray.serve.app import APP_NAME, app_from_config
+
+    started = connect_ray(args.address)
+    if started and cfg.serve.gpus_per_replica > 0 and not ray.cluster_resources().get("GPU"):
+        print("capray serve: no GPU on this machine; the Protector runs on the CPU", file=sys.stderr)
+        cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"gpus_per_replica": 0.0})})
+    s = cfg.serve
+    try:
+        serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
+        serve.run(app_from_config(cfg), name=APP_NAME, route_prefix=args.route_prefix)
+        prefix = args.route_prefix.rstrip("/")
+        print(f"capray serving on http://{s.host}:{s.port}{prefix}/v1/protect "
+              f"(jobs: GET {prefix}/v1/jobs/<id>; docs: {prefix}/docs)", flush=True)
+        if args.detach:
+            return 0
+        stop = threading.Event()  # SIGTERM (a container stopping) ends the server as cleanly as Ctrl-C
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            pass
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if not args.detach:
+            serve.shutdown()
+        if started:
+            ray.shutdown()
