@@ -204,6 +204,7 @@ td.na{color:#a0a6b6} .tag{display:inline-block;padding:1px 7px;border-radius:9px
 .figrow.perturbation .lbl{color:#8a3ab9} .figrow.samples .lbl{color:#0a5aa0}
 .note{font-size:13px;color:#555} code{background:#f0f2f7;padding:1px 4px;border-radius:3px}
 .err{color:#b00020;font-size:13px}
+section.warn{background:#fff8e1;border-left:4px solid #f0a500;font-size:14px}
 table.left td,table.left th{text-align:left}
 """
 
@@ -223,9 +224,12 @@ def _table_html(table: dict[str, Any], keys: list[str], backends: dict[str, str]
         row = table[key]
         cells = []
         for m in METRICS:
-            mean = row["metrics"].get(m, {}).get("mean")
+            slot = row["metrics"].get(m, {})
+            mean = slot.get("mean")
             cls = "best" if best[m] == key else ("na" if mean is None else "")
-            cells.append(f'<td class="{cls}">{_fmt(mean)}</td>')
+            why = "; ".join(slot.get("reasons", []))
+            title = f' title="{html.escape(why)}"' if why else ""
+            cells.append(f'<td class="{cls}"{title}>{_fmt(mean)}</td>')
         for name, _, spec in vis_cols:
             v = row["visibility"].get(name)
             cells.append(f'<td class="{"na" if v is None else ""}">{"—" if row["group"] == "clean" else _fmt(v, spec)}</td>')
@@ -263,6 +267,11 @@ def render(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -> tu
              f"<p>{len(results)} identities · DreamBooth {meta['train_steps']} steps (lr {meta['learning_rate']:g}, "
              f"batch {meta['batch_size']}{', LoRA' if meta.get('lora') else ''}) on <code>{html.escape(meta['model'])}</code> · "
              f"{meta['images_per_prompt']} images × {len(meta['prompts'])} prompts</p></header><main>"]
+    if meta["model"] == "tiny":
+        parts.append("<section class='warn'><b>Tiny random model.</b> The attacker here is a few-thousand-parameter "
+                     "random SD, so its samples are noise and FDFR/ISM say nothing about protection: this run checks "
+                     "the pipeline. Use <code>--model</code> with SD 2.1 and <code>--preset paper</code> on a GPU "
+                     "for real numbers.</section>")
     parts.append("<section><h2>Protection, per method</h2><p class='note'>Arrows point to stronger protection; "
                  "the strongest protected row per metric is <b style='color:#0a7a3e'>green</b>. Metrics are means "
                  "over identities; visibility columns compare the protected photos with the clean ones.</p>")
@@ -296,6 +305,8 @@ def render(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -> tu
 
     md = [f"# capray evaluate\n\n{len(results)} identities · DreamBooth {meta['train_steps']} steps on "
           f"`{meta['model']}` · {meta['images_per_prompt']} images × {len(meta['prompts'])} prompts\n"]
+    if meta["model"] == "tiny":
+        md.append("> Tiny random model: its samples are noise, so these numbers check the pipeline, not protection.\n")
     for group, keys in groups(table):
         md.append(f"\n## {group}\n")
         heads = [f"{m} {_arrow(m)} ({_short_backend(backends.get(m, ''))})" for m in METRICS]

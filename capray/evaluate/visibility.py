@@ -18,7 +18,7 @@ def visibility(clean: np.ndarray, protected: np.ndarray) -> dict[str, float]:
     """L∞ (0..255), PSNR and SSIM of two same-size HxWx3 uint8 photos."""
     if clean.shape != protected.shape:
         raise ValueError(f"size mismatch: clean {clean.shape} vs protected {protected.shape}")
-    return image_metrics(from_uint8(clean), from_uint8(protected))
+    return image_metrics(from_uint8(np.array(clean)), from_uint8(np.array(protected)))
 
 
 class LpipsBackend:
