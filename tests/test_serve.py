@@ -8,7 +8,6 @@ bytes equal the engine called directly in this process.
 from __future__ import annotations
 
 import base64
-import importlib
 import io
 import socket
 import time
@@ -120,32 +119,47 @@ def test_job_table_keeps_pending_jobs_and_expires_old_results():
 
 
 def test_serve_yaml_is_a_valid_serve_config_that_matches_the_code():
-    from ray.serve.config import AutoscalingConfig
-    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+    from ray.serve.schema import ServeDeploySchema
 
-    from capray.serve.app import ServeArgs, deploy_config
+    from capray.serve.app import ServeArgs, deploy_config, serve_config_problems
 
     raw = yaml.safe_load(SERVE_YAML.read_text())
-    ServeDeploySchema.model_validate(raw)  # the schema ignores unknown keys, hence the checks below
-    assert set(raw) <= set(ServeDeploySchema.model_fields)
-    assert set(raw["http_options"]) <= {"host", "port", "request_timeout_s", "keep_alive_timeout_s", "root_path"}
+    ServeDeploySchema.model_validate(raw)
+    assert serve_config_problems(raw) == []
     (app,) = raw["applications"]
-    assert set(app) <= set(ServeApplicationSchema.model_fields)
-    for dep in app["deployments"]:
-        assert set(dep) <= set(DeploymentSchema.model_fields), dep
-        assert set(dep["ray_actor_options"]) <= {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type",
-                                                 "runtime_env", "label_selector"}
-        if "autoscaling_config" in dep:
-            assert set(dep["autoscaling_config"]) <= set(AutoscalingConfig.model_fields)
-            AutoscalingConfig.model_validate(dep["autoscaling_config"])  # deep checks (min ≤ max …)
-    module, attr = app["import_path"].split(":")
-    assert callable(getattr(importlib.import_module(module), attr))
-    args = ServeArgs.model_validate(app["args"])
-    expected = deploy_config(args, route_prefix=app["route_prefix"], port=raw["http_options"]["port"])
-    assert raw == expected  # deployment options are exactly what the capray serve settings give
+    assert raw == deploy_config(ServeArgs.model_validate(app["args"]), route_prefix=app["route_prefix"],
+                                port=raw["http_options"]["port"])
     protector = next(d for d in app["deployments"] if d["name"] == "Protector")
     assert protector["ray_actor_options"]["num_gpus"] == 1
     assert protector["max_ongoing_requests"] > protector["autoscaling_config"]["target_ongoing_requests"]
+
+
+def test_serve_config_check_catches_typos_bad_autoscaling_and_drift():
+    """Each defect is one Serve's own schema lets through."""
+    import copy
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from capray.serve.app import serve_config_problems
+
+    good = yaml.safe_load(SERVE_YAML.read_text())
+    protector = 0 if good["applications"][0]["deployments"][0]["name"] == "Protector" else 1
+    defects = {
+        "unknown keys ['max_ongoing_request']": lambda d: d.update(max_ongoing_request=3),
+        "autoscaling_config: ": lambda d: d["autoscaling_config"].update(min_replicas=9),
+        "autoscaling_config: unknown keys ['max_replica']": lambda d: d["autoscaling_config"].update(max_replica=2),
+        "ray_actor_options: unknown keys ['num_gpu']": lambda d: d["ray_actor_options"].update(num_gpu=1),
+        "differ from what its capray serve settings give": lambda d: d.update(max_queued_requests=99),
+    }
+    for message, damage in defects.items():
+        raw = copy.deepcopy(good)
+        damage(raw["applications"][0]["deployments"][protector])
+        ServeDeploySchema.model_validate(raw)  # Serve accepts it …
+        problems = serve_config_problems(raw)  # … the check does not
+        assert any(message in p for p in problems), (message, problems)
+    raw = copy.deepcopy(good)
+    raw["applications"][0]["import_path"] = "capray.serve.app:no_such_builder"
+    assert any("import_path" in p for p in serve_config_problems(raw))
 
 
 def test_capray_serve_print_config_regenerates_the_committed_yaml(capsys):

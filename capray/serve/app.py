@@ -240,3 +240,64 @@ def deploy_config(args: ServeArgs, *, route_prefix: str = "/", port: int | None 
             "deployments": [{"name": "Protector", **protector_options(s)}, {"name": "Ingress", **ingress_options(s)}],
         }],
     }
+
+
+def serve_config_problems(raw: dict[str, Any]) -> list[str]:
+    """What is wrong with a Serve config that is meant to run this app (empty when nothing is).
+
+    Serve's own schema silently ignores unknown keys and does not deep-check `autoscaling_config`, so
+    this also checks every key by name, validates autoscaling, resolves the import path and requires
+    the deployment options to be exactly what the capray `serve:` settings in `args` give.
+    """
+    import importlib
+
+    from pydantic import ValidationError
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+    problems: list[str] = []
+    try:
+        ServeDeploySchema.model_validate(raw)
+    except ValidationError as exc:
+        return [f"not a Serve config: {exc}"]
+    actor_keys = {"num_cpus", "num_gpus", "memory", "resources", "accelerator_type", "runtime_env", "label_selector"}
+
+    def unknown(where: str, keys: Any, known: Any) -> None:
+        extra = sorted(set(keys) - set(known))
+        if extra:
+            problems.append(f"{where}: unknown keys {extra}")
+
+    unknown("top level", raw, ServeDeploySchema.model_fields)
+    unknown("http_options", raw.get("http_options", {}),
+            {"host", "port", "request_timeout_s", "keep_alive_timeout_s", "root_path"})
+    for app in raw.get("applications", []):
+        unknown(f"application {app.get('name')}", app, ServeApplicationSchema.model_fields)
+        for dep in app.get("deployments", []):
+            where = f"deployment {dep.get('name')}"
+            unknown(where, dep, DeploymentSchema.model_fields)
+            unknown(f"{where}.ray_actor_options", dep.get("ray_actor_options", {}), actor_keys)
+            if "autoscaling_config" in dep:
+                unknown(f"{where}.autoscaling_config", dep["autoscaling_config"], AutoscalingConfig.model_fields)
+                try:
+                    AutoscalingConfig.model_validate(dep["autoscaling_config"])
+                except ValidationError as exc:
+                    problems.append(f"{where}.autoscaling_config: {exc}")
+        module, _, attr = app.get("import_path", "").partition(":")
+        try:
+            if not callable(getattr(importlib.import_module(module), attr)):
+                raise AttributeError(attr)
+        except (ImportError, AttributeError, ValueError) as exc:
+            problems.append(f"application {app.get('name')}: import_path {app.get('import_path')!r}: {exc}")
+            continue
+        if app["import_path"] != IMPORT_PATH:
+            continue
+        try:
+            expected = deploy_config(ServeArgs.model_validate(app.get("args", {})),
+                                     route_prefix=app.get("route_prefix", "/"))["applications"][0]
+        except (ValidationError, ValueError, OSError) as exc:
+            problems.append(f"application {app.get('name')}: args do not load a capray config: {exc}")
+            continue
+        if app.get("deployments") != expected["deployments"]:
+            problems.append(f"application {app.get('name')}: deployment options differ from what its capray "
+                            f"serve settings give; regenerate with `capray serve --print-config`")
+    return problems

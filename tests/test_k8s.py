@@ -1,0 +1,281 @@
+"""k8s/ and deploy/: every manifest validates against KubeRay's CRD schemas and runs real capray commands.
+
+Rendering is kustomize-free (load the YAMLs, apply the JSON 6902 patches and the replacements the
+kustomizations declare), so CI needs no kubectl; where kubectl is installed, its own render is
+compared with ours. Validation uses the CRDs' v1 openAPIV3Schema made strict (additionalProperties:
+false wherever properties are listed, as `kubeconform -strict` does), so misspelled fields fail.
+The schemas are read from ../shared/schemas/kuberay; the schema tests skip when it is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
+SERVE_YAML = ROOT / "deploy" / "serve_config.yaml"
+LOCAL_CONFIG = "config.kubernetes.io/local-config"
+TARGETS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu", "cpu-demo": K8S / "overlays" / "cpu-demo"}
+CRDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
+KNOWN_KUSTOMIZE_FIELDS = {"apiVersion", "kind", "resources", "components", "patches", "replacements"}
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+# -- kustomize-free render ------------------------------------------------------------------------------
+
+def _selected(doc: dict, select: dict) -> bool:
+    return all(doc.get("kind") == v if k == "kind" else doc["metadata"].get(k) == v for k, v in select.items())
+
+
+def _apply_patches(docs: list[dict], patches: list[dict], where: Path) -> None:
+    import jsonpatch
+
+    for patch in patches:
+        assert set(patch) == {"target", "patch"}, f"{where}: only inline JSON 6902 patches are rendered here"
+        ops = yaml.safe_load(patch["patch"])
+        hits = [d for d in docs if _selected(d, patch["target"])]
+        assert hits, f"{where}: patch target {patch['target']} matches nothing"
+        for doc in hits:
+            doc.update(jsonpatch.apply_patch(doc, ops))
+
+
+def _get(doc: dict, dotted: str):
+    for part in dotted.split("."):
+        doc = doc[part]
+    return doc
+
+
+def _apply_replacements(docs: list[dict], replacements: list[dict]) -> None:
+    for rep in replacements:
+        source = rep["source"]
+        (src,) = [d for d in docs if _selected(d, {k: v for k, v in source.items() if k != "fieldPath"})]
+        value = _get(src, source["fieldPath"])
+        for target in rep["targets"]:
+            hits = [d for d in docs if _selected(d, target["select"])]
+            assert hits, f"replacement target {target['select']} matches nothing"
+            for doc in hits:
+                for path in target["fieldPaths"]:
+                    *parents, leaf = path.split(".")
+                    node = doc
+                    for part in parents:
+                        node = node.setdefault(part, {}) if target.get("options", {}).get("create") else node[part]
+                    node[leaf] = copy.deepcopy(value)
+
+
+def _build(path: Path) -> list[dict]:
+    kz = yaml.safe_load((path / "kustomization.yaml").read_text())
+    assert set(kz) <= KNOWN_KUSTOMIZE_FIELDS, f"{path}: fields this renderer does not apply: {set(kz) - KNOWN_KUSTOMIZE_FIELDS}"
+    docs: list[dict] = []
+    for res in kz.get("resources", []):
+        item = path / res
+        docs += _build(item) if item.is_dir() else [d for d in yaml.safe_load_all(item.read_text()) if d]
+    for comp in kz.get("components", []):  # kustomize: components run after resources, before own patches
+        ckz = yaml.safe_load((path / comp / "kustomization.yaml").read_text())
+        assert ckz["kind"] == "Component" and set(ckz) <= KNOWN_KUSTOMIZE_FIELDS
+        _apply_patches(docs, ckz.get("patches", []), path / comp)
+        _apply_replacements(docs, ckz.get("replacements", []))
+    _apply_patches(docs, kz.get("patches", []), path)
+    _apply_replacements(docs, kz.get("replacements", []))
+    return docs
+
+
+@lru_cache(maxsize=None)
+def _render_cached(name: str) -> str:
+    docs = [d for d in _build(TARGETS[name]) if d["metadata"].get("annotations", {}).get(LOCAL_CONFIG) != "true"]
+    return json.dumps(docs)
+
+
+def render(name: str) -> list[dict]:
+    return json.loads(_render_cached(name))
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def cluster_specs(docs: list[dict]) -> list[dict]:
+    out = [d["spec"]["rayClusterSpec"] for d in docs if d["kind"] == "RayJob"]
+    return out + [d["spec"]["rayClusterConfig"] for d in docs if d["kind"] == "RayService"]
+
+
+# -- strict CRD schemas ---------------------------------------------------------------------------------
+
+def _strict(node):
+    if isinstance(node, dict):
+        node = {k: _strict(v) for k, v in node.items()}
+        if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node.setdefault("additionalProperties", False)
+        return node
+    if isinstance(node, list):
+        return [_strict(v) for v in node]
+    return node
+
+
+@pytest.fixture(scope="module")
+def validators():
+    if not SCHEMAS.is_dir():
+        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS}")
+    import jsonschema
+
+    out = {}
+    for kind, plural in CRDS.items():
+        crd = yaml.load((SCHEMAS / f"ray.io_{plural}.yaml").read_text(), Loader=Loader)
+        (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        out[kind] = jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+    return out
+
+
+def _errors(validator, doc: dict) -> list[str]:
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+# -- tests ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_render_equals_kubectl_kustomize(name):
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl not installed")
+    out = subprocess.run([kubectl, "kustomize", str(TARGETS[name])], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(yaml.safe_load_all(out.stdout), key=key) == sorted(render(name), key=key)
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_every_manifest_validates_against_the_kuberay_crds(name, validators):
+    docs = render(name)
+    assert {d["kind"] for d in docs} >= {"RayJob", "RayService"}
+    for doc in docs:
+        if doc["apiVersion"] == "ray.io/v1":
+            assert _errors(validators[doc["kind"]], doc) == [], (name, doc["kind"])
+            for spec in cluster_specs([doc]):  # the embedded cluster also validates as a RayCluster
+                cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "x"}, "spec": spec}
+                assert _errors(validators["RayCluster"], cluster) == []
+        else:
+            assert (doc["apiVersion"], doc["kind"]) == ("v1", "PersistentVolumeClaim"), doc["kind"]
+            assert doc["spec"]["accessModes"] and doc["spec"]["resources"]["requests"]["storage"]
+
+
+def test_strict_validation_catches_misspelled_and_mistyped_fields(validators):
+    job = one(render("base"), "RayJob")
+    bad = copy.deepcopy(job)
+    cluster = bad["spec"]["rayClusterSpec"]
+    cluster["workerGroupSpec"] = cluster.pop("workerGroupSpecs")
+    assert any("workerGroupSpec" in e for e in _errors(validators["RayJob"], bad))
+    bad = copy.deepcopy(job)
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["minReplicas"] = "one"
+    assert any("minReplicas" in e for e in _errors(validators["RayJob"], bad))
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_embedded_serve_config_runs_the_capray_app(name):
+    from capray.serve.app import serve_config_problems
+
+    docs = render(name)
+    serve_cfg = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+    assert serve_config_problems(serve_cfg) == []
+    (app,) = serve_cfg["applications"]
+    assert app["import_path"] == "capray.serve.app:build_app"
+    protector = next(d for d in app["deployments"] if d["name"] == "Protector")
+    gpus_in_cluster = "nvidia.com/gpu" in json.dumps(one(docs, "RayService")["spec"]["rayClusterConfig"])
+    assert (protector["ray_actor_options"]["num_gpus"] > 0) == gpus_in_cluster
+    if name != "cpu-demo":
+        assert serve_cfg == yaml.safe_load(SERVE_YAML.read_text())  # RayService serves deploy/serve_config.yaml
+    # a pod must outlive Serve's graceful shutdown, or a running group is killed mid-PGD
+    grace = protector["graceful_shutdown_timeout_s"]
+    for spec in cluster_specs(docs):
+        for group in spec.get("workerGroupSpecs", []):
+            assert group["template"]["spec"]["terminationGracePeriodSeconds"] >= grace
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_rayjob_entrypoint_is_a_real_capray_command(name):
+    from capray.cli import build_parser
+    from capray.config import load_config, parse_set
+
+    argv = shlex.split(one(render(name), "RayJob")["spec"]["entrypoint"])
+    assert argv[0] == "capray"
+    args = build_parser().parse_args(argv[1:])  # exits (fails the test) on an unknown command or option
+    if args.command == "protect":
+        from capray.batch.command import build_config
+
+        cfg = build_config(args)
+        assert args.input.startswith("s3://") and args.output.startswith("s3://")
+        assert not args.output.startswith(args.input.rstrip("/") + "/")
+        assert cfg.model.sd == "stabilityai/stable-diffusion-2-1-base"
+    else:
+        assert args.command == "demo"
+        load_config(preset="smoke", overrides=parse_set(args.set))
+
+
+@pytest.mark.parametrize("name", ["base", "gpu"])
+def test_gpu_clusters_have_the_essentials(name):
+    import capray
+    import ray
+
+    docs = render(name)
+    specs = cluster_specs(docs)
+    assert len(specs) == 2 and specs[0] == specs[1]  # one shared spec for batch and online
+    spec = specs[0]
+    assert spec["rayVersion"] == ray.__version__
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    (worker,) = spec["workerGroupSpecs"]
+    assert worker["minReplicas"] == 0 <= worker["maxReplicas"]
+    pod = worker["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    assert "ray stop" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+    for template in (spec["headGroupSpec"]["template"], worker["template"]):
+        (c,) = template["spec"]["containers"]
+        assert c["image"].rsplit(":", 1)[1] == capray.__version__
+        notes = template["metadata"]["annotations"]
+        metrics_ports = [p["containerPort"] for p in c["ports"] if p["name"] == "metrics"]
+        assert notes["prometheus.io/scrape"] == "true" and metrics_ports == [int(notes["prometheus.io/port"])]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["HF_HUB_OFFLINE"] == "1"
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        for var in ("HF_HOME", "TORCH_HOME", "CAPRAY_CACHE"):  # every cache lives on the weight volume
+            assert env[var].startswith(mounts["models"] + "/"), var
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] in claims
+
+
+def test_cpu_demo_needs_no_gpu_and_no_volume():
+    docs = render("cpu-demo")
+    text = json.dumps(docs)
+    assert "nvidia.com/gpu" not in text and "persistentVolumeClaim" not in text
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    for spec in cluster_specs(docs):
+        assert "workerGroupSpecs" not in spec and int(spec["headGroupSpec"]["rayStartParams"]["num-cpus"]) > 0
+
+
+def test_dockerfile_builds_capray_on_a_cuda_base():
+    import tomllib
+
+    from capray.cli import COMMANDS
+
+    lines = [line.strip() for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines()]
+    assert any(line.startswith("ARG CUDA_IMAGE=nvidia/cuda:") for line in lines)
+    copied = [src for line in lines if line.startswith("COPY ") for src in line.split()[1:-1]]
+    readme = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["readme"]
+    assert {"pyproject.toml", readme, "capray"} <= set(copied)  # what `pip install .` needs
+    assert all((ROOT / src).exists() for src in copied if src != readme)  # README.md is the lead's
+    (cmd,) = [json.loads(line[4:]) for line in lines if line.startswith("CMD ")]
+    assert cmd[0] == "capray" and cmd[1] in COMMANDS
+    ignore = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().split()
+    assert ignore[ignore.index("*") + 1:] and all(f"!{src}" in ignore or f"!{src}/" in ignore for src in copied)
