@@ -40,7 +40,7 @@ def center_square(rgb: np.ndarray, size: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
-    return np.asarray(Image.fromarray(rgb[top:top + s, left:left + s]).resize((size, size), Image.LANCZOS))
+    return np.array(Image.fromarray(rgb[top:top + s, left:left + s]).resize((size, size), Image.LANCZOS))
 
 
 def collect(data: Path | None, size: int, limit: int | None) -> dict[str, list[tuple[str, np.ndarray]]]:

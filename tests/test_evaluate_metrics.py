@@ -156,3 +156,12 @@ def test_clip_iqa_formula_with_random_local_clip(tmp_path, astronaut):
     swapped = ClipIQABackend(str(tmp_path), prompts=CLIP_IQA_PROMPTS[::-1]).score(astronaut)
     assert 0.0 <= good <= 1.0
     assert good + swapped == pytest.approx(1.0, abs=1e-5)
+
+
+def test_paper_backends_report_unavailable_without_weights(tmp_path):
+    from capray.evaluate.faces import BackendUnavailable, load_face_backend
+
+    backend, notes = load_face_backend("auto", insightface_root=str(tmp_path))
+    assert backend.identity_name == "SFace" and "stand-ins" in notes[0] and str(tmp_path) in notes[0]
+    with pytest.raises(BackendUnavailable, match="insightface weights not found"):
+        load_face_backend("insightface", insightface_root=str(tmp_path))

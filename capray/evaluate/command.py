@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from capray.config import PRESETS, deep_merge, load_config, parse_set
+import sys
+
+from capray.config import PRESETS, TINY_MODEL, deep_merge, load_config, parse_set
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,8 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protected", default="", help="comma-separated `capray protect` output folders")
     parser.add_argument("--out", required=True, help="report folder (must not overlap the inputs)")
     parser.add_argument("--model", help="SD hub id, local SD-format dir, or 'tiny' (sets model.sd)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke",
-                        help="'smoke': a few attacker steps and images (tiny model, CPU); 'paper': the paper's protocol")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="'smoke': a few attacker steps and images (CPU); 'paper': the paper's protocol "
+                             "(default: smoke for the tiny model, paper for a real one)")
     parser.add_argument("--config", help="YAML/JSON config file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config value, e.g. evaluate.train_steps=500 (repeatable)")
@@ -21,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="robustness transform before training: jpeg:75, blur:1.5, resize:0.5 (repeatable)")
     parser.add_argument("--lora", action="store_true", help="the attacker trains LoRA adapters instead of full weights")
     parser.add_argument("--identity", action="append", default=[], help="evaluate only these identities")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--no-ray", action="store_true", help="run identities in this process, one after another")
 
 
@@ -33,17 +37,33 @@ def build_config(args: argparse.Namespace):
         extra["evaluate"] = {"transforms": list(args.transform)}
     if args.lora:
         extra = deep_merge(extra, {"evaluate": {"lora": True}})
-    return load_config(args.config, preset=args.preset, overrides=deep_merge(extra, overrides))
+    merged = deep_merge(extra, overrides)
+    preset = args.preset
+    if preset is None:  # a real model gets the paper's protocol; the tiny one a few steps
+        probe = load_config(args.config, overrides=merged)
+        preset = "smoke" if probe.model.sd == TINY_MODEL else "paper"
+    return load_config(args.config, preset=preset, overrides=merged)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit 0 when every identity was evaluated, 1 when some failed, 2 for unusable input or config."""
+    from pydantic import ValidationError
+
     from capray.evaluate.pipeline import evaluate
 
-    cfg = build_config(args)
+    try:
+        cfg = build_config(args)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"capray evaluate: configuration error: {exc}", file=sys.stderr)
+        return 2
     protected = [p for p in args.protected.split(",") if p.strip()]
-    result = evaluate(args.clean, protected, args.out, cfg, use_ray=not args.no_ray,
-                      identities=args.identity or None)
+    try:
+        result = evaluate(args.clean, protected, args.out, cfg, use_ray=not args.no_ray,
+                          identities=args.identity or None, address=args.address)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"capray evaluate: {exc}", file=sys.stderr)
+        return 2
     failed = [r["identity"] for r in result["identities"] if r["status"] == "failed"]
     if failed:
-        print(f"failed identities: {', '.join(failed)}")
-    return 1 if failed and len(failed) == len(result["identities"]) else 0
+        print(f"capray evaluate: failed identities: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0

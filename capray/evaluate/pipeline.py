@@ -16,7 +16,7 @@ from capray.evaluate.transforms import parse_transform
 
 
 def evaluate(clean: str | Path, protected: list[str | Path], out: str | Path, cfg: CaprayConfig, *,
-             use_ray: bool = True, identities: list[str] | None = None,
+             use_ray: bool = True, identities: list[str] | None = None, address: str | None = None,
              progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Attack clean and protected photos of every identity, score, and write OUT/report.html + summary.md."""
     clean, out = Path(clean), Path(out)
@@ -35,7 +35,7 @@ def evaluate(clean: str | Path, protected: list[str | Path], out: str | Path, cf
     out.mkdir(parents=True, exist_ok=True)
     tasks = [IdentityTask(i, sources, str(out)) for i in names]
     started = time.perf_counter()
-    results = run_identities(tasks, cfg, use_ray=use_ray, progress=progress)
+    results = run_identities(tasks, cfg, use_ray=use_ray, address=address, progress=progress)
     meta = {
         "model": cfg.model.sd, "resolution": cfg.model.resolution, "seed": cfg.seed,
         "train_steps": cfg.evaluate.train_steps, "learning_rate": cfg.evaluate.learning_rate,

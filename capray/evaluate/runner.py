@@ -9,6 +9,7 @@ the photos, not from luck. A failing source or identity is recorded and the rest
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -143,7 +144,7 @@ def _free_cuda() -> None:
 
 
 def run_identities(tasks: list[IdentityTask], cfg: CaprayConfig, *, use_ray: bool = True,
-                   progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                   address: str | None = None, progress: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every identity (Ray tasks, or in-process with use_ray=False) and report progress as they finish."""
     results: list[dict[str, Any]] = []
     total = len(tasks)
@@ -156,7 +157,11 @@ def run_identities(tasks: list[IdentityTask], cfg: CaprayConfig, *, use_ray: boo
     import ray
 
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     remote = ray.remote(evaluate_identity).options(num_cpus=cfg.evaluate.cpus_per_identity, num_gpus=gpus,
                                                    max_retries=0)
