@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -163,7 +164,7 @@ def main() -> int:
         print(f"{name:<13}{cells}   {'' if paper is None else ', '.join(f'{v:.4f}' for v in paper)}")
     print("backends: " + "; ".join(f"{m}={b}" for m, b in backends.items()))
     print(f"report: {result['report']}")
-    names = ",".join(f"{m}:{'unavailable' if b.startswith('unavailable') else b.replace(' ', '-')}"
+    names = ",".join(f"{m}:{'unavailable' if b.startswith('unavailable') else re.sub(r'[^\w.]+', '-', b).strip('-')}"
                      for m, b in backends.items())
     print(f"RESULT paper_table identities={len(groups)} backends={names}")
     return 0

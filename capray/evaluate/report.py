@@ -96,6 +96,10 @@ def _best(table: dict[str, Any], keys: list[str], metric: str) -> str | None:
     return ranked[0][1]
 
 
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _arrow(metric: str) -> str:
     return "↑" if DIRECTION[metric] > 0 else "↓"
 
@@ -193,6 +197,7 @@ main{padding:24px 40px;max-width:1200px}
 section{background:#fff;border-radius:10px;box-shadow:0 1px 3px rgba(0,0,0,.08);padding:18px 22px;margin:0 0 22px}
 h2{margin:0 0 12px;font-size:19px} h3{margin:18px 0 8px;font-size:16px;color:#3a5ba0}
 table{border-collapse:collapse;width:100%;font-size:14px}
+table.metrics{table-layout:fixed} table.metrics th:first-child{width:20%} table.metrics th:last-child{width:5%}
 th,td{padding:7px 10px;text-align:right;border-bottom:1px solid #e6e8ee}
 th:first-child,td:first-child{text-align:left}
 th{background:#f0f2f7;font-weight:600;vertical-align:bottom} th small{display:block;font-weight:400;color:#68708a}
@@ -236,7 +241,7 @@ def _table_html(table: dict[str, Any], keys: list[str], backends: dict[str, str]
         ids = f"{row['identities']}" + (f' <span class="err">({row["failed"]} failed)</span>' if row["failed"] else "")
         cls = ' class="clean"' if row["group"] == "clean" else ""
         body.append(f"<tr{cls}><td>{html.escape(row['label'])}</td>{''.join(cells)}<td>{ids}</td></tr>")
-    return f"<table><thead><tr><th>photo set</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f"<table class='metrics'><thead><tr><th>photo set</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _backend_html(backends: dict[str, str]) -> str:
@@ -264,7 +269,7 @@ def render(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -> tu
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>capray evaluate</title><style>{CSS}</style>"
              "</head><body><header><h1>capray evaluate — can an attacker still learn the face?</h1>"
-             f"<p>{len(results)} identities · DreamBooth {meta['train_steps']} steps (lr {meta['learning_rate']:g}, "
+             f"<p>{_plural(len(results), 'identity', 'identities')} · DreamBooth {meta['train_steps']} steps (lr {meta['learning_rate']:g}, "
              f"batch {meta['batch_size']}{', LoRA' if meta.get('lora') else ''}) on <code>{html.escape(meta['model'])}</code> · "
              f"{meta['images_per_prompt']} images × {len(meta['prompts'])} prompts</p></header><main>"]
     if meta["model"] == "tiny":
@@ -303,7 +308,7 @@ def render(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -> tu
     html_path = out / "report.html"
     html_path.write_text("".join(parts), encoding="utf-8")
 
-    md = [f"# capray evaluate\n\n{len(results)} identities · DreamBooth {meta['train_steps']} steps on "
+    md = [f"# capray evaluate\n\n{_plural(len(results), 'identity', 'identities')} · DreamBooth {meta['train_steps']} steps on "
           f"`{meta['model']}` · {meta['images_per_prompt']} images × {len(meta['prompts'])} prompts\n"]
     if meta["model"] == "tiny":
         md.append("> Tiny random model: its samples are noise, so these numbers check the pipeline, not protection.\n")
