@@ -45,8 +45,10 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # -- the full-size SD 2.1-base architecture (stabilityai/stable-diffusion-2-1-base configs) -----------
 
@@ -163,13 +165,32 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.gb = self.peak_now()
+
+    def peak_now(self) -> float:
         import torch
 
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.gb = torch.cuda.max_memory_allocated(self.device) / 1e9
-        else:
-            self.gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+@contextmanager
+def attempt(out: dict[str, Any], name: str) -> Iterator[None]:
+    """Run one measurement; on failure record why and go on (one bad piece must not cost a scarce GPU run)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 — reported in the output and the exit code
+        out["errors"][name] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        gc.collect()
+        try:
+            import torch
+
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -287,7 +308,7 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
     from capray.models.sd import encode_prompt
 
     parts, device, n, res = models.parts, models.device, args.n, args.resolution
-    out: dict[str, Any] = {"ms": {}, "flops": {}, "peak_gb": {}}
+    out: dict[str, Any] = {"ms": {}, "flops": {}, "peak_gb": {}, "errors": {}}
     images = test_images(n, res, seed=1)
     attack = GroupAttack(models, cfg, "bench", images, None, None)
     net = Surrogate.from_parts(parts)  # ASPL attacks the fp32-master surrogate under autocast
@@ -309,31 +330,36 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
         records.append(attack.steps.pop())  # keep the attack's history clean between timings
 
     # plain PGD step (the engine's own step function; parameters frozen, grad w.r.t. the images only)
-    with PeakMemory(device) as mem:
+    with attempt(out, "pgd_step"), PeakMemory(device) as mem:
         out["ms"]["pgd_step"] = clock.ms(pgd_step)
     out["peak_gb"]["pgd_step"] = mem.gb
-    out["flops"]["pgd_step"] = count_flops(pgd_step)
-    set_checkpointing([net.unet, parts.vae], True)
-    with PeakMemory(device) as mem:
-        out["ms"]["pgd_step_checkpointed"] = clock.ms(pgd_step)
+    with attempt(out, "pgd_step flops"):
+        out["flops"]["pgd_step"] = count_flops(pgd_step)
+    with attempt(out, "pgd_step_checkpointed"), PeakMemory(device) as mem:
+        set_checkpointing([net.unet, parts.vae], True)
+        try:
+            out["ms"]["pgd_step_checkpointed"] = clock.ms(pgd_step)
+        finally:
+            set_checkpointing([net.unet, parts.vae], False)
     out["peak_gb"]["pgd_step_checkpointed"] = mem.gb
-    set_checkpointing([net.unet, parts.vae], False)
-    base = Surrogate(parts.unet, parts.text_encoder)  # compute-dtype weights: no per-forward weight cast
-    out["ms"]["pgd_step_base_weights"] = clock.ms(lambda: pgd_step(base))
+    with attempt(out, "pgd_step_base_weights"):
+        base = Surrogate(parts.unet, parts.text_encoder)  # compute-dtype weights: no per-forward weight cast
+        out["ms"]["pgd_step_base_weights"] = clock.ms(lambda: pgd_step(base))
 
     # the CAP extra: consistency loss and its gradient through the style network
     def cap_extra() -> None:
         xr = attack.x.detach().requires_grad_(True)
         torch.autograd.grad(attack._consistency(attack.layout.to_model(xr, res)), xr)
 
-    out["ms"]["cap_extra"] = clock.ms(cap_extra)
-    out["flops"]["cap_extra"] = count_flops(cap_extra)
+    with attempt(out, "cap_extra"):
+        out["ms"]["cap_extra"] = clock.ms(cap_extra)
+        out["flops"]["cap_extra"] = count_flops(cap_extra)
 
     # one full CAP step: the real fast λ search with as many distinct candidates as it finds
     if attack.cap_on:
-        with PeakMemory(device) as mem:
+        with attempt(out, "cap_step"), PeakMemory(device) as mem:
             out["ms"]["cap_step"] = clock.ms(lambda: pgd_step(k=cap_k, draw=cap_draw), iters=1, warmup=1)
-        out["cap_step_distinct"] = records[-1].distinct
+            out["cap_step_distinct"] = records[-1].distinct
         out["peak_gb"]["cap_step"] = mem.gb
 
     # λ-candidate scoring throughput at several batch sizes (no grad, batched on the batch dimension)
@@ -341,24 +367,21 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
     x = attack.x.detach()
     out["candidates"] = {}
     for bs in args.batch_sizes:
-        signs = (torch.randint(0, 3, (bs, x.numel()), generator=gen) - 1).to(device, x.dtype)
-        cands = (x + cfg.attack.alpha * signs).clamp(-1, 1)
-        scorer = cap_search.InProcessEvaluator(candidate_loss, n, bs)
-        try:
-            with PeakMemory(device) as mem:
-                ms = clock.ms(lambda: scorer(cands, plain_draw))
-        except torch.OutOfMemoryError:
-            out["candidates"][bs] = {"oom": True}
-            torch.cuda.empty_cache()
-            continue
-        out["candidates"][bs] = {"ms": ms, "images_per_s": bs * n / (ms / 1e3), "peak_gb": mem.gb}
-    best = max((b for b, v in out["candidates"].items() if "ms" in v),
-               key=lambda b: out["candidates"][b]["images_per_s"])
-    out["best_batch"] = best
-    out["ms"]["candidate"] = out["candidates"][best]["ms"] / best  # per group candidate (N images)
-    one = cap_search.InProcessEvaluator(candidate_loss, n, 1)
-    out["flops"]["candidate"] = count_flops(lambda: one(x.unsqueeze(0), plain_draw))
-    del signs, cands
+        with attempt(out, f"candidates batch {bs}"), PeakMemory(device) as mem:
+            signs = (torch.randint(0, 3, (bs, x.numel()), generator=gen) - 1).to(device, x.dtype)
+            cands = (x + cfg.attack.alpha * signs).clamp(-1, 1)
+            del signs
+            scorer = cap_search.InProcessEvaluator(candidate_loss, n, bs)
+            ms = clock.ms(lambda: scorer(cands, plain_draw))
+            out["candidates"][bs] = {"ms": ms, "images_per_s": bs * n / (ms / 1e3), "peak_gb": mem.peak_now()}
+        cands = None
+    if out["candidates"]:
+        best = max(out["candidates"], key=lambda b: out["candidates"][b]["images_per_s"])
+        out["best_batch"] = best
+        out["ms"]["candidate"] = out["candidates"][best]["ms"] / best  # per group candidate (N images)
+    with attempt(out, "candidate flops"):
+        one = cap_search.InProcessEvaluator(candidate_loss, n, 1)
+        out["flops"]["candidate"] = count_flops(lambda: one(x.unsqueeze(0), plain_draw))
 
     # ASPL surrogate: one training step (fp32 master weights, AdamW, prior preservation) and one copy
     s = cfg.attack.surrogate
@@ -369,13 +392,15 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
     def train() -> None:  # one engine call = a fresh AdamW + `surrogate_steps` steps, as in each ASPL phase
         train_surrogate(net, parts, inst, klass, s, cfg.attack.instance_prompt, steps, ("bench",))
 
-    with PeakMemory(device) as mem:
+    with attempt(out, "surrogate_step"), PeakMemory(device) as mem:
         out["ms"]["surrogate_step"] = clock.ms(train, iters=max(1, clock.iters // 2)) / steps
     out["peak_gb"]["surrogate_train"] = mem.gb
-    out["flops"]["surrogate_step"] = count_flops(lambda: train_surrogate(
-        net, parts, inst, klass, s, cfg.attack.instance_prompt, 1, ("bench",)))
-    out["ms"]["surrogate_copy"] = clock.ms(lambda: net.copy(), iters=max(1, clock.iters // 2), warmup=0)
-    del net, base, attack
+    with attempt(out, "surrogate_step flops"):
+        out["flops"]["surrogate_step"] = count_flops(lambda: train_surrogate(
+            net, parts, inst, klass, s, cfg.attack.instance_prompt, 1, ("bench",)))
+    with attempt(out, "surrogate_copy"):
+        out["ms"]["surrogate_copy"] = clock.ms(lambda: net.copy(), iters=max(1, clock.iters // 2), warmup=0)
+    del net, attack
     gc.collect()
     return out
 
@@ -434,71 +459,107 @@ def main(argv: list[str] | None = None) -> int:
         dtype = DTYPES[cfg.model.dtype]
         peak_tflops = matmul_peak_tflops(device, dtype, args.matmul_n, clock)
         figures = measure(args, models, cfg, clock)
-        protect = None if args.skip_protect else protect_check(args, models, sd, workdir)
+        figures["static_gb"] = aspl_static_memory_gb(models, cfg)
+        protect = None
+        if not args.skip_protect:
+            with attempt(figures, "protect_group check"):
+                protect = protect_check(args, models, sd, workdir)
+    return report(args, cfg, name, setup_s, peak_tflops, figures, protect)
 
+
+def aspl_static_memory_gb(models: Any, cfg: Any) -> dict[str, float]:
+    """Weights and optimizer state ASPL holds while training the surrogate, from parameter counts (not
+    measured): base networks in the model dtype, fp32 `main` and `sur` copies of UNet + text encoder,
+    and fp32 gradients + two AdamW moments for what is trained."""
+    count = {name: sum(p.numel() for p in getattr(models.parts, name).parameters())
+             for name in ("unet", "text_encoder", "vae")}
+    width = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.model.dtype]
+    trained = count["unet"] + (count["text_encoder"] if cfg.attack.surrogate.train_text_encoder else 0)
+    parts = {
+        "base_weights": width * sum(count.values()),
+        "fp32_main_and_surrogate": 2 * 4 * (count["unet"] + count["text_encoder"]),
+        "grads_and_adamw_state": 3 * 4 * trained,
+    }
+    out = {k: v / 1e9 for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def report(args: argparse.Namespace, cfg: Any, name: str, setup_s: float, peak_tflops: float,
+           figures: dict[str, Any], protect: dict[str, Any] | None) -> int:
+    """Print every figure (NaN where a piece failed), the projection and the RESULT line last."""
+    nan = float("nan")
+    ms = {k: figures["ms"].get(k, nan) for k in ("pgd_step", "pgd_step_checkpointed", "pgd_step_base_weights",
+                                                  "cap_extra", "cap_step", "candidate", "surrogate_step",
+                                                  "surrogate_copy")}
+    flops = {k: figures["flops"].get(k, nan) for k in ("pgd_step", "cap_extra", "candidate", "surrogate_step")}
+    peak = {k: figures["peak_gb"].get(k, nan) for k in ("pgd_step", "pgd_step_checkpointed", "cap_step",
+                                                         "surrogate_train")}
     candidates = args.candidates or (cfg.cap.ratio_max + 1)
     plan = paper_plan(cfg, candidates)
-    pieces = {f"{k}_ms": v for k, v in figures["ms"].items()}
+    pieces = {f"{k}_ms": v for k, v in ms.items()}
     identity_s = project_identity(pieces, plan)
-    identity_flops = project_flops(figures["flops"], plan)
+    identity_flops = project_flops(flops, plan)
     mfu = identity_flops / identity_s / (peak_tflops * 1e12)
-    best = figures["best_batch"]
-    cand_images_per_s = figures["candidates"][best]["images_per_s"]
-    peak_gb = protect["peak_gb"] if protect else max(figures["peak_gb"].values())
+    best = figures.get("best_batch")
+    cand_images_per_s = figures["candidates"][best]["images_per_s"] if best else nan
+    measured_peaks = [v for v in figures["peak_gb"].values() if math.isfinite(v)]
+    peak_gb = protect["peak_gb"] if protect else max(measured_peaks, default=nan)
 
-    def tflops(flops_key: str, ms_key: str) -> str:
-        rate = figures["flops"][flops_key] / (figures["ms"][ms_key] / 1e3) / 1e12
+    def tflops(key: str) -> str:
+        rate = flops[key] / (ms[key] / 1e3) / 1e12
         return f"{rate:8.2f} TFLOP/s  {rate / peak_tflops:6.1%} of peak"
 
     print(f"device {name}; dtype {cfg.model.dtype}; N={args.n} at {args.resolution}²; setup {setup_s:.1f} s")
     print(f"peak matmul ({args.matmul_n}³, {cfg.model.dtype}): {peak_tflops:.2f} TFLOP/s")
-    print(f"PGD step (fp32 master, autocast) {figures['ms']['pgd_step']:9.2f} ms  "
-          f"{figures['flops']['pgd_step'] / 1e12:8.3f} TFLOP  {tflops('pgd_step', 'pgd_step')}  "
-          f"peak {figures['peak_gb']['pgd_step']:.2f} GB")
-    print(f"PGD step, checkpointing          {figures['ms']['pgd_step_checkpointed']:9.2f} ms  "
-          f"peak {figures['peak_gb']['pgd_step_checkpointed']:.2f} GB")
-    print(f"PGD step, {cfg.model.dtype} base weights        {figures['ms']['pgd_step_base_weights']:9.2f} ms")
-    print(f"CAP extra (consistency grad)     {figures['ms']['cap_extra']:9.2f} ms  "
-          f"{figures['flops']['cap_extra'] / 1e12:8.3f} TFLOP")
-    if "cap_step" in figures["ms"]:
+    print(f"PGD step (fp32 master, autocast) {ms['pgd_step']:9.2f} ms  {flops['pgd_step'] / 1e12:8.3f} TFLOP  "
+          f"{tflops('pgd_step')}  peak {peak['pgd_step']:.2f} GB")
+    print(f"PGD step, checkpointing          {ms['pgd_step_checkpointed']:9.2f} ms  "
+          f"peak {peak['pgd_step_checkpointed']:.2f} GB")
+    print(f"PGD step, {cfg.model.dtype} base weights        {ms['pgd_step_base_weights']:9.2f} ms")
+    print(f"CAP extra (consistency grad)     {ms['cap_extra']:9.2f} ms  {flops['cap_extra'] / 1e12:8.3f} TFLOP")
+    if "cap_step_distinct" in figures:
         d = figures["cap_step_distinct"]
-        predicted = figures["ms"]["pgd_step"] + figures["ms"]["cap_extra"] + d * figures["ms"]["candidate"]
-        print(f"full CAP step ({d} distinct cand.) {figures['ms']['cap_step']:9.2f} ms  "
-              f"(pieces predict {predicted:.2f} ms)  peak {figures['peak_gb']['cap_step']:.2f} GB")
+        predicted = ms["pgd_step"] + ms["cap_extra"] + d * ms["candidate"]
+        print(f"full CAP step ({d} distinct cand.) {ms['cap_step']:9.2f} ms  (pieces predict {predicted:.2f} ms)  "
+              f"peak {peak['cap_step']:.2f} GB")
     for bs, v in figures["candidates"].items():
-        if v.get("oom"):
-            print(f"candidates batch {bs:3d}: out of memory")
-        else:
-            print(f"candidates batch {bs:3d} ({bs * args.n:3d} images): {v['ms']:9.2f} ms  "
-                  f"{v['images_per_s']:9.1f} candidate-images/s  peak {v['peak_gb']:.2f} GB")
-    per_image_flops = figures["flops"]["candidate"] / args.n
-    print(f"candidate forward {per_image_flops / 1e12:.3f} TFLOP per image; best batch {best}: "
-          f"{tflops('candidate', 'candidate')}")
-    print(f"surrogate train step             {figures['ms']['surrogate_step']:9.2f} ms  "
-          f"{figures['flops']['surrogate_step'] / 1e12:8.3f} TFLOP  {tflops('surrogate_step', 'surrogate_step')}  "
-          f"peak {figures['peak_gb']['surrogate_train']:.2f} GB")
-    print(f"surrogate copy                   {figures['ms']['surrogate_copy']:9.2f} ms")
+        print(f"candidates batch {bs:3d} ({bs * args.n:3d} images): {v['ms']:9.2f} ms  "
+              f"{v['images_per_s']:9.1f} candidate-images/s  peak {v['peak_gb']:.2f} GB")
+    print(f"candidate forward {flops['candidate'] / args.n / 1e12:.3f} TFLOP per image; best batch {best}: "
+          f"{tflops('candidate')}")
+    print(f"surrogate train step             {ms['surrogate_step']:9.2f} ms  "
+          f"{flops['surrogate_step'] / 1e12:8.3f} TFLOP  {tflops('surrogate_step')}  "
+          f"peak {peak['surrogate_train']:.2f} GB")
+    print(f"surrogate copy                   {ms['surrogate_copy']:9.2f} ms")
+    static = figures["static_gb"]
+    print(f"ASPL weights + optimizer state by parameter count (not measured): {static['total']:.2f} GB = "
+          + " + ".join(f"{k} {v:.2f}" for k, v in static.items() if k != "total") + " (before activations)")
     print(f"projection plan {json.dumps(plan)}: {identity_s:.1f} s per identity "
           f"({identity_flops / 1e15:.2f} PFLOP, {mfu:.1%} of peak)")
+    failed = False
     if protect:
         verdict = "within" if protect["peak_gb"] <= 24 else "OVER"
         print(f"protect_group check (ASPL+CAP, checkpointing, {protect['pgd_steps']} PGD steps): "
               f"{protect['seconds']:.1f} s, peak {protect['peak_gb']:.2f} GB ({verdict} the 24 GB target), "
               f"L∞ {protect['linf_255']:.0f}/255 ≤ {protect['linf_budget_255']}: {protect['within_budget']}, "
               f"λ {protect['lambda_schedule']}, distinct {protect['distinct']}")
+        if not protect["within_budget"]:
+            print("protect_group check: the perturbation exceeds the L∞ budget", file=sys.stderr)
+            failed = True
+    for piece, error in figures["errors"].items():
+        print(f"FAILED {piece}: {error}")
+        failed = True
     if args.json:
         Path(args.json).write_text(json.dumps({
             "device": name, "peak_tflops": peak_tflops, "figures": figures, "plan": plan, "pieces": pieces,
             "identity_s": identity_s, "identity_flops": identity_flops, "mfu": mfu,
             "candidates_per_s": cand_images_per_s, "peak_gb": peak_gb, "protect": protect,
         }, indent=1, default=str))
-    values = [mfu, figures["ms"]["pgd_step"], cand_images_per_s, identity_s, peak_gb]
-    if protect and not protect["within_budget"]:
-        print("protect_group check: perturbation exceeds the L∞ budget", file=sys.stderr)
-        return 1
+    values = [mfu, ms["pgd_step"], cand_images_per_s, identity_s, peak_gb]
     print(f"RESULT gpu_step device={name.replace(' ', '_')} mfu={mfu:.4f} step_ms={values[1]:.3f} "
           f"candidates_per_s={values[2]:.2f} identity_s={values[3]:.2f} peak_gb={values[4]:.3f}")
-    return 0 if all(math.isfinite(v) for v in values) else 1
+    return 1 if failed or not all(math.isfinite(v) for v in values) else 0
 
 
 if __name__ == "__main__":
