@@ -118,6 +118,11 @@ def table_rows(results: list[dict]) -> dict[str, dict[str, float | None]]:
     return rows
 
 
+def short_name(backend: str) -> str:
+    """'brisque (LIVE SVM)' → 'brisque-LIVE-SVM'; any 'unavailable: why' → 'unavailable'."""
+    return "unavailable" if backend.startswith("unavailable") else re.sub(r"[^\w.]+", "-", backend).strip("-")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="ROOT/<identity>/[set_B/]<photos> (default: shared sample faces)")
@@ -164,8 +169,7 @@ def main() -> int:
         print(f"{name:<13}{cells}   {'' if paper is None else ', '.join(f'{v:.4f}' for v in paper)}")
     print("backends: " + "; ".join(f"{m}={b}" for m, b in backends.items()))
     print(f"report: {result['report']}")
-    names = ",".join(f"{m}:{'unavailable' if b.startswith('unavailable') else re.sub(r'[^\w.]+', '-', b).strip('-')}"
-                     for m, b in backends.items())
+    names = ",".join(f"{m}:{short_name(b)}" for m, b in backends.items())
     print(f"RESULT paper_table identities={len(groups)} backends={names}")
     return 0
 

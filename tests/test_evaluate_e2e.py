@@ -70,6 +70,7 @@ def test_evaluate_end_to_end_on_ray(ray_cluster, tiny_model_dir, photo_dirs, tmp
     from capray.evaluate.runner import IdentityTask, evaluate_identity
 
     cfg = smoke_config(evaluate={"transforms": ["jpeg:75"]})
+    before = _tree(photo_dirs)
     lines: list[str] = []
     out = tmp_path / "report"
     result = evaluate(photo_dirs / "clean", [photo_dirs / "prot"], out, cfg, progress=lines.append)
@@ -96,7 +97,7 @@ def test_evaluate_end_to_end_on_ray(ray_cluster, tiny_model_dir, photo_dirs, tmp
     for src in re.findall(r"<img src='([^']+)'", html):
         assert (out / src).is_file()
     assert (out / "summary.md").is_file() and json.loads((out / "results.json").read_text())["identities"]
-    assert not list((photo_dirs / "prot").rglob("*generated*"))  # nothing written next to the inputs
+    assert _tree(photo_dirs) == before  # inputs untouched, nothing written next to them
 
     # same config + seed → the same generated pixels, in this process as on Ray (a Ray task runs torch on one
     # thread; float sums in another thread count round differently, so match it)
@@ -113,6 +114,10 @@ def test_evaluate_end_to_end_on_ray(ray_cluster, tiny_model_dir, photo_dirs, tmp
             a = np.asarray(Image.open(out / rel_a))
             b = np.asarray(Image.open(tmp_path / "again" / rel_b))
             assert np.array_equal(a, b)
+
+
+def _tree(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _sources(photo_dirs, cfg):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -180,7 +180,3 @@ def run_identities(tasks: list[IdentityTask], cfg: CaprayConfig, *, use_ray: boo
         results.append(res)
         progress(f"[{len(results)}/{total}] {task.identity}: {res['status']} ({res['seconds']:.1f} s)")
     return sorted(results, key=lambda r: r["identity"])
-
-
-def task_dict(task: IdentityTask) -> dict[str, Any]:
-    return asdict(task)
