@@ -31,6 +31,7 @@ def photo_dirs(tmp_path_factory, faces_dir):
         noisy = np.clip(rgb.astype(int) + rng.integers(-3, 4, rgb.shape), 0, 255).astype(np.uint8)
         Image.fromarray(noisy).save(prot / path.name)
     (prot / "broken.png").write_bytes(b"not a png")
+    (root / "other" / "bob").mkdir(parents=True)  # a protected folder without alice
     return root
 
 
@@ -73,12 +74,16 @@ def test_evaluate_end_to_end_on_ray(ray_cluster, tiny_model_dir, photo_dirs, tmp
     before = _tree(photo_dirs)
     lines: list[str] = []
     out = tmp_path / "report"
-    result = evaluate(photo_dirs / "clean", [photo_dirs / "prot"], out, cfg, progress=lines.append)
-    assert any(line.startswith("[1/1] alice: ok") for line in lines)
+    result = evaluate(photo_dirs / "clean", [photo_dirs / "prot", photo_dirs / "other"], out, cfg,
+                      progress=lines.append)
+    assert any(line.startswith("[1/1] alice: partial") for line in lines)
 
     (res,) = result["identities"]
-    assert res["status"] == "ok" and res["reference_faces"] == 4
-    assert list(res["sources"]) == ["clean", "aspl-cap", "aspl-cap-jpeg75"]
+    assert res["status"] == "partial" and res["reference_faces"] == 4
+    assert list(res["sources"]) == ["clean", "aspl-cap", "aspl-cap-jpeg75", "other", "other-jpeg75"]
+    missing = res["sources"].pop("other")
+    assert missing["status"] == "failed" and "no readable photos" in missing["error"]
+    assert res["sources"].pop("other-jpeg75")["status"] == "failed"
     n_images = cfg.evaluate.images_per_prompt * len(cfg.evaluate.prompts)
     for entry in res["sources"].values():
         assert entry["status"] == "ok", entry.get("traceback")
@@ -93,7 +98,7 @@ def test_evaluate_end_to_end_on_ray(ray_cluster, tiny_model_dir, photo_dirs, tmp
     assert any("broken.png" in e for e in prot["errors"])  # reported, and the rest went on
 
     html = (out / "report.html").read_text()
-    assert "ASPL+CAP · JPEG q75" in html and "<table" in html
+    assert "ASPL+CAP · JPEG q75" in html and "<table" in html and "no readable photos" in html
     for src in re.findall(r"<img src='([^']+)'", html):
         assert (out / src).is_file()
     assert (out / "summary.md").is_file() and json.loads((out / "results.json").read_text())["identities"]
@@ -106,7 +111,7 @@ def test_evaluate_end_to_end_on_ray(ray_cluster, tiny_model_dir, photo_dirs, tmp
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        again = evaluate_identity(IdentityTask("alice", _sources(photo_dirs, cfg), str(tmp_path / "again")), cfg)
+        again = evaluate_identity(IdentityTask("alice", _sources(photo_dirs, cfg)[:3], str(tmp_path / "again")), cfg)
     finally:
         torch.set_num_threads(threads)
     for key, entry in res["sources"].items():

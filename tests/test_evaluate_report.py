@@ -148,3 +148,20 @@ def test_report_renders_tables_and_every_image(tmp_path, astronaut):
     assert "| SimAC+CAP | 0.5000 | 0.3000 | n/a |" in md
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / link).is_file()
+
+
+def test_aggregate_means_over_identities_and_counts_failures():
+    from capray.evaluate.report import aggregate
+
+    def res(ident, fdfr, ism, status="ok"):
+        entry = {"label": "ASPL", "group": "ASPL", "status": status, "metrics": fake_metrics(fdfr, ism),
+                 "visibility": {"n": 4, "psnr": 40.0 + fdfr, "lpips": None}}
+        return {"identity": ident, "sources": {"aspl": entry}}
+
+    table = aggregate([res("a", 0.25, 0.5), res("b", 0.75, None), res("c", 1.0, 0.1, status="failed")])
+    row = table["aspl"]
+    assert row["identities"] == 2 and row["failed"] == 1
+    assert row["metrics"]["FDFR"]["mean"] == pytest.approx(0.5)
+    assert row["metrics"]["ISM"]["mean"] == pytest.approx(0.5)  # b had no value: not counted as 0
+    assert row["metrics"]["SER-FIQ"]["mean"] is None and row["metrics"]["SER-FIQ"]["reasons"] == ["no face detected"]
+    assert row["visibility"] == {"psnr": pytest.approx(40.5)}

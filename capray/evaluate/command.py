@@ -46,7 +46,7 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit 0 when every identity was evaluated, 1 when some failed, 2 for unusable input or config."""
+    """Exit 0 when every photo set of every identity was evaluated, 1 when some failed, 2 for unusable input."""
     from pydantic import ValidationError
 
     from capray.evaluate.pipeline import evaluate
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"capray evaluate: {exc}", file=sys.stderr)
         return 2
-    failed = [r["identity"] for r in result["identities"] if r["status"] == "failed"]
-    if failed:
-        print(f"capray evaluate: failed identities: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+    incomplete = [f"{r['identity']} ({r['status']})" for r in result["identities"] if r["status"] != "ok"]
+    if incomplete:
+        print(f"capray evaluate: not fully evaluated (see the report): {', '.join(incomplete)}", file=sys.stderr)
+    return 1 if incomplete else 0
