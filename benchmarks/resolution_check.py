@@ -40,7 +40,7 @@ def photos(side: int) -> list[np.ndarray]:
     img = data.astronaut()
     crops = [img[0:400, 56:456], img[20:500, 80:440], img[40:440, 0:500]]
     out = []
-    for i, crop in enumerate(crops):
+    for crop in crops:
         h, w = crop.shape[:2]
         scale = side / min(h, w)
         out.append(np.array(Image.fromarray(crop).resize((round(w * scale), round(h * scale)), Image.LANCZOS)))
@@ -128,8 +128,10 @@ def main() -> None:
                 for k, v in views.items()}
         gain_model = loss["prot_model"] - loss["clean_model"]
         gain_attacker = loss["prot_attacker"] - loss["clean_attacker"]
-        print(f"L_re, {label}: clean {loss['clean_attacker']:.5f}; model-resolution result {loss['prot_model']:.5f} "
-              f"(gain {gain_model:+.5f}); re-downsampled output {loss['prot_attacker']:.5f} (gain {gain_attacker:+.5f})")
+        print(f"L_re, {label}: clean {loss['clean_attacker']:.5f}; "
+              f"model-resolution result {loss['prot_model']:.5f} "
+              f"(gain {gain_model:+.5f}); re-downsampled output {loss['prot_attacker']:.5f} "
+              f"(gain {gain_attacker:+.5f})")
         results[own] = (loss, gain_attacker / gain_model if gain_model else float("nan"))
     loss, retained = results[True]
     print(f"RESULT resolution_check loss_clean={loss['clean_attacker']:.5f} loss_model_res={loss['prot_model']:.5f} "

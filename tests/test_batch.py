@@ -122,11 +122,11 @@ def test_every_identity_has_exactly_one_row_with_expected_status(corpus_run):
 
 
 def test_outputs_keep_size_orientation_alpha_and_budget(corpus_run):
-    src, out = corpus_run["src"], corpus_run["out"]
+    out = corpus_run["out"]
     rows = rows_by_identity(out)
     cfg = cheap_config()
     bound = int(np.ceil(cfg.attack.eps * 127.5))
-    for ident, row in rows.items():
+    for row in rows.values():
         if row["status"] != "ok":
             continue
         assert len(row["output_uris"]) == len(row["input_uris"]) == row["num_photos"]
@@ -169,7 +169,7 @@ def test_rerun_skips_ok_identities_and_keeps_one_row_each(corpus_run):
     rows = rows_by_identity(out)
     assert len(rows) == 11
     after = {p.name: p.stat().st_mtime_ns for p in (out / "manifest").iterdir()}
-    for ident, row in rows.items():
+    for row in rows.values():
         name = f"{row['safe_name']}.parquet"
         assert (after[name] == parts[name]) == (row["status"] == "ok")  # only failed ones were redone
     assert {k: v for k, v in tree_digest(out).items() if k.endswith(".png")} == \

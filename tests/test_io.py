@@ -38,13 +38,15 @@ def bomb_png(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 10))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
 
 
 # -- naming --------------------------------------------------------------------------------------
 
 def test_safe_names_are_unique_and_only_change_unsafe_names():
-    originals = ["alice", "a b", "a_b", "a?b", "Zoë", "José García", "x" * 300, "ünï cödé", "A.B-c_d"]
+    originals = ["alice", "a b", "a_b", "a?b", "Zoë", "José García", "x" * 300, "ünï cödé",
+                 "A.B-c_d"]
     safe = [safe_name(n) for n in originals]
     assert len(set(safe)) == len(originals)
     assert safe_name("alice") == "alice" and safe_name("A.B-c_d") == "A.B-c_d" and safe_name("Zoë") == "Zoë"
@@ -162,8 +164,10 @@ def test_overlap_rules(tmp_path):
 
 
 def test_redact_hides_secrets():
-    r = redact({"key": "AK", "secret": "S", "endpoint_url": "http://x", "client_kwargs": {"aws_session_token": "T"}})
-    assert r == {"key": "***", "secret": "***", "endpoint_url": "http://x", "client_kwargs": {"aws_session_token": "***"}}
+    r = redact({"key": "AK", "secret": "S", "endpoint_url": "http://x",
+                "client_kwargs": {"aws_session_token": "T"}})
+    assert r == {"key": "***", "secret": "***", "endpoint_url": "http://x",
+                 "client_kwargs": {"aws_session_token": "***"}}
 
 
 # -- discovery -------------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fmt(values, fmt: str) -> str:
     values = [v for v in (values or []) if v is not None]
-    return "-" if not values else fmt.format(min(values)) + (f"..{fmt.format(max(values))}" if len(set(values)) > 1 else "")
+    if not values:
+        return "-"
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return low if low == high else f"{low}..{high}"
 
 
 def summary_lines(output: str) -> list[str]:

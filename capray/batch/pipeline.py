@@ -9,8 +9,9 @@ row were left out of the plan, and every identity commits its row only after its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from capray.batch.metrics import JobMetrics
 from capray.batch.plan import Plan

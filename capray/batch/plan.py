@@ -16,8 +16,16 @@ from capray.config import CaprayConfig
 from capray.io import manifest
 from capray.io.discover import Discovery, discover
 from capray.io.naming import identity_problem, output_stems, rejected_name, safe_name
-from capray.io.storage import (get_fs, inside, join, normalize_uri, overlaps, redact, remove_stale_temps,
-                               write_bytes_atomic)
+from capray.io.storage import (
+    get_fs,
+    inside,
+    join,
+    normalize_uri,
+    overlaps,
+    redact,
+    remove_stale_temps,
+    write_bytes_atomic,
+)
 
 RUN_FILE = "run.json"
 

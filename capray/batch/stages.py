@@ -111,7 +111,8 @@ class ProtectActor:
 
         if row.get("error"):
             return row
-        rgbs = [np.frombuffer(p, dtype=np.uint8).reshape(h, w, 3).copy() for p, (h, w) in zip(row["pixels"], row["shapes"])]
+        rgbs = [np.frombuffer(p, dtype=np.uint8).reshape(h, w, 3).copy()  # writable: torch wants to own it
+                for p, (h, w) in zip(row["pixels"], row["shapes"])]
         attempts, retries = 0, self.cfg.batch.group_retries
         while True:
             attempts += 1

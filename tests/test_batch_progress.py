@@ -1,0 +1,34 @@
+"""Progress display and Prometheus metrics of a protect job (no Ray needed)."""
+
+from __future__ import annotations
+
+import io
+
+from capray.batch.metrics import JobMetrics
+from capray.batch.progress import Progress
+
+
+def test_progress_counts_and_eta():
+    stream = io.StringIO()
+    p = Progress(total=10, skipped=2, stream=stream, interval=0.0)
+    assert p.remaining == 8 and p.eta_seconds() is None
+    p.update("ok")
+    p.update("failed")
+    assert (p.ok, p.failed, p.remaining) == (1, 1, 6)
+    assert p.eta_seconds() is not None and p.eta_seconds() >= 0
+    last = stream.getvalue().strip().splitlines()[-1]
+    assert "1 ok, 1 failed, 6 remaining of 10 (+2 already ok)" in last and "ETA" in last
+
+
+def test_metrics_count_statuses_rates_and_lambdas():
+    m = JobMetrics(ratio_max=10)
+    m.observe({"status": "ok", "seconds": 3.0, "engine_seconds": 2.0, "pgd_steps": 8, "lambdas": [0.0, 4.0, 10.0]}, 2)
+    m.observe({"status": "failed", "seconds": 0.1, "engine_seconds": None, "pgd_steps": None, "lambdas": []}, 1)
+    text = m.text().decode()
+    assert 'capray_identities_total{status="ok"} 1.0' in text
+    assert 'capray_identities_total{status="failed"} 1.0' in text
+    assert "capray_identities_remaining 1.0" in text
+    assert "capray_pgd_steps_per_second_sum 4.0" in text  # 8 steps / 2 s
+    assert "capray_chosen_lambda_count 3.0" in text and "capray_chosen_lambda_sum 14.0" in text
+    assert 'capray_chosen_lambda_bucket{le="4.0"} 2.0' in text
+    assert "capray_identity_seconds_count 2.0" in text
