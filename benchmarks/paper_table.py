@@ -9,7 +9,7 @@ augmentations of skimage's astronaut) — which checks the plumbing, not the pap
 
 As in the paper, "Anti-DB" is the mean of the FSMG and ASPL rows. Data layout: ``ROOT/<identity>/``
 holding the photos to protect, or ``ROOT/<identity>/set_B/`` (Anti-DreamBooth's layout; set_B is the
-set that gets protected and attacked). Prints the table and ends with
+set that gets protected and attacked, and a clean ``set_A`` next to it is what the surrogate learns from). Prints the table and ends with
 ``RESULT paper_table identities=<n> backends=<names>``.
 """
 
@@ -66,7 +66,16 @@ def collect(data: Path | None, size: int, limit: int | None) -> dict[str, list[t
     return groups
 
 
-def protect_all(groups, out: Path, cfg, methods: list[str]) -> list[Path]:
+def references(data: Path | None, ident: str, size: int) -> list[np.ndarray] | None:
+    """Anti-DreamBooth's protocol: the surrogate learns from a separate clean set_A when there is one."""
+    folder = (data or SHARED_FACES) / ident / "set_A"
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    return [center_square(np.asarray(Image.open(p).convert("RGB")), size) for p in files] or None
+
+
+def protect_all(groups, out: Path, cfg, methods: list[str], refs: dict[str, list[np.ndarray] | None]) -> list[Path]:
     """One output folder per (method, CAP on/off), in `capray protect`'s layout with a run.json."""
     import torch
 
@@ -82,7 +91,9 @@ def protect_all(groups, out: Path, cfg, methods: list[str]) -> list[Path]:
             folder = out / f"{method}{'-cap' if cap else ''}"
             for ident, photos in groups.items():
                 t0 = time.perf_counter()
-                result = protect_group([from_uint8(p) for _, p in photos], run_cfg, identity=ident, models=models)
+                ref = [from_uint8(r) for r in refs[ident]] if refs.get(ident) else None
+                result = protect_group([from_uint8(p) for _, p in photos], run_cfg, identity=ident, models=models,
+                                       references=ref)
                 (folder / ident).mkdir(parents=True, exist_ok=True)
                 for (stem, _), img in zip(photos, result.images):
                     Image.fromarray(to_uint8(img)).save(folder / ident / f"{stem}.png")
@@ -152,7 +163,10 @@ def main() -> int:
             Image.fromarray(rgb).save(clean / ident / f"{stem}.png")
     print(f"paper_table: {len(groups)} identities, model={args.model}, preset={preset}, {size}px", flush=True)
     t0 = time.perf_counter()
-    folders = protect_all(groups, args.out / "protected", cfg, [m.strip() for m in args.methods.split(",") if m.strip()])
+    refs = {ident: references(args.data, ident, size) for ident in groups}
+    print(f"surrogate references (set_A): {sum(r is not None for r in refs.values())}/{len(refs)} identities", flush=True)
+    folders = protect_all(groups, args.out / "protected", cfg, [m.strip() for m in args.methods.split(",") if m.strip()],
+                          refs)
     t_protect = time.perf_counter() - t0
     result = evaluate(clean, folders, args.out / "eval", cfg, use_ray=not args.no_ray)
     rows = table_rows(result["identities"])
