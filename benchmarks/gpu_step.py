@@ -255,6 +255,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--matmul-n", type=int, default=None, help="peak matmul size (default 8192; 256 with --tiny)")
+    p.add_argument("--compile", action="store_true", help="also time candidate scoring with torch.compile(UNet) "
+                   "(adds the compile time to the run)")
     p.add_argument("--skip-protect", action="store_true", help="skip the end-to-end protect_group memory check")
     p.add_argument("--workdir", default=None, help="where the random SD 2.1 directory is written (temp by default)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
@@ -297,6 +299,37 @@ def set_checkpointing(parts_or_unet: Any, on: bool) -> None:
             module.enable_gradient_checkpointing() if on else module.disable_gradient_checkpointing()
 
 
+def hot_path_options(args: argparse.Namespace, clock: Clock, parts: Any, net: Any, loss_on: Callable[..., Any],
+                     x: Any, batch: int, draw: Any, cfg: Any) -> dict[str, float]:
+    """Candidate scoring at `batch` under engine options that are not (yet) the default, to decide them."""
+    import torch
+
+    from capray.attack import cap as cap_search
+
+    gen = torch.Generator().manual_seed(4)
+    cands = (x + cfg.attack.alpha * (torch.randint(0, 3, (batch, x.numel()), generator=gen) - 1).to(x)).clamp(-1, 1)
+
+    def score_ms(loss: Callable[..., Any]) -> float:
+        scorer = cap_search.InProcessEvaluator(loss, args.n, batch)
+        return clock.ms(lambda: scorer(cands, draw)) / batch
+
+    out = {"fp32-master UNet under autocast (engine now)": score_ms(loss_on(net.unet)),
+           f"{cfg.model.dtype} UNet weights (no per-forward cast)": score_ms(loss_on(parts.unet))}
+    parts.vae.to(memory_format=torch.channels_last)
+    try:
+        out["+ VAE channels_last"] = score_ms(loss_on(net.unet))
+    finally:
+        parts.vae.to(memory_format=torch.contiguous_format)
+    if args.compile:
+        compiled = torch.compile(net.unet, dynamic=False)
+        t0 = time.perf_counter()
+        scorer = cap_search.InProcessEvaluator(loss_on(compiled), args.n, batch)
+        scorer(cands, draw)
+        out["torch.compile first call (compile time)"] = (time.perf_counter() - t0) * 1e3  # whole call, ms
+        out["+ torch.compile UNet"] = score_ms(loss_on(compiled))
+    return out
+
+
 def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> dict[str, Any]:
     """Every timed piece, its FLOPs and its peak memory."""
     import torch
@@ -315,9 +348,14 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
     with torch.no_grad():
         cond = encode_prompt(parts, cfg.attack.instance_prompt, text_encoder=net.text_encoder)
 
-    def candidate_loss(candidates: torch.Tensor, draw: Any) -> torch.Tensor:  # as GroupAttack.pgd_phase builds it
-        with _autocast(parts):
-            return reconstruction_loss(parts, net.unet, cond, attack.layout.to_model(candidates, res), draw)
+    def loss_on(unet: Any) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+        def candidate_loss(candidates: torch.Tensor, draw: Any) -> torch.Tensor:  # as GroupAttack.pgd_phase builds it
+            with _autocast(parts):
+                return reconstruction_loss(parts, unet, cond, attack.layout.to_model(candidates, res), draw)
+
+        return candidate_loss
+
+    candidate_loss = loss_on(net.unet)
 
     plain_k, cap_k = 0, max(attack.k_hat, 0)
     plain_draw, cap_draw = attack._draw(plain_k), attack._draw(cap_k)
@@ -379,6 +417,8 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
         best = max(out["candidates"], key=lambda b: out["candidates"][b]["images_per_s"])
         out["best_batch"] = best
         out["ms"]["candidate"] = out["candidates"][best]["ms"] / best  # per group candidate (N images)
+        with attempt(out, "hot-path options"):
+            out["options_ms"] = hot_path_options(args, clock, parts, net, loss_on, x, best, plain_draw, cfg)
     with attempt(out, "candidate flops"):
         one = cap_search.InProcessEvaluator(candidate_loss, n, 1)
         out["flops"]["candidate"] = count_flops(lambda: one(x.unsqueeze(0), plain_draw))
@@ -528,6 +568,15 @@ def report(args: argparse.Namespace, cfg: Any, name: str, setup_s: float, peak_t
               f"{v['images_per_s']:9.1f} candidate-images/s  peak {v['peak_gb']:.2f} GB")
     print(f"candidate forward {flops['candidate'] / args.n / 1e12:.3f} TFLOP per image; best batch {best}: "
           f"{tflops('candidate')}")
+    options = figures.get("options_ms", {})
+    if options:
+        reference = next(iter(options.values()))
+        for option, value in options.items():
+            if "compile time" in option:
+                print(f"  candidate scoring, {option}: {value / 1e3:.1f} s")
+            else:
+                print(f"  candidate scoring, {option}: {value:.2f} ms per group candidate "
+                      f"(×{reference / value:.2f} vs the engine now)")
     print(f"surrogate train step             {ms['surrogate_step']:9.2f} ms  "
           f"{flops['surrogate_step'] / 1e12:8.3f} TFLOP  {tflops('surrogate_step')}  "
           f"peak {peak['surrogate_train']:.2f} GB")
