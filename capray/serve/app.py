@@ -21,6 +21,7 @@ renders the Serve YAML for `serve deploy` / a KubeRay RayService from the same s
 import asyncio
 import base64
 import math
+import threading
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
@@ -78,6 +79,9 @@ class Protector:
         cfg = CaprayConfig.model_validate(config)
         self.model_config = cfg.model
         self.models = load_models(cfg.model)
+        # One group at a time on the device: a second ongoing request waits here (Serve still counts it,
+        # so the autoscaler sees the load) instead of doubling GPU memory and sharing the models across threads.
+        self.gpu_lock = threading.Lock()
 
     def protect(self, rgbs: list[Any], config: dict[str, Any], identity: str) -> tuple[list[Any], dict[str, Any]]:
         from capray.batch.engine_call import protect_arrays
@@ -85,7 +89,8 @@ class Protector:
         cfg = CaprayConfig.model_validate(config)
         if cfg.model != self.model_config:
             raise ValueError("this replica serves a different model configuration")
-        return protect_arrays(rgbs, cfg, identity, self.models)
+        with self.gpu_lock:
+            return protect_arrays(rgbs, cfg, identity, self.models)
 
 
 def _describe(exc: BaseException) -> str:
