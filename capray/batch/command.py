@@ -91,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"capray protect: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:  # e.g. the actors cannot load the model: committed identities stay committed
+        print(f"capray protect: the job stopped: {type(exc).__name__}: {exc}\n"
+              "identities already committed are kept; rerun with the same OUTPUT to resume", file=sys.stderr)
+        return EXIT_FAILED
     print(f"capray protect: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already ok, "
           f"{summary.unfinished} unfinished of {summary.total} identities; manifest in "
           f"{summary.output}/manifest/", file=sys.stderr)

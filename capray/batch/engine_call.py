@@ -47,7 +47,7 @@ def protect_arrays(rgbs: list[np.ndarray], cfg: CaprayConfig, identity: str, mod
         "surrogate_mode": result.surrogate_mode,
         "notes": list(result.notes),
         "engine_seconds": float(result.timings.get("total_s", 0.0)),
-        "model_id": getattr(getattr(models, "parts", None), "model_id", None) or cfg.model.sd,
+        "model_id": cfg.model.sd,  # what the user asked for ('tiny', a hub id or a directory)
         "config_hash": cfg.config_hash(),
         "seed": cfg.seed,
         "capray_version": __version__,

@@ -41,6 +41,7 @@ def build_dataset(plan: Plan, cfg: CaprayConfig, actor_cls: type = ProtectActor)
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own one-line display counts identities, not blocks
+    ctx.print_on_execution_start = False  # the plan is in the docs; keep the console to our progress line
     ctx.max_errored_blocks = -1  # a broken block must not take the other identities down; counted below
     b = cfg.batch
     config_json = cfg.model_dump_json()
