@@ -60,6 +60,12 @@ def test_path_tricks_are_rejected(name):
     assert identity_problem(name) is not None
 
 
+def test_reserved_output_entries_are_never_identity_folders():
+    for name in ["manifest", "Manifest", "run.json", "metrics.prom"]:
+        assert identity_problem(name) is None
+        assert safe_name(name).startswith(name + "-")
+
+
 def test_ordinary_names_are_accepted():
     for name in ["alice", "bob smith", "Zoë", "名前", "o'neil"]:
         assert identity_problem(name) is None

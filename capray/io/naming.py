@@ -3,7 +3,8 @@
 The original identity name is kept in the manifest; the output folder gets a *safe* name: Unicode
 letters and digits, '-', '_' and '.' are kept, everything else (spaces, punctuation) becomes '_'.
 When that changes the name at all, a short hash of the original is appended, so two different
-originals can never land in the same folder ("a b" → "a_b-<hash>", while "a_b" stays "a_b").
+originals can never land in the same folder ("a b" → "a_b-<hash>", while "a_b" stays "a_b"), and
+names of OUT's own entries ("manifest", "run.json", "metrics.prom") get the hash too.
 Names that try to address other paths (separators, "..", control characters, leading dots) are
 rejected, not rewritten: the identity gets a `failed` row saying so.
 """
@@ -16,6 +17,7 @@ import re
 import unicodedata
 
 MAX_NAME_CHARS = 120
+RESERVED = {"manifest", "run.json", "metrics.prom"}  # entries of OUT that are not identity folders
 _UNSAFE = re.compile(r"[^\w.\-]", re.UNICODE)
 
 
@@ -40,7 +42,8 @@ def safe_name(name: str) -> str:
     """A filesystem- and URL-safe folder/file name for `name` (see module doc); stable across runs."""
     nfc = unicodedata.normalize("NFC", name)
     cleaned = _UNSAFE.sub("_", nfc).lstrip(".")[:MAX_NAME_CHARS] or "_"
-    return cleaned if cleaned == name else f"{cleaned}-{short_hash(name)}"
+    keep = cleaned == name and cleaned.lower() not in RESERVED
+    return cleaned if keep else f"{cleaned}-{short_hash(name)}"
 
 
 def rejected_name(name: str) -> str:
