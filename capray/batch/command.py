@@ -65,7 +65,7 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
     from capray.batch.plan import make_plan, write_run_file
 
     plan = make_plan(input_uri, output_uri, cfg)
-    started = connect_ray(address)
+    started = connect_ray(address) if plan.pending else False  # nothing left to do: no cluster needed
     try:
         write_run_file(plan, cfg)
         return run_job(plan, cfg, show_progress=show_progress, **job_kwargs)
