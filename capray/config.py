@@ -30,7 +30,8 @@ class ModelConfig(_Strict):
 
     sd: str = Field(TINY_MODEL, description="hub id, local SD-format directory, or 'tiny'")
     revision: str | None = None
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["fp32", "bf16", "fp16", "fp64"] = Field(
+        "fp32", description="fp64 is for exactness tests on the CPU")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'…")
     resolution: int = Field(512, ge=32, description="side of the square the model sees")
     style_network: Literal["vgg19", "resnet50"] = "vgg19"

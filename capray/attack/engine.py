@@ -41,7 +41,7 @@ class Models:
 
 def load_models(cfg: ModelConfig) -> Models:
     parts = load_diffusion(cfg)
-    style = load_style_network(cfg, parts.device)
+    style = load_style_network(cfg, parts.device, torch.float64 if parts.dtype == torch.float64 else torch.float32)
     return Models(parts, style, cfg)
 
 
@@ -108,11 +108,12 @@ class GroupAttack:
         self.res = config.model.resolution
         self.layout = GroupLayout.of(images)
         device = self.parts.device
-        self.x0 = self.layout.flatten([img.float() for img in images]).to(device)
+        work = torch.float64 if self.parts.dtype == torch.float64 else torch.float32  # pixels: fp32 at least
+        self.x0 = self.layout.flatten([img.to(work) for img in images]).to(device)
         self.x = self.x0.clone()
         ref_list = references if references else images
         ref_layout = GroupLayout.of(ref_list)
-        self.references = ref_layout.to_model(ref_layout.flatten([r.float() for r in ref_list]).to(device), self.res)
+        self.references = ref_layout.to_model(ref_layout.flatten([r.to(work) for r in ref_list]).to(device), self.res)
         self.latent_shape = _latent_shape(self.parts, self.res)
         self.evaluator_factory = evaluator_factory
         a, c = config.attack, config.cap
@@ -317,7 +318,7 @@ def protect_group(
     if models.device.type == "cuda":
         torch.cuda.synchronize()
     attack.timings["total_s"] = time.perf_counter() - start
-    protected = [img.detach().cpu() for img in attack.layout.unflatten(attack.x)]
+    protected = [img.detach().float().cpu() for img in attack.layout.unflatten(attack.x)]
     metrics = [image_metrics(clean, prot) for clean, prot in zip(photos, protected)]
     return ProtectResult(
         images=protected, steps=attack.steps, metrics=metrics, timings=attack.timings,

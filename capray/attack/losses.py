@@ -40,13 +40,14 @@ def reconstruction_loss(
     hidden = cond.expand(images.shape[0], -1, -1).to(unet.dtype)
     pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=hidden).sample
     target = diffusion_target(parts.scheduler, latents, noise, timesteps)
-    return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    acc = torch.promote_types(pred.dtype, torch.float32)  # fp32 at least, fp64 when the model is fp64
+    return (pred.to(acc) - target.to(acc)).pow(2).mean(dim=(1, 2, 3))
 
 
 def gram(features: torch.Tensor, normalization: Literal["elements", "none"]) -> torch.Tensor:
     """G = F·Fᵀ with F of shape (C, H·W) per image (Eq. 12); optionally divided by C·H·W."""
     b, c, h, w = features.shape
-    flat = features.float().reshape(b, c, h * w)
+    flat = features.to(torch.promote_types(features.dtype, torch.float32)).reshape(b, c, h * w)
     g = flat @ flat.transpose(1, 2)
     return g / (c * h * w) if normalization == "elements" else g
 
@@ -72,7 +73,8 @@ def consistency_loss(
     if kind == "style":
         stats = [gram(f, normalization) for f in feats]
     else:  # ablation: pull raw feature maps (content) toward the group mean
-        stats = [f.float() / (f[0].numel() if normalization == "elements" else 1) for f in feats]
+        stats = [f.to(torch.promote_types(f.dtype, torch.float32)) / (f[0].numel() if normalization == "elements" else 1)
+                 for f in feats]
     return consistency_from_stats(stats)
 
 

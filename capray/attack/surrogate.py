@@ -33,8 +33,9 @@ class Surrogate:
 
     @classmethod
     def from_parts(cls, parts: Any) -> "Surrogate":
-        unet = copy.deepcopy(parts.unet).float().requires_grad_(False)
-        text = copy.deepcopy(parts.text_encoder).float().requires_grad_(False)
+        master = torch.float64 if parts.dtype == torch.float64 else torch.float32
+        unet = copy.deepcopy(parts.unet).to(master).requires_grad_(False)
+        text = copy.deepcopy(parts.text_encoder).to(master).requires_grad_(False)
         return cls(unet, text)
 
     def copy(self) -> "Surrogate":

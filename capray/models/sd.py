@@ -13,7 +13,7 @@ import torch
 
 from capray.config import TINY_MODEL, ModelConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,0 +1,60 @@
+"""Loss values against independent hand computations, and the PGD projection invariant."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from capray.attack.losses import consistency_from_stats, consistency_loss, gram
+from capray.attack.pgd import project, sign_step
+
+
+def hand_gram(f: torch.Tensor) -> torch.Tensor:
+    c, h, w = f.shape
+    out = torch.zeros(c, c, dtype=torch.float64)
+    for i, j in itertools.product(range(c), range(c)):
+        out[i, j] = sum(float(f[i, y, x]) * float(f[j, y, x]) for y in range(h) for x in range(w))
+    return out
+
+
+def test_gram_matches_eq12_and_element_normalisation():
+    feats = torch.randn(3, 2, 2, 3, dtype=torch.float64)
+    raw = gram(feats, "none").double()
+    for b in range(3):
+        torch.testing.assert_close(raw[b], hand_gram(feats[b]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gram(feats, "elements").double(), raw / (2 * 2 * 3), rtol=1e-6, atol=1e-6)
+
+
+def test_consistency_is_mean_squared_distance_to_the_mean_gram():
+    grams = [torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[3.0, 2.0], [2.0, 1.0]]])]
+    # mean = [[2,1],[1,1]]; ‖G1−Ḡ‖² = 1+1+1+0 = 3, ‖G2−Ḡ‖² = 1+1+1+0 = 3 → (3+3)/2 = 3
+    assert float(consistency_from_stats(grams)) == 3.0
+    two_layers = grams + [torch.tensor([[[2.0]], [[4.0]]])]  # second layer: ((1)²+(1)²)/2 = 1
+    assert float(consistency_from_stats(two_layers)) == 4.0
+
+
+def test_consistency_loss_zero_for_identical_photos_and_one_photo():
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return [x]
+
+    same = torch.rand(1, 3, 4, 4).repeat(3, 1, 1, 1)
+    assert float(consistency_loss(Identity(), same)) == 0.0
+    assert float(consistency_loss(Identity(), torch.rand(1, 3, 4, 4))) == 0.0
+    different = torch.rand(3, 3, 4, 4)
+    expected = consistency_from_stats([gram(different, "elements")])
+    assert float(consistency_loss(Identity(), different)) == float(expected) > 0
+
+
+def test_projection_keeps_eps_ball_and_range_over_many_steps():
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(5000, generator=gen) * 2 - 1
+    x0[:10] = torch.tensor([-1.0, 1.0] * 5)  # photos often touch the range limits
+    x, eps, alpha = x0.clone(), 0.05, 0.005
+    for _ in range(40):
+        x = sign_step(x, x0, torch.randn(5000, generator=gen), alpha, eps)
+        assert (x - x0).abs().max() <= eps + 1e-7
+        assert x.min() >= -1 and x.max() <= 1
+    assert (x - x0).abs().max() > eps - alpha  # it really moved to the boundary
+    assert torch.equal(project(x0, x0, eps), x0)
