@@ -65,12 +65,12 @@ def engine_view(rgb: np.ndarray, size: int) -> torch.Tensor:
 @torch.no_grad()
 def mean_loss(models, cfg, batch: torch.Tensor, draws: int, attack_draws: bool = False) -> float:
     """Mean L_re over `draws` fresh draws, or over the draws of the attack's last `draws` PGD steps."""
-    from capray.attack.surrogate import _latent_shape
+    from capray.attack.surrogate import latent_shape_for
     from capray.models.sd import encode_prompt
 
     parts = models.parts
     cond = encode_prompt(parts, cfg.attack.instance_prompt)
-    shape = _latent_shape(parts, cfg.model.resolution)
+    shape = latent_shape_for(parts, cfg.model.resolution)
     total = 0.0
     steps = cfg.attack.total_pgd_steps
     for k in range(draws):
