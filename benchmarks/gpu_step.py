@@ -7,7 +7,7 @@ depend on their values), saves them as an SD-format directory and loads them thr
 own loader (`capray.models.sd.load_diffusion` via `load_models`), then measures, after warm-up and
 with CUDA events:
 
-* one PGD step of the engine (`GroupAttack._pgd_step`) for N photos: VAE encode + UNet forward and
+* one PGD step of the engine (`GroupAttack.pgd_step`) for N photos: VAE encode + UNet forward and
   backward w.r.t. the images, on the fp32-master surrogate under bf16 autocast (what ASPL runs),
   with and without gradient checkpointing, and on the bf16 base weights (autocast weight-cast cost);
 * the extra work of a CAP step (consistency loss forward + backward through VGG-19);
@@ -337,7 +337,7 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
     from capray.attack import cap as cap_search
     from capray.attack.engine import GroupAttack
     from capray.attack.losses import reconstruction_loss
-    from capray.attack.surrogate import Surrogate, _autocast, train_surrogate
+    from capray.attack.surrogate import Surrogate, autocast_for, train_surrogate
     from capray.models.sd import encode_prompt
 
     parts, device, n, res = models.parts, models.device, args.n, args.resolution
@@ -350,7 +350,7 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
 
     def loss_on(unet: Any) -> Callable[[torch.Tensor, Any], torch.Tensor]:
         def candidate_loss(candidates: torch.Tensor, draw: Any) -> torch.Tensor:  # as GroupAttack.pgd_phase builds it
-            with _autocast(parts):
+            with autocast_for(parts):
                 return reconstruction_loss(parts, unet, cond, attack.layout.to_model(candidates, res), draw)
 
         return candidate_loss
@@ -358,13 +358,13 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
     candidate_loss = loss_on(net.unet)
 
     plain_k, cap_k = 0, max(attack.k_hat, 0)
-    plain_draw, cap_draw = attack._draw(plain_k), attack._draw(cap_k)
+    plain_draw, cap_draw = attack.draw_for_step(plain_k), attack.draw_for_step(cap_k)
     evaluator = cap_search.make_evaluator(candidate_loss, n, cfg.cap.candidate_batch_size)
 
     records: list[Any] = []
 
     def pgd_step(on: Any = net, k: int = plain_k, draw: Any = plain_draw) -> None:
-        attack._pgd_step(on, cond, draw, k, evaluator, None, None)
+        attack.pgd_step(on, cond, draw, k, evaluator, None, None)
         records.append(attack.steps.pop())  # keep the attack's history clean between timings
 
     # plain PGD step (the engine's own step function; parameters frozen, grad w.r.t. the images only)
@@ -387,7 +387,7 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
     # the CAP extra: consistency loss and its gradient through the style network
     def cap_extra() -> None:
         xr = attack.x.detach().requires_grad_(True)
-        torch.autograd.grad(attack._consistency(attack.layout.to_model(xr, res)), xr)
+        torch.autograd.grad(attack.consistency(attack.layout.to_model(xr, res)), xr)
 
     with attempt(out, "cap_extra"):
         out["ms"]["cap_extra"] = clock.ms(cap_extra)

@@ -20,7 +20,7 @@ from capray import load_config, load_models, protect_group
 def run(search: str, args: argparse.Namespace, models, images) -> tuple[float, list, list]:
     cfg = load_config(preset="smoke", overrides={
         "seed": 7,
-        "model": {"resolution": args.resolution},
+        "model": {"resolution": args.resolution, "dtype": args.dtype},
         "attack": {"method": "fsmg", "pgd_steps": args.steps, "fsmg_train_steps": 0,
                    "surrogate": {"prior_preservation": False}},
         "cap": {"ratio_max": args.ratio_max, "start_fraction": 0.0, "search": search,
@@ -38,10 +38,12 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8, help="candidates per batched forward")
     parser.add_argument("--gram", choices=["elements", "none"], default="elements")
+    parser.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32",
+                        help="fp64 removes rounding near-ties between the two searches")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    cfg = load_config(preset="smoke", overrides={"model": {"resolution": args.resolution}})
+    cfg = load_config(preset="smoke", overrides={"model": {"resolution": args.resolution, "dtype": args.dtype}})
     models = load_models(cfg.model)
     gen = torch.Generator().manual_seed(0)
     base = torch.rand(1, 3, args.resolution, args.resolution, generator=gen)
@@ -53,7 +55,8 @@ def main() -> None:
 
     identical = fast_l == ref_l
     speedup = ref_s / fast_s
-    print(f"photos={args.photos} resolution={args.resolution} R={args.ratio_max} steps={args.steps} gram={args.gram}")
+    print(f"photos={args.photos} resolution={args.resolution} R={args.ratio_max} steps={args.steps} "
+          f"gram={args.gram} dtype={args.dtype}")
     print(f"reference: {ref_s:.2f} s  λ={ref_l}")
     print(f"fast:      {fast_s:.2f} s  λ={fast_l}  distinct candidates per step={distinct}")
     print(f"RESULT lambda_search speedup={speedup:.2f} identical={identical} "

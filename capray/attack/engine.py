@@ -20,7 +20,7 @@ from capray.attack.metrics import image_metrics
 from capray.attack.pgd import sign_step
 from capray.attack.randomness import NoiseDraw, draw_noise
 from capray.attack.simac import select_timesteps
-from capray.attack.surrogate import Surrogate, _autocast, _latent_shape, ensure_class_images, train_surrogate
+from capray.attack.surrogate import Surrogate, autocast_for, latent_shape_for, ensure_class_images, train_surrogate
 from capray.config import CaprayConfig, ModelConfig
 from capray.models.sd import DiffusionParts, encode_prompt, load_diffusion
 from capray.models.style import StyleFeatures, load_style_network
@@ -114,7 +114,7 @@ class GroupAttack:
         ref_list = references if references else images
         ref_layout = GroupLayout.of(ref_list)
         self.references = ref_layout.to_model(ref_layout.flatten([r.to(work) for r in ref_list]).to(device), self.res)
-        self.latent_shape = _latent_shape(self.parts, self.res)
+        self.latent_shape = latent_shape_for(self.parts, self.res)
         self.evaluator_factory = evaluator_factory
         a, c = config.attack, config.cap
         self.total_steps = a.total_pgd_steps
@@ -129,12 +129,12 @@ class GroupAttack:
                               "(the loss is identically 0); the baseline attack ran alone")
 
     # -- losses --------------------------------------------------------------------------------
-    def _draw(self, k: int) -> NoiseDraw:
+    def draw_for_step(self, k: int) -> NoiseDraw:
         return draw_noise(self.layout.n, self.latent_shape, self.cfg.seed, self.identity, "pgd", k,
                           num_train_timesteps=self.parts.scheduler.config.num_train_timesteps,
                           timestep_pools=self.pools)
 
-    def _consistency(self, model_in: torch.Tensor) -> torch.Tensor:
+    def consistency(self, model_in: torch.Tensor) -> torch.Tensor:
         c = self.cfg.cap
         return consistency_loss(self.m.style, model_in, kind=c.loss, normalization=c.gram_normalization)
 
@@ -142,7 +142,7 @@ class GroupAttack:
                        clean_feats: list[torch.Tensor] | None, tap: FeatureTap | None):
         """(L_re, the method's attack loss, model input) for flat x, differentiable w.r.t. x."""
         model_in = self.layout.to_model(x, self.res)
-        with _autocast(self.parts):
+        with autocast_for(self.parts):
             if tap is not None:
                 tap.capture()
             l_re = reconstruction_loss(self.parts, net.unet, cond, model_in, draw).sum()
@@ -157,13 +157,15 @@ class GroupAttack:
     def pgd_phase(self, net: Surrogate, steps: int, simac_features: bool = False) -> None:
         a, c = self.cfg.attack, self.cfg.cap
         t0 = time.perf_counter()
+        if self.parts.device.type == "cuda":
+            net = net.compute_copy(self.parts.dtype)
         with torch.no_grad():
             cond = encode_prompt(self.parts, a.instance_prompt, text_encoder=net.text_encoder)
         tap = FeatureTap(net.unet) if simac_features else None
         x_phase_start = self.x.detach().clone()
 
         def candidate_loss(candidates: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
-            with _autocast(self.parts):
+            with autocast_for(self.parts):
                 return reconstruction_loss(self.parts, net.unet, cond, self.layout.to_model(candidates, self.res), draw)
 
         evaluator = cap_search.make_evaluator(candidate_loss, self.layout.n, c.candidate_batch_size,
@@ -171,20 +173,20 @@ class GroupAttack:
         try:
             for _ in range(steps):
                 k = len(self.steps)
-                draw = self._draw(k)
+                draw = self.draw_for_step(k)
                 clean_feats = None
                 if tap is not None:  # SimAC: features of the phase's starting point under the same draw
                     with torch.no_grad():
                         tap.capture()
                         candidate_loss(x_phase_start.unsqueeze(0), draw)
                         clean_feats = tap.release()
-                self._pgd_step(net, cond, draw, k, evaluator, clean_feats, tap)
+                self.pgd_step(net, cond, draw, k, evaluator, clean_feats, tap)
         finally:
             if tap is not None:
                 tap.remove()
         self.timings["pgd_s"] += time.perf_counter() - t0
 
-    def _pgd_step(self, net, cond, draw, k, evaluator, clean_feats, tap) -> None:
+    def pgd_step(self, net, cond, draw, k, evaluator, clean_feats, tap) -> None:
         a, c = self.cfg.attack, self.cfg.cap
         xr = self.x.detach().requires_grad_(True)
         l_re, attack, model_in = self._attack_losses(net, cond, xr, draw, clean_feats, tap)
@@ -194,7 +196,7 @@ class GroupAttack:
             self.x = sign_step(self.x, self.x0, grad, a.alpha, a.eps).detach()
             self.steps.append(record)
             return
-        l_cons = self._consistency(model_in)
+        l_cons = self.consistency(model_in)
         record.loss_cons = l_cons.item()
         if c.ratio_mode == "static":
             (grad,) = torch.autograd.grad(attack - c.static_ratio * l_cons, xr)
@@ -214,7 +216,7 @@ class GroupAttack:
             def combined_grad(x: torch.Tensor, r: float) -> torch.Tensor:
                 xg = x.detach().requires_grad_(True)
                 _, attack_r, model_in_r = self._attack_losses(net, cond, xg, draw, clean_feats, tap)
-                return torch.autograd.grad(attack_r - r * self._consistency(model_in_r), xg)[0]
+                return torch.autograd.grad(attack_r - r * self.consistency(model_in_r), xg)[0]
 
             result = cap_search.reference_search(self.x.detach(), self.x0, combined_grad, ratios, a.alpha, a.eps,
                                                  evaluator, draw)
@@ -251,11 +253,12 @@ class GroupAttack:
         if a.method == "simac":
             self.select_simac_timesteps()
         main = Surrogate.from_parts(self.parts)
+        sur = main.copy()
         for i in range(a.outer_loops):
-            sur = main.copy()
+            if i:
+                sur.load_from(main)
             self.train(sur, self.references, class_images, a.surrogate_steps, ("clean", i))
             self.pgd_phase(sur, a.adv_steps, simac_features=a.method == "simac")
-            del sur
             self.train(main, self.model_view(), class_images, a.surrogate_steps, ("perturbed", i))
 
     def select_simac_timesteps(self) -> None:
@@ -271,7 +274,7 @@ class GroupAttack:
             draw = draw_noise(1, self.latent_shape, self.cfg.seed, self.identity, "simac-select", i, t,
                               fixed_timestep=t)
             model_in = GroupLayout.of([x]).to_model(x.reshape(-1), self.res)
-            with _autocast(self.parts):
+            with autocast_for(self.parts):
                 return reconstruction_loss(self.parts, base.unet, cond, model_in, draw).sum()
 
         self.pools = select_timesteps(image_loss, images, a.simac, a.alpha, a.eps,
@@ -311,10 +314,10 @@ def protect_group(
     start = time.perf_counter()
     attack = GroupAttack(models, config, identity, photos, refs, evaluator_factory)
     with torch.no_grad():
-        before = float(attack._consistency(attack.model_view())) if attack.layout.n >= 2 else 0.0
+        before = float(attack.consistency(attack.model_view())) if attack.layout.n >= 2 else 0.0
     attack.run()
     with torch.no_grad():
-        after = float(attack._consistency(attack.model_view())) if attack.layout.n >= 2 else 0.0
+        after = float(attack.consistency(attack.model_view())) if attack.layout.n >= 2 else 0.0
     if models.device.type == "cuda":
         torch.cuda.synchronize()
     attack.timings["total_s"] = time.perf_counter() - start

@@ -35,9 +35,9 @@ class NoiseDraw:
         return NoiseDraw(self.timesteps.repeat(times), self.noise.repeat(times, 1, 1, 1),
                          self.vae_noise.repeat(times, 1, 1, 1))
 
-    def select(self, index: int) -> "NoiseDraw":
-        sl = slice(index, index + 1)
-        return NoiseDraw(self.timesteps[sl], self.noise[sl], self.vae_noise[sl])
+    def rows(self, start: int, stop: int) -> "NoiseDraw":
+        """Rows start..stop-1 (e.g. the instance vs class halves of a training batch)."""
+        return NoiseDraw(self.timesteps[start:stop], self.noise[start:stop], self.vae_noise[start:stop])
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "NoiseDraw":
         return NoiseDraw(self.timesteps.to(device), self.noise.to(device, dtype), self.vae_noise.to(device, dtype))

@@ -41,8 +41,26 @@ class Surrogate:
     def copy(self) -> "Surrogate":
         return Surrogate(copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder))
 
+    @torch.no_grad()
+    def load_from(self, other: "Surrogate") -> "Surrogate":
+        """Overwrite these weights with `other`'s in place: ASPL re-copies the surrogate every outer
+        loop, and reusing one allocation keeps the allocator from fragmenting a full-size UNet."""
+        for mine, theirs in ((self.unet, other.unet), (self.text_encoder, other.text_encoder)):
+            for dst, src in zip(mine.state_dict().values(), theirs.state_dict().values()):
+                dst.copy_(src)
+        return self
 
-def _autocast(parts: Any):
+    def compute_copy(self, dtype: torch.dtype) -> "Surrogate":
+        """The same networks in the compute dtype, for PGD passes (no weight gradients there).
+
+        Under autocast, frozen fp32 weights are re-cast on every forward; one cast per phase is cheaper.
+        """
+        if dtype == next(self.unet.parameters()).dtype:
+            return self
+        return Surrogate(copy.deepcopy(self.unet).to(dtype), copy.deepcopy(self.text_encoder).to(dtype))
+
+
+def autocast_for(parts: Any):
     if parts.device.type == "cuda" and parts.dtype != torch.float32:
         return torch.autocast("cuda", dtype=parts.dtype)
     return nullcontext()
@@ -71,9 +89,10 @@ def train_surrogate(
         p.requires_grad_(True)
     unet.train()
     text.train(cfg.train_text_encoder)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    fused = parts.device.type == "cuda"  # one kernel per step instead of one per tensor
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
     inst = instance_images.detach()
-    latent_shape = _latent_shape(parts, inst.shape[-1])
+    latent_shape = latent_shape_for(parts, inst.shape[-1])
     use_prior = cfg.prior_preservation and class_images is not None and len(class_images) > 0
     for step in range(steps):
         idx = [(step * cfg.batch_size + j) % len(inst) for j in range(cfg.batch_size)]
@@ -82,14 +101,14 @@ def train_surrogate(
             cidx = [(step * cfg.batch_size + j) % len(class_images) for j in range(cfg.batch_size)]
             batch = torch.cat([batch, class_images[cidx].to(batch)])
         draw = draw_noise(len(batch), latent_shape, *seed_parts, step)
-        with _autocast(parts):
+        with autocast_for(parts):
             cond_inst = encode_prompt(parts, instance_prompt, text_encoder=text)
-            losses = reconstruction_loss(parts, unet, cond_inst, batch[: cfg.batch_size], _rows(draw, 0, cfg.batch_size))
+            losses = reconstruction_loss(parts, unet, cond_inst, batch[: cfg.batch_size], draw.rows(0, cfg.batch_size))
             loss = losses.mean()
             if use_prior:
                 cond_cls = encode_prompt(parts, cfg.class_prompt, text_encoder=text)
                 prior = reconstruction_loss(parts, unet, cond_cls, batch[cfg.batch_size:],
-                                            _rows(draw, cfg.batch_size, len(batch)))
+                                            draw.rows(cfg.batch_size, len(batch)))
                 loss = loss + cfg.prior_loss_weight * prior.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -103,13 +122,7 @@ def train_surrogate(
     return surrogate
 
 
-def _rows(draw: Any, start: int, stop: int) -> Any:
-    from capray.attack.randomness import NoiseDraw
-
-    return NoiseDraw(draw.timesteps[start:stop], draw.noise[start:stop], draw.vae_noise[start:stop])
-
-
-def _latent_shape(parts: Any, resolution: int) -> tuple[int, int, int]:
+def latent_shape_for(parts: Any, resolution: int) -> tuple[int, int, int]:
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     return (parts.vae.config.latent_channels, resolution // factor, resolution // factor)
 
