@@ -37,6 +37,19 @@ class CandidateEvaluator(Protocol):
     def __call__(self, candidates: torch.Tensor, draw: NoiseDraw) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class EvaluationContext:
+    """What scoring needs besides the candidates: the phase's UNet, prompt embedding and photo layout.
+
+    An in-process evaluator closes over these; a remote one ships them once per PGD phase.
+    """
+
+    unet: Any
+    cond: torch.Tensor
+    layout: Any
+    resolution: int
+
+
 class InProcessEvaluator:
     """Scores candidates in this process, `batch_size` candidates (× N photos) per forward pass."""
 
@@ -135,7 +148,9 @@ def reference_search(
 
 
 def make_evaluator(loss_fn: Callable[[torch.Tensor, NoiseDraw], torch.Tensor], n_images: int,
-                   batch_size: int, factory: Callable[..., Any] | None = None) -> CandidateEvaluator:
+                   batch_size: int, factory: Callable[..., Any] | None = None,
+                   context: EvaluationContext | None = None) -> CandidateEvaluator:
+    """The default in-process batched evaluator, or whatever `factory` builds (e.g. sharded over actors)."""
     if factory is not None:
-        return factory(loss_fn=loss_fn, n_images=n_images, batch_size=batch_size)
+        return factory(loss_fn=loss_fn, n_images=n_images, batch_size=batch_size, context=context)
     return InProcessEvaluator(loss_fn, n_images, batch_size)

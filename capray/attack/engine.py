@@ -168,8 +168,9 @@ class GroupAttack:
             with autocast_for(self.parts):
                 return reconstruction_loss(self.parts, net.unet, cond, self.layout.to_model(candidates, self.res), draw)
 
-        evaluator = cap_search.make_evaluator(candidate_loss, self.layout.n, c.candidate_batch_size,
-                                              self.evaluator_factory)
+        evaluator = cap_search.make_evaluator(
+            candidate_loss, self.layout.n, c.candidate_batch_size, self.evaluator_factory,
+            cap_search.EvaluationContext(net.unet, cond, self.layout, self.res))
         try:
             for _ in range(steps):
                 k = len(self.steps)

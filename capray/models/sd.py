@@ -77,8 +77,9 @@ def load_diffusion(cfg: ModelConfig, *, path: str | None = None) -> DiffusionPar
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing() if hasattr(vae, "enable_gradient_checkpointing") else None
-    if device.type == "cuda":
+    if device.type == "cuda":  # NHWC convolutions are the fast path for cuDNN on tensor cores
         unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
     return DiffusionParts(unet, vae, text_encoder, tokenizer, scheduler, source, device, dtype)
 
 

@@ -1,0 +1,1 @@
+"""Spreading one group's λ-candidate scoring over several actors (results equal local scoring)."""
