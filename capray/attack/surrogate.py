@@ -75,22 +75,30 @@ def train_surrogate(
     instance_prompt: str,
     steps: int,
     seed_parts: tuple[Any, ...],
+    *,
+    trainable: list[torch.nn.Parameter] | None = None,
+    learning_rate: float | None = None,
 ) -> Surrogate:
     """`steps` DreamBooth steps on model-resolution images (N, 3, r, r), in place; returns `surrogate`.
 
     A fresh AdamW per call, as Anti-DreamBooth's `train_one_epoch` does. Instance images are cycled
     through in order (Anti-DB's step counter restarts each call and only ever sees images 0–2).
+    `trainable` restricts training to those parameters (e.g. LoRA adapters); default: the UNet, plus
+    the text encoder when `cfg.train_text_encoder`.
     """
     if steps <= 0:
         return surrogate
     unet, text = surrogate.unet, surrogate.text_encoder
-    params = list(unet.parameters()) + (list(text.parameters()) if cfg.train_text_encoder else [])
+    train_text = cfg.train_text_encoder and trainable is None
+    params = trainable if trainable is not None else (
+        list(unet.parameters()) + (list(text.parameters()) if train_text else []))
     for p in params:
         p.requires_grad_(True)
     unet.train()
-    text.train(cfg.train_text_encoder)
+    text.train(train_text)
     fused = parts.device.type == "cuda"  # one kernel per step instead of one per tensor
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(params, lr=learning_rate or cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=fused)
     inst = instance_images.detach()
     latent_shape = latent_shape_for(parts, inst.shape[-1])
     use_prior = cfg.prior_preservation and class_images is not None and len(class_images) > 0

@@ -16,12 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from capray.attack.losses import reconstruction_loss
-from capray.attack.randomness import derive_seed, draw_noise
-from capray.attack.surrogate import (Surrogate, autocast_for, latent_shape_for, ensure_class_images,
-                                     train_surrogate)
+from capray.attack.randomness import derive_seed
+from capray.attack.surrogate import Surrogate, ensure_class_images, train_surrogate
 from capray.config import CaprayConfig, EvaluateConfig, SurrogateConfig
-from capray.models.sd import encode_prompt
 
 
 def attacker_surrogate_config(cfg: CaprayConfig) -> SurrogateConfig:
@@ -73,36 +70,9 @@ def _train_lora(surrogate: Surrogate, parts: Any, instances: torch.Tensor, class
     unet = surrogate.unet
     unet.add_adapter(LoraConfig(r=ev.lora_rank, lora_alpha=ev.lora_rank, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-    unet.train()
-    optimizer = torch.optim.AdamW(params, lr=ev.lora_learning_rate, weight_decay=scfg.weight_decay)
-    latent_shape = latent_shape_for(parts, instances.shape[-1])
-    use_prior = scfg.prior_preservation and class_images is not None and len(class_images) > 0
-    bs = scfg.batch_size
-    with torch.no_grad(), autocast_for(parts):
-        cond_inst = encode_prompt(parts, ev.instance_prompt, text_encoder=surrogate.text_encoder)
-        cond_cls = encode_prompt(parts, scfg.class_prompt, text_encoder=surrogate.text_encoder) if use_prior else None
-    for step in range(ev.train_steps):
-        batch = instances[[(step * bs + j) % len(instances) for j in range(bs)]]
-        if use_prior:
-            batch = torch.cat([batch, class_images[[(step * bs + j) % len(class_images) for j in range(bs)]].to(batch)])
-        draw = draw_noise(len(batch), latent_shape, *seed_parts, "lora", step)
-        with autocast_for(parts):
-            loss = reconstruction_loss(parts, unet, cond_inst, batch[:bs], draw.rows(0, bs)).mean()
-            if use_prior:
-                loss = loss + scfg.prior_loss_weight * reconstruction_loss(
-                    parts, unet, cond_cls, batch[bs:], draw.rows(bs, len(batch))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, scfg.max_grad_norm, error_if_nonfinite=True)
-        optimizer.step()
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
-    unet.eval()
-    return surrogate
+    adapters = [p for n, p in unet.named_parameters() if "lora_" in n]
+    return train_surrogate(surrogate, parts, instances, class_images, scfg, ev.instance_prompt, ev.train_steps,
+                           (*seed_parts, "lora"), trainable=adapters, learning_rate=ev.lora_learning_rate)
 
 
 @torch.no_grad()
