@@ -53,7 +53,7 @@ def ray_cluster(capray_cache):
     """One local Ray for the whole session: more logical CPUs than cores so actors never starve readers."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=8, object_store_memory=256 * 1024**2, include_dashboard=False,
+        ray.init(address="local", num_cpus=8, object_store_memory=256 * 1024**2, include_dashboard=False,
                  runtime_env={"env_vars": {"CAPRAY_CACHE": str(capray_cache)}}, log_to_driver=False)
     yield ray
     ray.shutdown()

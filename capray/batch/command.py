@@ -53,8 +53,8 @@ def connect_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:  # more logical CPUs than cores, so the actor never starves the decode/write tasks
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=1024**3, include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), object_store_memory=1024**3,
+                 include_dashboard=False, log_to_driver=False)
     return True
 
 

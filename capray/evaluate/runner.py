@@ -9,7 +9,6 @@ the photos, not from luck. A failing source or identity is recorded and the rest
 
 from __future__ import annotations
 
-import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -156,12 +155,9 @@ def run_identities(tasks: list[IdentityTask], cfg: CaprayConfig, *, use_ray: boo
         return results
     import ray
 
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+    from capray.batch.command import connect_ray
+
+    connect_ray(address)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     remote = ray.remote(evaluate_identity).options(num_cpus=cfg.evaluate.cpus_per_identity, num_gpus=gpus,
                                                    max_retries=0)
