@@ -115,3 +115,14 @@ def test_bad_groups_raise_clear_errors(tiny_models, smoke_config):
         protect_group([torch.full((3, 8, 8), 2.0)], smoke_config(), models=tiny_models)
     with pytest.raises(ValueError, match="shape"):
         protect_group([torch.zeros(8, 8)], smoke_config(), models=tiny_models)
+
+
+def test_offloading_the_main_surrogate_changes_nothing(tiny_models, smoke_config):
+    images = group(9)
+    plain = protect_group(images, smoke_config(attack={"method": "aspl", "outer_loops": 3}), identity="o",
+                          models=tiny_models)
+    offloaded = protect_group(images, smoke_config(attack={"method": "aspl", "outer_loops": 3,
+                                                           "surrogate": {"offload_main": True}}),
+                              identity="o", models=tiny_models)
+    assert all(torch.equal(a, b) for a, b in zip(plain.images, offloaded.images))
+    assert plain.lambda_schedule == offloaded.lambda_schedule

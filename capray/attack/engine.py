@@ -157,8 +157,8 @@ class GroupAttack:
     def pgd_phase(self, net: Surrogate, steps: int, simac_features: bool = False) -> None:
         a, c = self.cfg.attack, self.cfg.cap
         t0 = time.perf_counter()
-        if self.parts.device.type == "cuda":
-            net = net.compute_copy(self.parts.dtype)
+        if self.parts.device.type == "cuda" and not self.cfg.model.gradient_checkpointing:
+            net = net.compute_copy(self.parts.dtype)  # speed; the memory-saving profile skips the extra copy
         with torch.no_grad():
             cond = encode_prompt(self.parts, a.instance_prompt, text_encoder=net.text_encoder)
         tap = FeatureTap(net.unet) if simac_features else None
@@ -253,14 +253,20 @@ class GroupAttack:
             return
         if a.method == "simac":
             self.select_simac_timesteps()
+        offload = a.surrogate.offload_main
         main = Surrogate.from_parts(self.parts)
-        sur = main.copy()
+        work = main.copy()  # the device copy that trains and that PGD attacks
+        if offload:
+            main.to("cpu")
         for i in range(a.outer_loops):
-            if i:
-                sur.load_from(main)
-            self.train(sur, self.references, class_images, a.surrogate_steps, ("clean", i))
-            self.pgd_phase(sur, a.adv_steps, simac_features=a.method == "simac")
-            self.train(main, self.model_view(), class_images, a.surrogate_steps, ("perturbed", i))
+            work.load_from(main)  # f_sur = copy(f)
+            self.train(work, self.references, class_images, a.surrogate_steps, ("clean", i))
+            self.pgd_phase(work, a.adv_steps, simac_features=a.method == "simac")
+            if offload:  # f trains on the device copy, then goes back to host memory
+                self.train(work.load_from(main), self.model_view(), class_images, a.surrogate_steps, ("perturbed", i))
+                main.load_from(work)
+            else:
+                self.train(main, self.model_view(), class_images, a.surrogate_steps, ("perturbed", i))
 
     def select_simac_timesteps(self) -> None:
         t0 = time.perf_counter()

@@ -41,10 +41,16 @@ class Surrogate:
     def copy(self) -> "Surrogate":
         return Surrogate(copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder))
 
+    def to(self, device: torch.device | str) -> "Surrogate":
+        self.unet.to(device)
+        self.text_encoder.to(device)
+        return self
+
     @torch.no_grad()
     def load_from(self, other: "Surrogate") -> "Surrogate":
-        """Overwrite these weights with `other`'s in place: ASPL re-copies the surrogate every outer
-        loop, and reusing one allocation keeps the allocator from fragmenting a full-size UNet."""
+        """Overwrite these weights with `other`'s in place (across devices too): ASPL re-copies the
+        surrogate every outer loop, and reusing one allocation keeps a full-size UNet from fragmenting
+        the allocator."""
         for mine, theirs in ((self.unet, other.unet), (self.text_encoder, other.text_encoder)):
             for dst, src in zip(mine.state_dict().values(), theirs.state_dict().values()):
                 dst.copy_(src)
