@@ -446,12 +446,13 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
 
 
 def protect_check(args: argparse.Namespace, models: Any, sd: str, workdir: Path) -> dict[str, Any]:
-    """One real, shortened ASPL + CAP run with gradient checkpointing: the memory a worker needs."""
+    """One real, shortened ASPL + CAP run in the 24 GB profile (checkpointing, main surrogate offloaded)."""
     from capray import protect_group
 
     cfg = make_config(args, sd, model={"gradient_checkpointing": True}, attack={
         "outer_loops": 2, "adv_steps": 2, "surrogate_steps": 1,
-        "surrogate": {"num_class_images": 2, "class_sample_steps": 2, "class_images_dir": str(workdir / "class")}})
+        "surrogate": {"num_class_images": 2, "class_sample_steps": 2, "class_images_dir": str(workdir / "class"),
+                      "offload_main": True}})
     set_checkpointing([models.parts.unet, models.parts.vae], True)  # what load_diffusion does for this flag
     images = test_images(args.n, args.resolution, seed=3)
     try:
@@ -509,15 +510,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def aspl_static_memory_gb(models: Any, cfg: Any) -> dict[str, float]:
     """Weights and optimizer state ASPL holds while training the surrogate, from parameter counts (not
-    measured): base networks in the model dtype, fp32 `main` and `sur` copies of UNet + text encoder,
-    and fp32 gradients + two AdamW moments for what is trained."""
+    measured): base networks in the model dtype, fp32 `main` and `sur` copies of UNet + text encoder
+    (one copy with `surrogate.offload_main`), and fp32 gradients + two AdamW moments for what is trained."""
     count = {name: sum(p.numel() for p in getattr(models.parts, name).parameters())
              for name in ("unet", "text_encoder", "vae")}
-    width = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.model.dtype]
+    width = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}[cfg.model.dtype]
+    copies = 1 if cfg.attack.surrogate.offload_main else 2
     trained = count["unet"] + (count["text_encoder"] if cfg.attack.surrogate.train_text_encoder else 0)
     parts = {
         "base_weights": width * sum(count.values()),
-        "fp32_main_and_surrogate": 2 * 4 * (count["unet"] + count["text_encoder"]),
+        "fp32_surrogate_copies": copies * 4 * (count["unet"] + count["text_encoder"]),
         "grads_and_adamw_state": 3 * 4 * trained,
     }
     out = {k: v / 1e9 for k, v in parts.items()}
