@@ -20,7 +20,8 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="capray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="capray", description="Group-aware photo protection against unauthorized personalization (CAP), on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
