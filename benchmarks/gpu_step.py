@@ -99,7 +99,7 @@ def write_sd21_dir(root: Path, device: Any, dtype: Any) -> Path:
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
-    from capray.models.tiny import write_tokenizer
+    from capray.models.tiny import write_model_index, write_tokenizer
 
     write_tokenizer(root / "tokenizer")
     tok = CLIPTokenizer.from_pretrained(root / "tokenizer")
@@ -110,13 +110,7 @@ def write_sd21_dir(root: Path, device: Any, dtype: Any) -> Path:
         net.to(dtype).save_pretrained(root / name)
     del nets
     DDPMScheduler(**SD21_SCHEDULER).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False,
-    }))
+    write_model_index(root)
     return root
 
 

@@ -59,6 +59,17 @@ def write_tokenizer(path: Path) -> None:
     return None
 
 
+def write_model_index(root: Path) -> None:
+    """The model_index.json that makes a folder of SD parts a StableDiffusionPipeline directory."""
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False,
+    }, indent=1))
+
+
 def build_tiny_model(path: str | Path, *, seed: int = TINY_SEED) -> Path:
     """Create the tiny SD-format directory at `path` (overwrites components) and return it."""
     import torch
@@ -100,13 +111,7 @@ def build_tiny_model(path: str | Path, *, seed: int = TINY_SEED) -> Path:
     vae.save_pretrained(root / "vae")
     text_encoder.save_pretrained(root / "text_encoder")
     scheduler.save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False,
-    }, indent=1))
+    write_model_index(root)
     (root / "CAPRAY_TINY").write_text("tiny random SD-format model written by `capray models tiny`\n")
     return root
 
