@@ -19,6 +19,22 @@ COMMANDS = {
 }
 
 
+def add_config_options(parser: argparse.ArgumentParser, *, set_example: str = "attack.eps=0.03") -> None:
+    """The options every front door shares: where the config comes from, the model, the cluster."""
+    parser.add_argument("--config", help="YAML/JSON config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override any config value, e.g. --set {set_example} (repeatable)")
+    parser.add_argument("--model", help="SD model: hub id, local SD-format directory, or 'tiny' (sets model.sd)")
+    parser.add_argument("--preset", choices=["smoke", "paper"],
+                        help="'smoke': tiny budgets for a CPU; 'paper': the paper's settings (§5)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+
+def model_flag(args: argparse.Namespace) -> dict:
+    """The config override that --model stands for."""
+    return {"model": {"sd": args.model}} if args.model else {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capray", description="Group-aware photo protection against unauthorized personalization (CAP), on Ray.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,3 +57,24 @@ def test_style_state_dict_file_and_missing_imagenet_weights(tmp_path, monkeypatc
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     with pytest.raises(RuntimeError, match="unavailable"):
         load_style_network(ModelConfig(style_weights="imagenet"), torch.device("cpu"))
+
+
+def test_preflight_refuses_unloadable_sources_before_any_work(tmp_path, tiny_model_dir):
+    from capray.models.sd import preflight
+
+    preflight(ModelConfig(sd=str(tiny_model_dir)))  # a real SD-format directory passes
+    preflight(ModelConfig(sd="stabilityai/stable-diffusion-2-1-base"))  # hub ids are left to from_pretrained
+    with pytest.raises(ValueError, match="not an SD-format directory"):
+        preflight(ModelConfig(sd=str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="no such state-dict file"):
+        preflight(ModelConfig(style_weights=str(tmp_path / "vgg.pt")))
+
+
+def test_protect_exits_2_for_a_model_path_that_is_not_an_sd_directory(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "capray.cli", "protect", "capray/samples", str(out),
+                           "--preset", "smoke", "--model", str(tmp_path / "missing-model")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2, proc.stderr
+    assert "not an SD-format directory" in proc.stderr
+    assert not out.exists()  # refused before any work

@@ -17,29 +17,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="folder/prefix ROOT/<identity>/<photos>, or a manifest "
                                       "(.parquet/.csv/.jsonl with columns identity, uri); local or s3://")
     parser.add_argument("output", help="output folder/prefix (must not overlap the input); rerun to resume")
-    parser.add_argument("--config", help="YAML/JSON config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set attack.eps=0.03 (repeatable)")
+    from capray.cli import add_config_options
+
+    add_config_options(parser)
     parser.add_argument("--method", choices=["fsmg", "aspl", "simac"], help="baseline attack")
     parser.add_argument("--cap", action=argparse.BooleanOptionalAction, default=None,
                         help="add CAP's cross-image consistency loss (default: on)")
-    parser.add_argument("--model", help="SD model: hub id, local SD-format directory, or 'tiny'")
-    parser.add_argument("--preset", choices=["smoke", "paper"], help="'smoke': tiny budgets; 'paper': §5 settings")
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
 
 
 def build_config(args: argparse.Namespace):
+    from capray.cli import model_flag
     from capray.config import deep_merge, load_config, parse_set
 
     overrides = parse_set(args.set)
-    flags: dict = {}
+    flags: dict = model_flag(args)
     if args.method:
         flags["attack"] = {"method": args.method}
     if args.cap is not None:
         flags["cap"] = {"enabled": args.cap}
-    if args.model:
-        flags["model"] = {"sd": args.model}
     return load_config(args.config, preset=args.preset, overrides=deep_merge(overrides, flags))
 
 

@@ -6,33 +6,28 @@ import argparse
 
 import sys
 
-from capray.config import PRESETS, TINY_MODEL, deep_merge, load_config, parse_set
+from capray.config import TINY_MODEL, deep_merge, load_config, parse_set
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clean", required=True, help="clean photos: DIR/<identity>/<photos>")
     parser.add_argument("--protected", default="", help="comma-separated `capray protect` output folders")
     parser.add_argument("--out", required=True, help="report folder (must not overlap the inputs)")
-    parser.add_argument("--model", help="SD hub id, local SD-format dir, or 'tiny' (sets model.sd)")
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="'smoke': a few attacker steps and images (CPU); 'paper': the paper's protocol "
-                             "(default: smoke for the tiny model, paper for a real one)")
-    parser.add_argument("--config", help="YAML/JSON config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config value, e.g. evaluate.train_steps=500 (repeatable)")
+    from capray.cli import add_config_options
+
+    add_config_options(parser, set_example="evaluate.train_steps=500")  # no --preset: smoke for 'tiny', else paper
     parser.add_argument("--transform", action="append", default=[], metavar="SPEC",
                         help="robustness transform before training: jpeg:75, blur:1.5, resize:0.5 (repeatable)")
     parser.add_argument("--lora", action="store_true", help="the attacker trains LoRA adapters instead of full weights")
     parser.add_argument("--identity", action="append", default=[], help="evaluate only these identities")
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--no-ray", action="store_true", help="run identities in this process, one after another")
 
 
 def build_config(args: argparse.Namespace):
     overrides = parse_set(args.set)
-    extra: dict = {}
-    if args.model:
-        extra["model"] = {"sd": args.model}
+    from capray.cli import model_flag
+
+    extra: dict = model_flag(args)
     if args.transform:
         extra["evaluate"] = {"transforms": list(args.transform)}
     if args.lora:
@@ -42,7 +37,11 @@ def build_config(args: argparse.Namespace):
     if preset is None:  # a real model gets the paper's protocol; the tiny one a few steps
         probe = load_config(args.config, overrides=merged)
         preset = "smoke" if probe.model.sd == TINY_MODEL else "paper"
-    return load_config(args.config, preset=preset, overrides=merged)
+    cfg = load_config(args.config, preset=preset, overrides=merged)
+    from capray.models.sd import preflight
+
+    preflight(cfg.model)
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,20 +13,19 @@ import threading
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML/JSON config file")
-    parser.add_argument("--preset", choices=["smoke", "paper"], help="'smoke': tiny model and budgets; 'paper': §5")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set serve.max_replicas=2 (repeatable)")
+    from capray.cli import add_config_options
+
+    add_config_options(parser, set_example="serve.max_replicas=2")
     parser.add_argument("--host", help="HTTP host (default: serve.host)")
     parser.add_argument("--port", type=int, help="HTTP port (default: serve.port)")
     parser.add_argument("--route-prefix", default="/", help="URL prefix of the API (default /)")
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--detach", action="store_true", help="deploy and return (the app keeps running on the cluster)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the Serve config YAML (serve deploy / RayService serveConfigV2) and exit")
 
 
 def serve_args(args: argparse.Namespace):
+    from capray.cli import model_flag
     from capray.config import deep_merge, parse_set
     from capray.serve.app import ServeArgs
 
@@ -35,7 +34,7 @@ def serve_args(args: argparse.Namespace):
         flags["host"] = args.host
     if args.port:
         flags["port"] = args.port
-    overrides = deep_merge(parse_set(args.set), {"serve": flags} if flags else {})
+    overrides = deep_merge(parse_set(args.set), deep_merge(model_flag(args), {"serve": flags} if flags else {}))
     return ServeArgs(config_path=args.config, preset=args.preset, overrides=overrides)
 
 
@@ -45,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         sargs = serve_args(args)
         cfg = sargs.load()
+        from capray.models.sd import preflight
+
+        preflight(cfg.model)  # a model that cannot load would only crash-loop the replicas
     except (ValueError, ValidationError, OSError) as exc:
         print(f"capray serve: {exc}", file=sys.stderr)
         return 2
