@@ -126,3 +126,18 @@ def test_offloading_the_main_surrogate_changes_nothing(tiny_models, smoke_config
                               identity="o", models=tiny_models)
     assert all(torch.equal(a, b) for a, b in zip(plain.images, offloaded.images))
     assert plain.lambda_schedule == offloaded.lambda_schedule
+
+
+def test_memory_profile_gives_the_same_pixels(smoke_config, tiny_model_dir):
+    """Gradient checkpointing + offloaded main surrogate (the 24 GB profile) only trade time for memory."""
+    from capray.attack.engine import load_models
+
+    images = group(10)
+    plain_cfg = smoke_config(attack={"method": "aspl"})
+    lean_cfg = smoke_config(model={"gradient_checkpointing": True},
+                            attack={"method": "aspl", "surrogate": {"offload_main": True}})
+    lean_models = load_models(lean_cfg.model)
+    assert lean_models.parts.unet.is_gradient_checkpointing
+    plain = protect_group(images, plain_cfg, identity="m", models=load_models(plain_cfg.model))
+    lean = protect_group(images, lean_cfg, identity="m", models=lean_models)
+    assert all(torch.equal(a, b) for a, b in zip(plain.images, lean.images))
