@@ -41,7 +41,7 @@ class Models:
 
 def load_models(cfg: ModelConfig) -> Models:
     parts = load_diffusion(cfg)
-    style = load_style_network(cfg, parts.device, torch.float64 if parts.dtype == torch.float64 else torch.float32)
+    style = load_style_network(cfg, parts.device, parts.master_dtype)
     return Models(parts, style, cfg)
 
 
@@ -108,7 +108,7 @@ class GroupAttack:
         self.res = config.model.resolution
         self.layout = GroupLayout.of(images)
         device = self.parts.device
-        work = torch.float64 if self.parts.dtype == torch.float64 else torch.float32  # pixels: fp32 at least
+        work = self.parts.master_dtype
         self.x0 = self.layout.flatten([img.to(work) for img in images]).to(device)
         self.x = self.x0.clone()
         ref_list = references if references else images
@@ -117,8 +117,7 @@ class GroupAttack:
         self.latent_shape = latent_shape_for(self.parts, self.res)
         self.evaluator_factory = evaluator_factory
         a, c = config.attack, config.cap
-        self.total_steps = a.total_pgd_steps
-        self.k_hat = int(round(c.start_fraction * self.total_steps))
+        self.k_hat = int(round(c.start_fraction * a.total_pgd_steps))
         self.cap_on = c.enabled and self.layout.n >= 2
         self.steps: list[StepRecord] = []
         self.notes: list[str] = []

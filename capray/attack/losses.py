@@ -9,6 +9,11 @@ import torch
 from capray.attack.randomness import NoiseDraw
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Losses accumulate in fp32 even for bf16/fp16 models (and in fp64 for fp64 exactness runs)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def vae_latents(vae: Any, images: torch.Tensor, vae_noise: torch.Tensor) -> torch.Tensor:
     """Reparameterised VAE posterior sample (mean + std·noise) scaled for the UNet; differentiable."""
     dist = vae.encode(images.to(vae.dtype)).latent_dist
@@ -40,14 +45,13 @@ def reconstruction_loss(
     hidden = cond.expand(images.shape[0], -1, -1).to(unet.dtype)
     pred = unet(noisy.to(unet.dtype), timesteps, encoder_hidden_states=hidden).sample
     target = diffusion_target(parts.scheduler, latents, noise, timesteps)
-    acc = torch.promote_types(pred.dtype, torch.float32)  # fp32 at least, fp64 when the model is fp64
-    return (pred.to(acc) - target.to(acc)).pow(2).mean(dim=(1, 2, 3))
+    return (_at_least_fp32(pred) - _at_least_fp32(target)).pow(2).mean(dim=(1, 2, 3))
 
 
 def gram(features: torch.Tensor, normalization: Literal["elements", "none"]) -> torch.Tensor:
     """G = F·Fᵀ with F of shape (C, H·W) per image (Eq. 12); optionally divided by C·H·W."""
     b, c, h, w = features.shape
-    flat = features.to(torch.promote_types(features.dtype, torch.float32)).reshape(b, c, h * w)
+    flat = _at_least_fp32(features).reshape(b, c, h * w)
     g = flat @ flat.transpose(1, 2)
     return g / (c * h * w) if normalization == "elements" else g
 
@@ -73,8 +77,7 @@ def consistency_loss(
     if kind == "style":
         stats = [gram(f, normalization) for f in feats]
     else:  # ablation: pull raw feature maps (content) toward the group mean
-        stats = [f.to(torch.promote_types(f.dtype, torch.float32)) / (f[0].numel() if normalization == "elements" else 1)
-                 for f in feats]
+        stats = [_at_least_fp32(f) / (f[0].numel() if normalization == "elements" else 1) for f in feats]
     return consistency_from_stats(stats)
 
 

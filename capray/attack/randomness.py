@@ -39,9 +39,6 @@ class NoiseDraw:
         """Rows start..stop-1 (e.g. the instance vs class halves of a training batch)."""
         return NoiseDraw(self.timesteps[start:stop], self.noise[start:stop], self.vae_noise[start:stop])
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "NoiseDraw":
-        return NoiseDraw(self.timesteps.to(device), self.noise.to(device, dtype), self.vae_noise.to(device, dtype))
-
 
 def draw_noise(
     n: int,

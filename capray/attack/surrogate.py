@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from capray.attack.losses import reconstruction_loss
+from capray.attack.metrics import from_uint8
 from capray.attack.randomness import cpu_generator, draw_noise
 from capray.config import SurrogateConfig
 from capray.models.sd import encode_prompt
@@ -33,9 +34,8 @@ class Surrogate:
 
     @classmethod
     def from_parts(cls, parts: Any) -> "Surrogate":
-        master = torch.float64 if parts.dtype == torch.float64 else torch.float32
-        unet = copy.deepcopy(parts.unet).to(master).requires_grad_(False)
-        text = copy.deepcopy(parts.text_encoder).to(master).requires_grad_(False)
+        unet = copy.deepcopy(parts.unet).to(parts.master_dtype).requires_grad_(False)
+        text = copy.deepcopy(parts.text_encoder).to(parts.master_dtype).requires_grad_(False)
         return cls(unet, text)
 
     def copy(self) -> "Surrogate":
@@ -168,8 +168,7 @@ def ensure_class_images(parts: Any, cfg: SurrogateConfig, resolution: int) -> to
         if len(have) < cfg.num_class_images:
             _generate_class_images(parts, cfg, resolution, folder, start=len(have))
         files = sorted(folder.glob("class_*.png"))[: cfg.num_class_images]
-    arrays = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) for f in files]
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    batch = torch.stack([from_uint8(np.asarray(Image.open(f).convert("RGB"))) for f in files])
     return batch.to(parts.device)
 
 

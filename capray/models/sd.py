@@ -66,12 +66,9 @@ class DiffusionParts:
     dtype: torch.dtype
 
     @property
-    def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
-
-    def with_networks(self, unet: Any, text_encoder: Any) -> "DiffusionParts":
-        return DiffusionParts(unet, self.vae, text_encoder, self.tokenizer, self.scheduler,
-                              self.model_id, self.device, self.dtype)
+    def master_dtype(self) -> torch.dtype:
+        """Pixels, surrogate weights and the style network: fp32 at least (fp64 for exactness tests)."""
+        return torch.promote_types(self.dtype, torch.float32)
 
 
 def load_diffusion(cfg: ModelConfig, *, path: str | None = None) -> DiffusionParts:
