@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--adv-steps", type=int, default=2)
     args = parser.parse_args()
 
-    from capray.batch.command import connect_ray
+    from capray.cluster import connect_ray
 
     work = Path(tempfile.mkdtemp(prefix="capray-bench-"))
     os.environ.setdefault("CAPRAY_CACHE", str(work / "cache"))

@@ -91,7 +91,7 @@ def main() -> None:
     os.environ.setdefault("CAPRAY_CACHE", os.path.join(tempfile.gettempdir(), "capray-bench-cache"))
 
     from capray import load_models
-    from capray.batch.engine_call import protect_arrays
+    from capray.attack.api import protect_arrays
     from capray.config import load_config
 
     # FSMG without surrogate training: PGD straight against the base UNet, the model we measure with
@@ -110,9 +110,9 @@ def main() -> None:
         "prot_attacker": torch.stack([attacker_view(p, res) for p in protected]),
     }
     sizes = ", ".join(f"{c.shape[1]}x{c.shape[0]}" for c in clean)
-    traj = record["loss_trajectory"]
-    print(f"photos {sizes} → model {res}x{res}; {record['pgd_steps']} PGD steps ({record['method']}, CAP "
-          f"{'on' if record['cap_enabled'] else 'off'}), L∞ {record['linf_255_max']:.0f}/255; L_re on the attack's "
+    traj = record.loss_trajectory
+    print(f"photos {sizes} → model {res}x{res}; {record.pgd_steps} PGD steps ({record.method}, CAP "
+          f"{'on' if record.cap_enabled else 'off'}), L∞ {record.linf_255_max:.0f}/255; L_re on the attack's "
           f"own draws {traj[0]:.5f} → {traj[-1]:.5f}")
     # 1. model-independent: is the perturbation the attacker's resampling sees the one the engine optimised?
     d_model = views["prot_model"] - views["clean_model"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capray.batch.samples import sample_root
+from capray.batch.demo import SAMPLES
 from capray.config import load_config
 from capray.io.images import decode_image, encode_png
 from capray.io.manifest import read_manifest
@@ -46,7 +46,7 @@ def noise(h=40, w=48) -> np.ndarray:
 def build_corpus(root: Path) -> dict[str, str]:
     """Identity folder → expected status."""
     for ident in ("astronaut", "chelsea"):
-        shutil.copytree(sample_root() / ident, root / ident)
+        shutil.copytree(SAMPLES / ident, root / ident)
     save(root / "bob smith" / "1.png", noise())
     save(root / "bob smith" / "2.png", noise(36, 52))
     save(root / "Zoë" / "a.png", noise())
@@ -181,7 +181,7 @@ def test_same_config_and_seed_give_same_png_bytes_as_the_in_process_engine(corpu
     import torch
 
     from capray.batch.command import protect
-    from capray.batch.engine_call import protect_arrays
+    from capray.attack.api import protect_arrays
 
     src = tmp_path / "in"
     shutil.copytree(corpus_run["src"] / "chelsea", src / "chelsea")
@@ -224,7 +224,7 @@ def test_actor_killed_mid_group_is_retried_and_completes(ray_cluster, tmp_path):
     actor_cls = type("KillingActor", (KillOnce, ProtectActor), {"MARKER": str(marker)})
     src = tmp_path / "in"
     for ident in ("coffee", "chelsea"):
-        shutil.copytree(sample_root() / ident, src / ident)
+        shutil.copytree(SAMPLES / ident, src / ident)
     summary = protect(str(src), str(tmp_path / "out"), cheap_config(), actor_cls=actor_cls, show_progress=False)
     assert marker.exists(), "the fault was never injected"
     assert (summary.ok, summary.failed, summary.unfinished) == (2, 0, 0)

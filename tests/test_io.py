@@ -232,6 +232,31 @@ def test_manifest_parts_overwrite_never_duplicate(tmp_path):
     assert manifest.done_identities(out) == {"a", "b"}
 
 
+def test_every_record_field_is_a_manifest_column_and_in_the_serve_response():
+    """The record is defined once (ProtectionRecord); the manifest and Serve's response derive from it."""
+    from capray.attack.api import ProtectionRecord
+    from capray.serve.schemas import ProtectResult
+
+    record_fields = set(ProtectionRecord.model_fields)
+    assert record_fields <= set(manifest.SCHEMA.names)
+    assert set(manifest.SCHEMA.names) == set(manifest.ManifestRow.model_fields)
+    assert record_fields <= set(ProtectResult.model_fields)
+    assert manifest.SCHEMA.field("lambda_schedule").type == pa.list_(pa.float64())
+    assert manifest.SCHEMA.field("cap_enabled").type == pa.bool_()
+
+
+def test_a_record_round_trips_through_a_manifest_part(tmp_path):
+    from capray.attack.api import ProtectionRecord
+
+    record = ProtectionRecord(method="aspl", config_hash="h", model_id="tiny", seed=3, cap_enabled=True,
+                              lambda_schedule=[None, 4.0], linf_255=[3.0, 2.0], psnr=[None, 41.5], notes=["n"])
+    row = manifest.ManifestRow(**record.model_dump(), identity="x y", safe_name="x_y", status="ok",
+                               input_uris=["a.png", "b.png"])
+    manifest.write_part(str(tmp_path), "x_y", row, None)
+    (back,) = manifest.read_manifest(str(tmp_path)).to_pylist()
+    assert manifest.ManifestRow.model_validate(back) == row
+
+
 def test_empty_output_has_empty_manifest(tmp_path):
     assert manifest.read_manifest(str(tmp_path)).num_rows == 0 and manifest.done_identities(str(tmp_path)) == set()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capray.batch.samples import sample_root
+from capray.batch.demo import SAMPLES
 
 pytestmark = [pytest.mark.s3, pytest.mark.ray]
 
@@ -53,7 +53,7 @@ def test_s3_folder_and_manifest_inputs_to_s3_output(s3):
 
     fs, options = s3
     for ident in ("coffee", "chelsea"):
-        for png in sorted((sample_root() / ident).iterdir()):
+        for png in sorted((SAMPLES / ident).iterdir()):
             fs.pipe(f"photos/lib/{ident}/{png.name}", png.read_bytes())
     fs.pipe("photos/lib/junk/readme.txt", b"not an image")
     config = cfg(options)
@@ -89,7 +89,7 @@ def test_overlapping_s3_output_is_refused(s3):
     from capray.batch.plan import UsageError, make_plan
 
     fs, options = s3
-    fs.pipe("photos/lib2/a/1.png", (sample_root() / "coffee" / "coffee_1.png").read_bytes())
+    fs.pipe("photos/lib2/a/1.png", (SAMPLES / "coffee" / "coffee_1.png").read_bytes())
     with pytest.raises(UsageError, match="overlaps"):
         make_plan("s3://photos/lib2", "s3://photos/lib2/out", cfg(options))
     assert not fs.exists("photos/lib2/out")

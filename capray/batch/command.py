@@ -7,7 +7,6 @@ configuration error (nothing was written).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -39,26 +38,12 @@ def build_config(args: argparse.Namespace):
     return load_config(args.config, preset=args.preset, overrides=deep_merge(overrides, flags))
 
 
-def connect_ray(address: str | None) -> bool:
-    """Connect to a cluster, or start the embedded local Ray; True when this call started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:  # more logical CPUs than cores, so the actor never starves the decode/write tasks
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), object_store_memory=1024**3,
-                 include_dashboard=False, log_to_driver=False)
-    return True
-
-
 def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None, show_progress: bool = True,
             **job_kwargs):
     """Plan, write run.json, run the job; raises `UsageError` before doing any work."""
     from capray.batch.pipeline import run_job
     from capray.batch.plan import make_plan, write_run_file
+    from capray.cluster import connect_ray
 
     plan = make_plan(input_uri, output_uri, cfg)
     started = connect_ray(address) if plan.pending else False  # nothing left to do: no cluster needed

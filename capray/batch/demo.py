@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"  # bundled: capray/samples/<identity>/*.png
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,12 +48,11 @@ def summary_lines(output: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from capray.batch.command import EXIT_USAGE, protect
     from capray.batch.plan import UsageError
-    from capray.batch.samples import sample_root
     from capray.config import load_config, parse_set
     from capray.io.storage import normalize_uri
 
     cfg = load_config(preset="smoke", overrides=parse_set(args.set))
-    samples = sample_root()
+    samples = SAMPLES
     output = normalize_uri(args.output)
     print(f"capray demo: protecting the sample identities in {samples} (smoke preset, tiny model; the first "
           "run builds the model and starts Ray, which takes a little while)", file=sys.stderr)

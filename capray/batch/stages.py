@@ -13,7 +13,6 @@ Every stage emits tables with an explicit schema, so blocks of failed and ok gro
 
 from __future__ import annotations
 
-import json
 import posixpath
 import time
 import traceback
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from capray import __version__
+from capray.attack.api import ProtectionRecord, RunInfo
 from capray.io import manifest
 from capray.io.images import BadImage, decode_image, encode_png
 from capray.io.storage import get_fs, join, read_bytes, remove_stale_temps, write_bytes_atomic
@@ -107,7 +106,7 @@ class ProtectActor:
         self.models = load_models(self.cfg.model)
 
     def protect(self, row: dict[str, Any]) -> dict[str, Any]:
-        from capray.batch.engine_call import protect_arrays
+        from capray.attack.api import protect_arrays
 
         if row.get("error"):
             return row
@@ -118,7 +117,7 @@ class ProtectActor:
             attempts += 1
             try:
                 protected, record = protect_arrays(rgbs, self.cfg, row["identity"], self.models)
-                return dict(row, pixels=[a.tobytes() for a in protected], record=json.dumps(record),
+                return dict(row, pixels=[a.tobytes() for a in protected], record=record.model_dump_json(),
                             attempts=attempts)
             except ValueError as exc:  # the engine's verdict on the group itself: retrying cannot help
                 return dict(row, pixels=None, error=f"engine refused the group: {exc}", attempts=attempts)
@@ -133,46 +132,38 @@ class ProtectActor:
 
 # -- stage 3: encode + write + commit ---------------------------------------------------------------------
 
-def _base_row(row: dict[str, Any], cfg) -> dict[str, Any]:
-    return {
-        "identity": row["identity"], "safe_name": row["safe"], "input_uris": row["uris"],
-        "num_photos": len(row["uris"] or []), "method": cfg.attack.method, "cap_enabled": cfg.cap.enabled,
-        "config_hash": cfg.config_hash(), "model_id": cfg.model.sd, "seed": cfg.seed,
-        "capray_version": __version__, "attempts": row.get("attempts"),
-    }
-
-
 def write_group(row: dict[str, Any], cfg, output: str) -> dict[str, Any]:
     so = cfg.batch.storage_options
-    out = _base_row(row, cfg)
-    if not row.get("error"):
+    record = (ProtectionRecord.model_validate_json(row["record"]) if row.get("record")
+              else ProtectionRecord(**RunInfo.of(cfg).run_fields()))  # the engine never saw this group
+    error, uris = row.get("error"), []
+    if not error:
         try:
-            record = json.loads(row["record"])
-            out.update(record)
-            out["notes"] = list(record.get("notes") or []) + list(row.get("photo_notes") or [])
             folder = join(output, row["safe"])
             fs, folder_path = get_fs(folder, so)
             remove_stale_temps(fs, folder_path)
-            uris = []
             for pix, (h, w), alpha, stem in zip(row["pixels"], row["shapes"], row["alphas"], row["stems"]):
                 rgb = np.frombuffer(pix, dtype=np.uint8).reshape(h, w, 3)
                 a = np.frombuffer(alpha, dtype=np.uint8).reshape(h, w) if alpha is not None else None
                 uri = join(folder, f"{stem}.png")
                 write_bytes_atomic(fs, get_fs(uri, so)[1], encode_png(rgb, a))
                 uris.append(uri)
-            out.update(status=manifest.STATUS_OK, output_uris=uris)
         except Exception as exc:
             traceback.print_exc()
-            row = dict(row, error=f"writing outputs failed: {_short_error(exc)}")
-    if row.get("error"):
-        out.update(status=manifest.STATUS_FAILED, error=row["error"], output_uris=[])
-    out["seconds"] = time.time() - row["started_at"] if row.get("started_at") else None
-    out["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            error, uris = f"writing outputs failed: {_short_error(exc)}", []
+    out = manifest.ManifestRow(
+        **record.model_dump(exclude={"notes"}),
+        notes=list(record.notes) + list(row.get("photo_notes") or []),
+        identity=row["identity"], safe_name=row["safe"], input_uris=row["uris"] or [],
+        num_photos=len(row["uris"] or []), attempts=row.get("attempts"),
+        status=manifest.STATUS_FAILED if error else manifest.STATUS_OK, error=error, output_uris=uris,
+        seconds=time.time() - row["started_at"] if row.get("started_at") else None,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     manifest.write_part(output, row["safe"], out, so)  # the commit: after every PNG is in place
-    return {"identity": out["identity"], "status": out["status"], "error": out.get("error"),
-            "seconds": out["seconds"], "engine_seconds": out.get("engine_seconds"),
-            "pgd_steps": out.get("pgd_steps"),
-            "lambdas": [v for v in (out.get("lambda_schedule") or []) if v is not None]}
+    return {"identity": out.identity, "status": out.status, "error": out.error, "seconds": out.seconds,
+            "engine_seconds": out.engine_seconds, "pgd_steps": out.pgd_steps,
+            "lambdas": [v for v in (out.lambda_schedule or []) if v is not None]}
 
 
 def write_batch(batch: pa.Table, config_json: str, output: str) -> pa.Table:

@@ -155,7 +155,7 @@ def run_identities(tasks: list[IdentityTask], cfg: CaprayConfig, *, use_ray: boo
         return results
     import ray
 
-    from capray.batch.command import connect_ray
+    from capray.cluster import connect_ray
 
     connect_ray(address)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0

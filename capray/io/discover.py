@@ -55,7 +55,7 @@ def discover(uri: str, storage_options: dict[str, Any] | None = None) -> Discove
     if is_manifest(uri):
         if not fs.isfile(path):
             raise FileNotFoundError(f"manifest {uri} not found")
-        return _from_manifest(uri, fs, path, storage_options)
+        return _from_manifest(uri, fs, path)
     if not fs.isdir(path):
         raise FileNotFoundError(f"input {uri} is neither a folder/prefix nor a manifest "
                                 f"({', '.join(MANIFEST_SUFFIXES)})")
@@ -107,7 +107,7 @@ def _read_table(fs: Any, path: str):
         return pajson.read_json(fh)
 
 
-def _from_manifest(uri: str, fs: Any, path: str, storage_options: dict[str, Any] | None) -> Discovery:
+def _from_manifest(uri: str, fs: Any, path: str) -> Discovery:
     try:
         table = _read_table(fs, path)
     except Exception as exc:  # pyarrow raises several types for malformed files

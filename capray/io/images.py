@@ -30,7 +30,6 @@ class BadImage(ValueError):
 class DecodedImage:
     rgb: np.ndarray  # (H, W, 3) uint8, displayed orientation
     alpha: np.ndarray | None  # (H, W) uint8 or None
-    source_mode: str
     notes: list[str]
 
 
@@ -81,7 +80,6 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 8) -> DecodedI
                                f"{max_pixels} (decompression-bomb guard)")
             if min(w, h) < min_side:
                 raise BadImage(f"{w}x{h} is too small (shorter side under {min_side} px)")
-            mode = img.mode
             frames = getattr(img, "n_frames", 1)
             img.load()
             img = ImageOps.exif_transpose(img)
@@ -96,7 +94,7 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 8) -> DecodedI
         raise BadImage(f"could not decode image: {exc}") from None
     if frames > 1:
         notes.append("animated image: first frame used")
-    return DecodedImage(rgb=np.ascontiguousarray(rgb), alpha=alpha, source_mode=mode, notes=notes)
+    return DecodedImage(rgb=np.ascontiguousarray(rgb), alpha=alpha, notes=notes)
 
 
 def encode_png(rgb: np.ndarray, alpha: np.ndarray | None = None) -> bytes:

@@ -4,64 +4,79 @@ Each identity's row is its own small Parquet file, `OUT/manifest/<safe identity>
 atomically *after* the identity's PNGs. That file is the commit record: an identity is done exactly
 when its part exists, a rerun overwrites (never duplicates) it, and readers treat the folder as one
 table (`pyarrow.parquet.read_table("OUT/manifest")`, `pandas.read_parquet`, Spark, DuckDB…).
+The columns are derived from `ManifestRow`, which extends the engine's `ProtectionRecord`: a field
+is added in one place and appears in the table, the Serve response and the docs' schema alike.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any
+import types
+import typing
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from capray.attack.api import ProtectionRecord
 
 from capray.io.storage import get_fs, join, write_bytes_atomic
 
 MANIFEST_DIR = "manifest"
 STATUS_OK, STATUS_FAILED = "ok", "failed"
 
-SCHEMA = pa.schema([
-    ("identity", pa.string()),
-    ("safe_name", pa.string()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("input_uris", pa.list_(pa.string())),
-    ("output_uris", pa.list_(pa.string())),
-    ("num_photos", pa.int32()),
-    ("method", pa.string()),
-    ("cap_enabled", pa.bool_()),
-    ("lambda_schedule", pa.list_(pa.float64())),
-    ("loss_trajectory", pa.list_(pa.float64())),
-    ("distinct_candidates", pa.list_(pa.int32())),
-    ("pgd_steps", pa.int32()),
-    ("linf_255", pa.list_(pa.float64())),
-    ("linf_255_max", pa.float64()),
-    ("psnr", pa.list_(pa.float64())),
-    ("ssim", pa.list_(pa.float64())),
-    ("consistency_before", pa.float64()),
-    ("consistency_after", pa.float64()),
-    ("surrogate_mode", pa.string()),
-    ("notes", pa.list_(pa.string())),
-    ("seconds", pa.float64()),
-    ("engine_seconds", pa.float64()),
-    ("attempts", pa.int32()),
-    ("config_hash", pa.string()),
-    ("model_id", pa.string()),
-    ("seed", pa.int64()),
-    ("capray_version", pa.string()),
-    ("finished_at", pa.string()),
-])
+
+class ManifestRow(ProtectionRecord):
+    """One identity's row: the engine's `ProtectionRecord` plus what the batch job adds around it."""
+
+    identity: str
+    safe_name: str = Field(description="the identity's output folder name")
+    status: Literal["ok", "failed"]
+    error: str | None = None
+    input_uris: list[str] = Field(default_factory=list)
+    output_uris: list[str] = Field(default_factory=list)
+    num_photos: int | None = None
+    seconds: float | None = Field(None, description="decode to commit")
+    attempts: int | None = None
+    finished_at: str | None = None
 
 
-def to_table(rows: list[dict[str, Any]]) -> pa.Table:
+LEADING_COLUMNS = ("identity", "safe_name", "status", "error")
+
+
+def _arrow_type(annotation: Any) -> pa.DataType:
+    """pydantic field annotation → Arrow type (Optional[X] is X: every column is nullable)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _arrow_type(args[0])
+    if origin is list:
+        return pa.list_(_arrow_type(args[0]))
+    if origin is Literal:
+        return pa.string()
+    return {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}[annotation]
+
+
+def _schema_of(model: type[BaseModel]) -> pa.Schema:
+    names = list(LEADING_COLUMNS) + [n for n in model.model_fields if n not in LEADING_COLUMNS]
+    return pa.schema([(n, _arrow_type(model.model_fields[n].annotation)) for n in names])
+
+
+SCHEMA = _schema_of(ManifestRow)
+
+
+def to_table(rows: list[ManifestRow | dict[str, Any]]) -> pa.Table:
     """Rows (missing fields = null) → a table with exactly the manifest schema."""
-    return pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA)
+    dicts = [row.model_dump() if isinstance(row, BaseModel) else row for row in rows]
+    return pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in dicts], schema=SCHEMA)
 
 
 def part_uri(output: str, safe: str) -> str:
     return join(output, MANIFEST_DIR, f"{safe}.parquet")
 
 
-def write_part(output: str, safe: str, row: dict[str, Any], storage_options: dict[str, Any] | None) -> str:
+def write_part(output: str, safe: str, row: ManifestRow | dict[str, Any], storage_options: dict[str, Any] | None) -> str:
     """Write one identity's row atomically; returns its URI."""
     buf = io.BytesIO()
     pq.write_table(to_table([row]), buf)

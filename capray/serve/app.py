@@ -1,7 +1,7 @@
 """The Ray Serve application: a CPU FastAPI `Ingress` in front of an autoscaling GPU `Protector`.
 
 * `Protector` loads the models once per replica and runs THE engine call through
-  `capray.batch.engine_call.protect_arrays` — the same function the batch job's actors use, so a
+  `capray.attack.api.protect_arrays` — the same function the batch job's actors use, so a
   group protected online or in bulk with the same config, seed and identity gets the same pixels.
 * `Ingress` validates and decodes requests (bad input is refused before any GPU time is spent),
   keeps submitted jobs for polling, and encodes results as lossless PNG.
@@ -20,7 +20,6 @@ renders the Serve YAML for `serve deploy` / a KubeRay RayService from the same s
 
 import asyncio
 import base64
-import math
 import threading
 from typing import Any, Literal
 
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from capray.attack.api import ProtectionRecord
 from capray.config import CaprayConfig, ServeConfig, load_config
 from capray.serve.jobs import JobTable
 from capray.serve.requests import RequestError, decode_photos, effective_config
@@ -44,11 +44,7 @@ api = FastAPI(title="capray", version="1", description="Protect a person's photo
 # Helpers come before the deployments: `@serve.deployment` serializes the class when the decorator runs,
 # so module globals defined after it would be missing in the replicas.
 
-def _finite(value: float) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _result(body: ProtectRequest, photos: list[Any], protected: list[Any], record: dict[str, Any],
+def _result(body: ProtectRequest, photos: list[Any], protected: list[Any], record: ProtectionRecord,
             cfg: CaprayConfig) -> ProtectResult:
     """Engine output → response: lossless PNGs (alpha re-attached unchanged) and the run record."""
     from capray.io.images import encode_png
@@ -57,16 +53,10 @@ def _result(body: ProtectRequest, photos: list[Any], protected: list[Any], recor
     for i, (src, decoded, rgb) in enumerate(zip(body.photos, photos, protected)):
         png = encode_png(rgb, decoded.alpha)
         out.append(PhotoOut(name=src.name, png=base64.b64encode(png).decode("ascii"), width=rgb.shape[1],
-                            height=rgb.shape[0], linf_255=record["linf_255"][i], psnr=_finite(record["psnr"][i]),
-                            ssim=record["ssim"][i], notes=list(decoded.notes)))
-    return ProtectResult(
-        identity=body.identity, photos=out, method=record["method"], cap_enabled=record["cap_enabled"],
-        lambda_schedule=record["lambda_schedule"], loss_trajectory=record["loss_trajectory"],
-        distinct_candidates=record["distinct_candidates"], consistency_before=record["consistency_before"],
-        consistency_after=record["consistency_after"], eps=cfg.attack.eps, eps_255=cfg.attack.eps * 127.5,
-        engine_seconds=record["engine_seconds"], config_hash=record["config_hash"], seed=record["seed"],
-        model_id=record["model_id"], capray_version=record["capray_version"], notes=record["notes"],
-    )
+                            height=rgb.shape[0], linf_255=record.linf_255[i], psnr=record.psnr[i],
+                            ssim=record.ssim[i], notes=list(decoded.notes)))
+    return ProtectResult(**record.model_dump(), identity=body.identity, photos=out, eps=cfg.attack.eps,
+                         eps_255=cfg.attack.eps * 127.5)
 
 
 @serve.deployment(name="Protector")
@@ -83,8 +73,8 @@ class Protector:
         # so the autoscaler sees the load) instead of doubling GPU memory and sharing the models across threads.
         self.gpu_lock = threading.Lock()
 
-    def protect(self, rgbs: list[Any], config: dict[str, Any], identity: str) -> tuple[list[Any], dict[str, Any]]:
-        from capray.batch.engine_call import protect_arrays
+    def protect(self, rgbs: list[Any], config: dict[str, Any], identity: str) -> tuple[list[Any], ProtectionRecord]:
+        from capray.attack.api import protect_arrays
 
         cfg = CaprayConfig.model_validate(config)
         if cfg.model != self.model_config:

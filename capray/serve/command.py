@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from capray.batch.command import connect_ray
+    from capray.cluster import connect_ray
     from capray.serve.app import APP_NAME, app_from_config
 
     started = connect_ray(args.address)

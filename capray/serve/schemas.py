@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from capray.attack.api import ProtectionRecord
+
 
 class PhotoIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -37,24 +39,13 @@ class PhotoOut(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
-class ProtectResult(BaseModel):
+class ProtectResult(ProtectionRecord):
+    """The engine's `ProtectionRecord` for the group, plus the protected photos themselves."""
+
     identity: str
     photos: list[PhotoOut]
-    method: str
-    cap_enabled: bool
-    lambda_schedule: list[float | None]
-    loss_trajectory: list[float]
-    distinct_candidates: list[int]
-    consistency_before: float
-    consistency_after: float
     eps: float = Field(..., description="L∞ budget in [-1, 1] units")
     eps_255: float = Field(..., description="the same budget in 0..255 units")
-    engine_seconds: float
-    config_hash: str
-    seed: int
-    model_id: str | None
-    capray_version: str
-    notes: list[str]
 
 
 class JobAccepted(BaseModel):

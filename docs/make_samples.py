@@ -1,7 +1,7 @@
 """The bundled sample identities (capray/samples/<identity>/*.png) and how they were made.
 
 They come from scikit-image's public-domain test images; regenerate them with
-`python -m capray.batch.samples` (needs scikit-image). Each "identity" is a set of crops,
+`python docs/make_samples.py` (needs scikit-image; a development script, not part of the package). Each "identity" is a set of crops,
 flips and small rescales of one picture, so a group has the shared look that CAP keeps consistent.
 """
 
@@ -12,12 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-
-
-def sample_root() -> Path:
-    """Where the sample identities live inside the installed package."""
-    return SAMPLES
+SAMPLES = Path(__file__).resolve().parents[1] / "capray" / "samples"
 
 # identity → (skimage.data function, [(top, left, height, width, out_w, out_h, flip)])
 RECIPES = {
