@@ -20,6 +20,7 @@ from capray.io.discover import is_junk
 from capray.io.images import decode_image
 from capray.io.storage import get_fs, join, normalize_uri, read_bytes, write_bytes_atomic
 
+
 @dataclass(frozen=True)
 class EvalFiles:
     """Storage options and decode limits; small and picklable, so it travels to Ray tasks."""
