@@ -135,7 +135,7 @@ def test_report_renders_tables_and_every_image(tmp_path, astronaut):
             "images_per_prompt": 3, "sources": [{"key": s.key, "label": s.label, "root": s.root,
                                                  "protected": s.protected, "transform": None} for s in sources]}
     html_path, md_path = render(out, [result], meta)
-    text = html_path.read_text()
+    text = Path(html_path).read_text()
     assert text.count("<table") >= 2 and "SimAC+CAP" in text and "FDFR" in text and "YuNet" in text
     assert "offline stand-in" in text and "unavailable" in text
     srcs = re.findall(r"<img src='([^']+)'", text)
@@ -144,7 +144,7 @@ def test_report_renders_tables_and_every_image(tmp_path, astronaut):
     for src in srcs:
         img = Image.open(out / src)
         assert img.format == "PNG" and img.width > 0
-    md = md_path.read_text()
+    md = Path(md_path).read_text()
     assert "| SimAC+CAP | 0.5000 | 0.3000 | n/a |" in md
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / link).is_file()

@@ -33,6 +33,9 @@ def attacker_surrogate_config(cfg: CaprayConfig) -> SurrogateConfig:
 
 def to_model_resolution(photos: list[np.ndarray], resolution: int) -> torch.Tensor:
     """Resize the shorter side to `resolution` and centre-crop (DreamBooth's preprocessing); (N,3,r,r) in [-1,1]."""
+    # Deliberately not the engine's `resize_center_crop`: the attacker is Anti-DreamBooth's train_dreambooth.py
+    # (torchvision Resize + CenterCrop on the PIL image: Pillow's bilinear, re-quantised to uint8), not the
+    # differentiable float resize the perturbation was optimised through; scoring through that would flatter it.
     out = []
     for rgb in photos:
         img = Image.fromarray(rgb)

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = evaluate(args.clean, protected, args.out, cfg, use_ray=not args.no_ray,
                           identities=args.identity or None, address=args.address)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # missing folder, overlap, unreachable or forbidden storage
         print(f"capray evaluate: {exc}", file=sys.stderr)
         return 2
     incomplete = [f"{r['identity']} ({r['status']})" for r in result["identities"] if r["status"] != "ok"]

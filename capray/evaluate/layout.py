@@ -9,19 +9,20 @@ transform adds one more source per protected folder ("ASPL+CAP · JPEG q75").
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from capray.evaluate.files import EvalFiles
 from capray.evaluate.transforms import Transform
+from capray.io.naming import RESERVED, output_stems, safe_name
+from capray.io.storage import join, normalize_uri, overlaps
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-NOT_IDENTITIES = {"manifest"}
 METHOD_NAMES = {"fsmg": "FSMG", "aspl": "ASPL", "simac": "SimAC"}
-MAX_PIXELS = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -41,46 +42,28 @@ def slugify(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
 
 
-def list_identities(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in NOT_IDENTITIES
-                  and not p.name.startswith("."))
-
-
-def list_photos(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def read_photo(path: str | Path) -> np.ndarray:
-    """Decode one photo to HxWx3 uint8 RGB, refusing decompression bombs."""
-    with Image.open(path) as img:
-        if img.width * img.height > MAX_PIXELS:
-            raise ValueError(f"{path}: {img.width}x{img.height} exceeds {MAX_PIXELS} pixels")
-        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-
-
-def protected_label(root: Path) -> tuple[str, str, bool | None]:
+def protected_label(root: str | Path, files: EvalFiles | None = None) -> tuple[str, str, bool | None]:
     """(label, method group, cap) from run.json if it names the method, else the folder name."""
-    run = root / "run.json"
-    if run.is_file():
-        try:
-            data = json.loads(run.read_text())
-            conf = data.get("config", data) if isinstance(data, dict) else {}
-            method = str(conf["attack"]["method"]).lower()
-            cap = bool(conf.get("cap", {}).get("enabled", False))
-            name = METHOD_NAMES.get(method, method)
-            return (f"{name}+CAP" if cap else name), name, cap
-        except (ValueError, KeyError, TypeError, AttributeError):
-            pass
-    return root.name, root.name, None
+    root = normalize_uri(str(root))
+    try:
+        text = (files or EvalFiles()).read_text(join(root, "run.json"))
+        data = json.loads(text) if text is not None else None
+        conf = data.get("config", data) if isinstance(data, dict) else {}
+        method = str(conf["attack"]["method"]).lower()
+        cap = bool(conf.get("cap", {}).get("enabled", False))
+        name = METHOD_NAMES.get(method, method)
+        return (f"{name}+CAP" if cap else name), name, cap
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        name = posixpath.basename(root)
+        return name, name, None
 
 
-def plan_sources(clean: Path, protected: list[Path], transforms: list[Transform]) -> list[Source]:
-    sources = [Source("clean", "clean", "clean", str(clean), protected=False)]
+def plan_sources(clean: str | Path, protected: list[str | Path], transforms: list[Transform],
+                 files: EvalFiles | None = None) -> list[Source]:
+    sources = [Source("clean", "clean", "clean", normalize_uri(str(clean)), protected=False)]
     seen = {"clean"}
-    for root in protected:
-        label, group, cap = protected_label(root)
+    for root in map(normalize_uri, map(str, protected)):
+        label, group, cap = protected_label(root, files)
         for transform in [None, *transforms]:
             full = label if transform is None else f"{label} · {transform.label}"
             key = slugify(full if transform is None else f"{label}-{transform.slug}")
@@ -88,15 +71,57 @@ def plan_sources(clean: Path, protected: list[Path], transforms: list[Transform]
             while key in seen:  # two folders with the same method: keep both, distinct keys
                 key, n = f"{base}-{n}", n + 1
             seen.add(key)
-            sources.append(Source(key, full if key == base else f"{full} ({root.name})", group, str(root),
+            sources.append(Source(key, full if key == base else f"{full} ({posixpath.basename(root)})", group, root,
                                   protected=True, cap=cap, transform=transform))
     return sources
 
 
-def check_output(out: Path, inputs: list[Path]) -> None:
-    """The output folder must not overlap any input (originals are never modified)."""
-    o = out.resolve()
+def identity_folders(source: Source, identity: str) -> list[str]:
+    """Where a source may hold an identity's photos, most likely first.
+
+    `capray protect` writes identity X to `OUT/<safe_name(X)>/`; a hand-made folder uses X itself.
+    """
+    names = [identity] if not source.protected else list(dict.fromkeys([safe_name(identity), identity]))
+    return [join(source.root, name) for name in names]
+
+
+def list_identities(root: str | Path, files: EvalFiles | None = None) -> list[str]:
+    """Identity folders under `root`; protect's own entries (manifest/) and hidden ones are skipped."""
+    names = (files or EvalFiles()).list_dirs(str(root))
+    return [n for n in names if n not in RESERVED and not n.startswith(".")]
+
+
+def list_photos(folder: str | Path, files: EvalFiles | None = None) -> dict[str, str]:
+    """{pairing key: URI} of the image files in `folder` (by suffix), in key order.
+
+    The key is protect's output stem for the file, computed over the same listing protect makes:
+    protect writes `my photo.jpg` as `my_photo-<hash>.png` (and `a.jpg`/`a.png` under distinct stems),
+    so a clean photo's key is its protected copy's file stem, which that copy keeps as its own key.
+    """
+    uris = (files or EvalFiles()).list_files(str(folder))
+    pairs = [(k, u) for k, u in zip(output_stems(uris), uris)
+             if posixpath.splitext(u)[1].lower() in IMAGE_SUFFIXES]
+    return dict(sorted(pairs))
+
+
+def load_photo_set(source: Source, identity: str, files: EvalFiles) -> tuple[dict[str, np.ndarray], list[str]]:
+    """{pairing key: upright RGB} of one source's photos of `identity`; unreadable files become error lines."""
+    found: dict[str, str] = {}
+    for folder in identity_folders(source, identity):
+        found = list_photos(folder, files)
+        if found:
+            break
+    photos, errors = {}, []
+    for key, uri in found.items():
+        try:
+            photos[key] = files.read_photo(uri)
+        except Exception as exc:  # noqa: BLE001 - one bad photo must not sink the identity
+            errors.append(f"{posixpath.basename(uri)}: {exc}")
+    return photos, errors
+
+
+def check_output(out: str | Path, inputs: list[str | Path]) -> None:
+    """The output must not overlap any input (originals are never modified): protect's own check."""
     for src in inputs:
-        s = src.resolve()
-        if o == s or s in o.parents or o in s.parents:
+        if overlaps(str(out), str(src)):
             raise ValueError(f"output {out} overlaps input {src}")

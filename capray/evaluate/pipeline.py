@@ -4,36 +4,44 @@ from __future__ import annotations
 
 import json
 import time
+from os import PathLike
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Callable
 
 from capray.config import CaprayConfig
+from capray.evaluate.files import EvalFiles
 from capray.evaluate.layout import check_output, list_identities, list_photos, plan_sources
 from capray.evaluate.report import render
 from capray.evaluate.runner import IdentityTask, run_identities
 from capray.evaluate.transforms import parse_transform
+from capray.io.naming import identity_problem
+from capray.io.storage import join, normalize_uri, redact
 
 
-def evaluate(clean: str | Path, protected: list[str | Path], out: str | Path, cfg: CaprayConfig, *,
+def evaluate(clean: str | PathLike, protected: list[str | PathLike], out: str | PathLike, cfg: CaprayConfig, *,
              use_ray: bool = True, identities: list[str] | None = None, address: str | None = None,
              progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Attack clean and protected photos of every identity, score, and write OUT/report.html + summary.md."""
-    clean, out = Path(clean), Path(out)
-    protected = [Path(p) for p in protected]
+    """Attack clean and protected photos of every identity, score, and write OUT/report.html + summary.md.
+
+    Every location is a local path or an fsspec URI (`s3://…`, opened with `batch.storage_options`).
+    """
+    files = EvalFiles.from_config(cfg)
+    clean, out = normalize_uri(str(clean)), normalize_uri(str(out))
+    protected = [normalize_uri(str(p)) for p in protected]
     for folder in [clean, *protected]:
-        if not folder.is_dir():
+        if not files.is_dir(folder):
             raise FileNotFoundError(f"no such folder: {folder}")
     check_output(out, [clean, *protected])
     transforms = [parse_transform(t) for t in cfg.evaluate.transforms]
-    sources = plan_sources(clean, protected, transforms)
-    names = [i for i in list_identities(clean) if list_photos(clean / i)]
-    if identities:
-        names = [i for i in names if i in set(identities)]
+    sources = plan_sources(clean, protected, transforms, files)
+    if identities:  # named ones are looked up directly, without listing the whole library
+        wanted = sorted(i for i in set(identities) if identity_problem(i) is None)
+    else:
+        wanted = list_identities(clean, files)
+    names = [i for i in wanted if list_photos(join(clean, i), files)]
     if not names:
         raise ValueError(f"no identities with photos under {clean} (expected {clean}/<identity>/<photos>)")
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = [IdentityTask(i, sources, str(out)) for i in names]
+    tasks = [IdentityTask(i, sources, out) for i in names]
     started = time.perf_counter()
     results = run_identities(tasks, cfg, use_ray=use_ray, address=address, progress=progress)
     meta = {
@@ -44,9 +52,17 @@ def evaluate(clean: str | Path, protected: list[str | Path], out: str | Path, cf
         "guidance_scale": cfg.evaluate.guidance_scale,
         "sources": [{**asdict(s), "transform": s.transform.label if s.transform else None} for s in sources],
         "seconds": round(time.perf_counter() - started, 3),
-        "config": json.loads(cfg.model_dump_json()),
+        "config": _redacted(cfg),
     }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "identities": results}, indent=1, default=str))
-    html_path, md_path = render(out, results, meta)
+    files.write(join(out, "results.json"),
+                json.dumps({"meta": meta, "identities": results}, indent=1, default=str).encode("utf-8"))
+    html_path, md_path = render(out, results, meta, files)
     progress(f"report: {html_path}  summary: {md_path}")
     return {"meta": meta, "identities": results, "report": str(html_path), "summary": str(md_path)}
+
+
+def _redacted(cfg: CaprayConfig) -> dict[str, Any]:
+    """The effective config for results.json, storage secrets masked (as protect's run.json)."""
+    effective = json.loads(cfg.model_dump_json())
+    effective["batch"]["storage_options"] = redact(effective["batch"]["storage_options"])
+    return effective

@@ -9,15 +9,18 @@ perturbation amplified (clip(0.5 + (protected − clean)·k)), and samples the a
 from __future__ import annotations
 
 import html
+import io
 import math
-from pathlib import Path
+from os import PathLike
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from capray.evaluate.layout import list_photos, read_photo, slugify
+from capray.evaluate.files import EvalFiles
+from capray.evaluate.layout import Source, load_photo_set, slugify
 from capray.evaluate.metrics import DIRECTION, METRICS
+from capray.io.storage import join, normalize_uri
 
 THUMB = 128
 AMPLIFY = 10.0
@@ -116,8 +119,8 @@ def _thumb(rgb: np.ndarray, size: int = THUMB) -> Image.Image:
     return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
 
 
-def strip(images: list[np.ndarray], path: Path, size: int = THUMB, gap: int = 4) -> str:
-    """Thumbnails side by side on white, saved as PNG; returns the path."""
+def strip(images: list[np.ndarray], size: int = THUMB, gap: int = 4) -> bytes:
+    """Thumbnails side by side on white, as PNG bytes."""
     thumbs = [_thumb(a, size) for a in images]
     width = sum(t.width for t in thumbs) + gap * (len(thumbs) - 1)
     canvas = Image.new("RGB", (max(width, 1), size), "white")
@@ -125,9 +128,9 @@ def strip(images: list[np.ndarray], path: Path, size: int = THUMB, gap: int = 4)
     for t in thumbs:
         canvas.paste(t, (x, (size - t.height) // 2))
         x += t.width + gap
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG", optimize=True)
-    return str(path)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
 
 
 def amplified(clean: np.ndarray, protected: np.ndarray, k: float = AMPLIFY) -> np.ndarray:
@@ -136,54 +139,48 @@ def amplified(clean: np.ndarray, protected: np.ndarray, k: float = AMPLIFY) -> n
     return (np.clip(0.5 + delta * k, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _photos(root: str, identity: str) -> dict[str, np.ndarray]:
-    out = {}
-    for p in list_photos(Path(root) / identity):
-        try:
-            out[p.stem] = read_photo(p)
-        except Exception:  # noqa: BLE001 - unreadable photos are already listed as errors
-            continue
-    return out
+def _photos(src: dict[str, Any], identity: str, files: EvalFiles) -> dict[str, np.ndarray]:
+    source = Source(src["key"], src["label"], src.get("group", ""), src["root"], src["protected"])
+    return load_photo_set(source, identity, files)[0]  # unreadable photos are already listed as errors
 
 
-def identity_figures(out: Path, res: dict[str, Any], sources: list[dict[str, Any]]) -> list[dict[str, str]]:
+def identity_figures(out: str, res: dict[str, Any], sources: list[dict[str, Any]],
+                     files: EvalFiles) -> list[dict[str, str]]:
     """Write this identity's strips; returns rows [{label, kind, src}] with src relative to `out`."""
     ident = res["identity"]
-    folder = out / "img" / slugify(ident)
+    folder = f"img/{slugify(ident)}"
     rows: list[dict[str, str]] = []
+
+    def figure(label: str, kind: str, images: list[np.ndarray], name: str) -> None:
+        rel = f"{folder}/{name}.png"
+        files.write(join(out, rel), strip(images))
+        rows.append({"label": label, "kind": kind, "src": rel})
+
     clean_src = next(s for s in sources if not s["protected"])
-    clean = _photos(clean_src["root"], ident)
+    clean = _photos(clean_src, ident, files)
     stems = sorted(clean)
     if stems:
-        rows.append({"label": "clean photos", "kind": "input",
-                     "src": _rel(strip([clean[s] for s in stems], folder / "clean.png"), out)})
+        figure("clean photos", "input", [clean[s] for s in stems], "clean")
     for src in sources:
         if not src["protected"] or src.get("transform"):
             continue
-        prot = _photos(src["root"], ident)
+        prot = _photos(src, ident, files)
         common = [s for s in stems if s in prot and prot[s].shape == clean[s].shape]
         if not prot:
             continue
         order = common or sorted(prot)
-        rows.append({"label": f"{src['label']} — protected", "kind": "input",
-                     "src": _rel(strip([prot[s] for s in order], folder / f"{src['key']}-protected.png"), out)})
+        figure(f"{src['label']} — protected", "input", [prot[s] for s in order], f"{src['key']}-protected")
         if common:
-            rows.append({"label": f"{src['label']} — perturbation ×{AMPLIFY:g}", "kind": "perturbation",
-                         "src": _rel(strip([amplified(clean[s], prot[s]) for s in common],
-                                           folder / f"{src['key']}-perturbation.png"), out)})
+            figure(f"{src['label']} — perturbation ×{AMPLIFY:g}", "perturbation",
+                   [amplified(clean[s], prot[s]) for s in common], f"{src['key']}-perturbation")
     for src in sources:
         entry = res.get("sources", {}).get(src["key"], {})
         samples = entry.get("samples") or []
         if not samples:
             continue
-        imgs = [read_photo(out / p) for p in samples[:MAX_SAMPLES_SHOWN]]
-        rows.append({"label": f"{src['label']} — attacker's samples", "kind": "samples",
-                     "src": _rel(strip(imgs, folder / f"{src['key']}-samples.png"), out)})
+        imgs = [files.read_photo(join(out, p)) for p in samples[:MAX_SAMPLES_SHOWN]]
+        figure(f"{src['label']} — attacker's samples", "samples", imgs, f"{src['key']}-samples")
     return rows
-
-
-def _rel(path: str, out: Path) -> str:
-    return Path(path).resolve().relative_to(out.resolve()).as_posix()
 
 
 # -- HTML / Markdown -------------------------------------------------------------------------------
@@ -259,13 +256,16 @@ def _backend_html(backends: dict[str, str]) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
-def render(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[Path, Path]:
-    """Write report.html and summary.md under `out` (figures under out/img/); returns both paths."""
+def render(out: str | PathLike, results: list[dict[str, Any]], meta: dict[str, Any],
+           files: EvalFiles | None = None) -> tuple[str, str]:
+    """Write report.html and summary.md under `out` (figures under out/img/); returns both URIs."""
+    files = files or EvalFiles()
+    out = normalize_uri(str(out))
     table = aggregate(results)
     backends = backend_names(results)
     show_lpips = any("lpips" in r["visibility"] for r in table.values())
     sources = meta["sources"]
-    figures = {res["identity"]: identity_figures(out, res, sources) for res in results}
+    figures = {res["identity"]: identity_figures(out, res, sources, files) for res in results}
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>capray evaluate</title><style>{CSS}</style>"
              "</head><body><header><h1>capray evaluate — can an attacker still learn the face?</h1>"
@@ -305,8 +305,8 @@ def render(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -> tu
         parts.append("<section><h2>Notes</h2>" + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
                      + "</section>")
     parts.append("</main></body></html>")
-    html_path = out / "report.html"
-    html_path.write_text("".join(parts), encoding="utf-8")
+    html_path = join(out, "report.html")
+    files.write(html_path, "".join(parts).encode("utf-8"))
 
     md = [f"# capray evaluate\n\n{_plural(len(results), 'identity', 'identities')} · DreamBooth {meta['train_steps']} steps on "
           f"`{meta['model']}` · {meta['images_per_prompt']} images × {len(meta['prompts'])} prompts\n"]
@@ -330,6 +330,6 @@ def render(out: Path, results: list[dict[str, Any]], meta: dict[str, Any]) -> tu
     for ident, rows in figures.items():
         md.append(f"\n### {ident}\n")
         md += [f"**{r['label']}**\n\n![{r['label']}]({r['src']})\n" for r in rows]
-    md_path = out / "summary.md"
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    md_path = join(out, "summary.md")
+    files.write(md_path, ("\n".join(md) + "\n").encode("utf-8"))
     return html_path, md_path

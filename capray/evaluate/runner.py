@@ -12,15 +12,16 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 
 from capray.config import CaprayConfig
-from capray.evaluate.layout import Source, list_photos, read_photo, slugify
+from capray.evaluate.files import EvalFiles
+from capray.evaluate.layout import Source, load_photo_set, slugify
 from capray.evaluate.visibility import lpips_or_reason, visibility
+from capray.io.images import encode_png
+from capray.io.storage import join
 
 
 @dataclass
@@ -28,24 +29,6 @@ class IdentityTask:
     identity: str
     sources: list[Source]
     out: str
-
-
-def _save_png(rgb: np.ndarray, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(rgb).save(tmp, format="PNG")
-    tmp.replace(path)
-    return str(path)
-
-
-def _load_set(folder: Path) -> tuple[dict[str, np.ndarray], list[str]]:
-    photos, errors = {}, []
-    for path in list_photos(folder):
-        try:
-            photos[path.stem] = read_photo(path)
-        except Exception as exc:  # noqa: BLE001 - one bad photo must not sink the identity
-            errors.append(f"{path.name}: {exc}")
-    return photos, errors
 
 
 def source_visibility(clean: dict[str, np.ndarray], protected: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -70,10 +53,10 @@ def evaluate_identity(task: IdentityTask, cfg: CaprayConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     result: dict[str, Any] = {"identity": task.identity, "sources": {}, "errors": [], "notes": []}
-    out = Path(task.out)
+    files = EvalFiles.from_config(cfg)
     try:
         clean_src = next(s for s in task.sources if not s.protected)
-        clean, errs = _load_set(Path(clean_src.root) / task.identity)
+        clean, errs = load_photo_set(clean_src, task.identity, files)
         result["errors"] += [f"clean {e}" for e in errs]
         if not clean:
             raise ValueError("no readable clean photos")
@@ -97,7 +80,7 @@ def evaluate_identity(task: IdentityTask, cfg: CaprayConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             try:
                 if source.protected:
-                    photos, errs = _load_set(Path(source.root) / task.identity)
+                    photos, errs = load_photo_set(source, task.identity, files)
                     entry["errors"] = errs
                     if not photos:
                         raise ValueError(f"no readable photos in {source.root}/{task.identity}")
@@ -113,9 +96,9 @@ def evaluate_identity(task: IdentityTask, cfg: CaprayConfig) -> dict[str, Any]:
                 paths, images = [], []
                 for p_idx, (prompt, imgs) in enumerate(samples.items()):
                     for i, rgb in enumerate(imgs):
-                        rel = Path("generated") / task.identity / source.key / f"{p_idx}-{slugify(prompt)}" / f"{i:03d}.png"
-                        _save_png(rgb, out / rel)
-                        paths.append(str(rel))
+                        rel = f"generated/{task.identity}/{source.key}/{p_idx}-{slugify(prompt)}/{i:03d}.png"
+                        files.write(join(task.out, rel), encode_png(rgb))
+                        paths.append(rel)
                         images.append(rgb)
                 entry["samples"] = paths
                 entry["metrics"] = suite.score(images, reference, seed=int(cfg.seed))

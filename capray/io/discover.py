@@ -39,6 +39,11 @@ def _is_junk(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_NAMES
 
 
+def is_junk(name: str) -> bool:
+    """Whether a folder listing skips this file name (hidden files, OS clutter); `capray evaluate` lists alike."""
+    return _is_junk(name)
+
+
 def _uri(fs: Any, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
