@@ -45,7 +45,7 @@ def protect_arrays(rgbs: list[np.ndarray], cfg: CaprayConfig, identity: str, mod
         "consistency_before": float(result.consistency_before),
         "consistency_after": float(result.consistency_after),
         "surrogate_mode": result.surrogate_mode,
-        "notes": list(result.notes),
+        "notes": [*cfg.model.notes, *result.notes],  # the tiny model labels every output (manifest, Serve)
         "engine_seconds": float(result.timings.get("total_s", 0.0)),
         "model_id": cfg.model.sd,  # what the user asked for ('tiny', a hub id or a directory)
         "config_hash": cfg.config_hash(),
