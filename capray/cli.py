@@ -75,6 +75,15 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     return ValueError, ValidationError, OSError
 
 
+def describe(exc: BaseException) -> str:
+    """An error as one line (pydantic's multi-line report becomes `key: problem; …`)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def report(command: str, args: argparse.Namespace, message: str, exc: BaseException | None = None) -> None:
     """One line on stderr, `capray COMMAND: message`; the traceback before it with --debug."""
     if exc is not None and getattr(args, "debug", False):
@@ -98,16 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch; whatever a command lets escape is still one line (exit 2 expected, 1 otherwise)."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])  # --debug anywhere, nested commands too
+    args.debug = "--debug" in argv
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:
         return 130
     except expected_errors() as exc:
-        report(args.command, args, str(exc), exc)
+        report(args.command, args, describe(exc), exc)
         return EXIT_USAGE
     except Exception as exc:
-        report(args.command, args, f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", exc)
+        report(args.command, args,
+               f"{type(exc).__name__}: {describe(exc)} (rerun with --debug for the traceback)", exc)
         return EXIT_FAILED
 
 

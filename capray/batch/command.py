@@ -75,21 +75,21 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
 
 def run(args: argparse.Namespace) -> int:
     from capray.batch.plan import UsageError
-    from capray.cli import expected_errors, report
+    from capray.cli import describe, expected_errors, report
 
     try:
         cfg = build_config(args)
     except expected_errors() as exc:
-        report("protect", args, f"configuration error: {exc}", exc)
+        report("protect", args, f"configuration error: {describe(exc)}", exc)
         return EXIT_USAGE
     try:
         summary = protect(args.input, args.output, cfg, address=args.address, show_progress=not args.quiet)
     except UsageError as exc:
-        report("protect", args, str(exc), exc)
+        report("protect", args, describe(exc), exc)
         return EXIT_USAGE
     except Exception as exc:  # e.g. the actors cannot load the model: committed identities stay committed
-        report("protect", args, f"the job stopped: {type(exc).__name__}: {exc}; identities already committed "
-               "are kept, rerun with the same OUTPUT to resume", exc)
+        report("protect", args, f"the job stopped: {type(exc).__name__}: {describe(exc)}; identities already "
+               "committed are kept, rerun with the same OUTPUT to resume", exc)
         return EXIT_FAILED
     print(f"capray protect: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already ok, "
           f"{summary.unfinished} unfinished of {summary.total} identities; manifest in "

@@ -38,26 +38,26 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when every photo set of every identity was evaluated, 1 when some failed, 2 for unusable input."""
-    from capray.cli import expected_errors, report
+    from capray.cli import describe, expected_errors, report
     from capray.evaluate.pipeline import evaluate
     from capray.models.preflight import PreflightError, preflight
 
     try:
         cfg = build_config(args)
     except expected_errors() as exc:
-        report("evaluate", args, f"configuration error: {exc}", exc)
+        report("evaluate", args, f"configuration error: {describe(exc)}", exc)
         return 2
     try:
         preflight(cfg.model)  # on the driver, before evaluate starts Ray
     except PreflightError as exc:
-        report("evaluate", args, str(exc), exc)
+        report("evaluate", args, describe(exc), exc)
         return 2
     protected = [p for p in args.protected.split(",") if p.strip()]
     try:
         result = evaluate(args.clean, protected, args.out, cfg, use_ray=not args.no_ray,
                           identities=args.identity or None, address=args.address)
     except (FileNotFoundError, ValueError) as exc:
-        report("evaluate", args, str(exc), exc)
+        report("evaluate", args, describe(exc), exc)
         return 2
     incomplete = [f"{r['identity']} ({r['status']})" for r in result["identities"] if r["status"] != "ok"]
     if incomplete:

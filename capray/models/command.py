@@ -30,14 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from capray.cli import report
+    from capray.cli import describe, report
     from capray.models.fetch import CacheDirs, FetchError, fetch
 
     try:
         got = fetch(args.sd, revision=args.revision, style=args.style, cache_root=args.cache,
                     verify=not args.no_verify, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     except FetchError as exc:
-        report("models fetch", args, str(exc), exc)
+        report("models fetch", args, describe(exc), exc)
         return 2
     verified = "" if args.no_verify else " (loads)"
     print(f"{args.sd}: {got.sd_snapshot}{verified}")

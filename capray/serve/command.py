@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="HTTP host (default: serve.host)")
     parser.add_argument("--port", type=int, help="HTTP port (default: serve.port)")
     parser.add_argument("--route-prefix", default="/", help="URL prefix of the API (default /)")
-    parser.add_argument("--detach", action="store_true", help="deploy and return (the app keeps running on the cluster)")
+    parser.add_argument("--detach", action="store_true",
+                        help="deploy and return (the app keeps running on the cluster)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the Serve config YAML (serve deploy / RayService serveConfigV2) and exit")
 
@@ -35,7 +36,7 @@ def serve_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from capray.cli import expected_errors, report
+    from capray.cli import describe, expected_errors, report
 
     try:
         sargs = serve_args(args)
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
             preflight(cfg.model)  # a model that cannot load would only crash-loop the replicas
     except expected_errors() as exc:
-        report("serve", args, str(exc), exc)
+        report("serve", args, describe(exc), exc)
         return 2
     if args.print_config:
         import yaml
