@@ -44,3 +44,11 @@ def test_constraints_pin_every_dependency_exactly_once():
 def test_the_tests_run_on_the_pinned_versions(name):
     installed = metadata.version(name).split("+")[0]  # torch 2.14.1+cu130 satisfies torch==2.14.1
     assert installed == pins()[name], f"{name} {installed} installed, constraints.txt pins {pins()[name]}"
+
+
+@pytest.mark.parametrize("path,flag", [("deploy/Dockerfile", "-c constraints.txt"), ("Makefile", "-c $(CONSTRAINTS)")])
+def test_every_install_of_capray_or_torch_uses_the_constraints(path, flag):
+    text = (REPO / path).read_text().replace("\\\n", " ")
+    installs = [ln for ln in text.splitlines() if re.search(r"pip install(?! --upgrade pip)", ln)]
+    assert installs and all(flag in ln for ln in installs), installs
+    assert any("torch" in ln for ln in installs)
