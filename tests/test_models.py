@@ -168,3 +168,23 @@ def test_models_fetch_without_network_fails_at_once_with_one_line(offline_caches
     assert lines[0].startswith("capray models fetch: stabilityai/stable-diffusion-2-1-base is not cached")
     assert "nothing was downloaded" in lines[0] and "capray models fetch --cache DIR" in lines[0]
     assert not target.exists()  # refused before writing anything
+
+
+def test_models_fetch_verifies_what_is_cached_without_the_network(offline_caches, tiny_model_dir):
+    import torchvision
+
+    from capray.models.cache import imagenet_file
+    from capray.models.fetch import CacheDirs, fetch
+
+    dirs = CacheDirs.at(offline_caches / "volume")
+    snapshot = hub_cache_from_dir(tiny_model_dir, dirs.hub, "capray/tiny-sd")
+    weights = imagenet_file("resnet50", dirs.checkpoints)
+    weights.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    got = fetch("capray/tiny-sd", style="resnet50", cache_root=offline_caches / "volume", progress=print)
+    assert (got.sd_snapshot, got.style_file, got.downloaded) == (snapshot, weights, [])  # loaded, nothing fetched
+    shutil.rmtree(snapshot / "unet")
+    from capray.models.fetch import FetchError
+
+    with pytest.raises(FetchError, match="HF_HUB_OFFLINE"):  # incomplete: it would download, and may not
+        fetch("capray/tiny-sd", style="resnet50", cache_root=offline_caches / "volume")
