@@ -1,5 +1,6 @@
 # Everything builds .venv from scratch on a fresh machine: torch first (from the local
-# wheel cache where there is one), then capray with its dev extra.
+# wheel cache where there is one), then capray with its dev extra, every package pinned by
+# constraints.txt (the same pins deploy/Dockerfile and CI install).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,10 +8,12 @@ STAMP := $(VENV)/.capray-installed
 
 .PHONY: venv demo test bench clean
 
-$(STAMP): pyproject.toml
+CONSTRAINTS := constraints.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c $(CONSTRAINTS) torch torchvision
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -16,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TINY_MODEL = "tiny"  # sentinel: build (once) and use the tiny random SD-format model
+TINY_MODEL_MARKER = "CAPRAY_TINY"  # file `capray models tiny` leaves in the directories it writes
+TINY_MODEL_NOTE = "tiny random model — not a protection"
+REAL_SD_MODEL = "stabilityai/stable-diffusion-2-1-base"  # the paper's model (CAP §5)
 
 VGG19_FIRST_FIVE_CONV = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1"]
 RESNET50_STAGES = ["conv1", "layer1", "layer2", "layer3", "layer4"]
@@ -28,7 +31,7 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Which diffusion model and style network the engine loads, and where they run."""
 
-    sd: str = Field(TINY_MODEL, description="hub id, local SD-format directory, or 'tiny'")
+    sd: str = Field(REAL_SD_MODEL, description="hub id, local SD-format directory, or 'tiny' (tests, demos)")
     revision: str | None = None
     dtype: Literal["fp32", "bf16", "fp16", "fp64"] = Field(
         "fp32", description="fp64 is for exactness tests on the CPU")
@@ -44,6 +47,16 @@ class ModelConfig(_Strict):
     tiny_cache_dir: str | None = Field(None, description="where the tiny model is built; default ~/.cache/capray")
     gradient_checkpointing: bool = False
     attention_slicing: bool = False
+
+    @property
+    def is_tiny(self) -> bool:
+        """The tiny random model, by name or as a directory `capray models tiny` wrote: it protects nothing."""
+        return self.sd == TINY_MODEL or (Path(self.sd).expanduser() / TINY_MODEL_MARKER).is_file()
+
+    @property
+    def notes(self) -> list[str]:
+        """What every output made with these models must say (run.json, manifest, Serve, console)."""
+        return [TINY_MODEL_NOTE] if self.is_tiny else []
 
     def effective_style_layers(self) -> list[str]:
         if self.style_layers:
@@ -240,7 +253,7 @@ class CaprayConfig(_Strict):
 PRESETS: dict[str, dict[str, Any]] = {
     # A few PGD steps and a small R: for trying things in seconds on a CPU with the tiny model.
     "smoke": {
-        "model": {"resolution": 64, "style_weights": "random"},
+        "model": {"sd": TINY_MODEL, "resolution": 64, "style_weights": "random"},
         "attack": {
             "pgd_steps": 4, "fsmg_train_steps": 2, "outer_loops": 2, "surrogate_steps": 1, "adv_steps": 2,
             "surrogate": {"num_class_images": 2, "class_sample_steps": 2},
@@ -252,7 +265,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The paper's settings (§5: α=0.005, η=0.05, k̂=K/2, R=100, VGG-19 first five conv layers).
     "paper": {
-        "model": {"sd": "stabilityai/stable-diffusion-2-1-base", "dtype": "bf16", "resolution": 512,
+        "model": {"sd": REAL_SD_MODEL, "dtype": "bf16", "resolution": 512,
                   "style_weights": "imagenet"},
         "attack": {"eps": 0.05, "alpha": 0.005, "pgd_steps": 100, "outer_loops": 50, "adv_steps": 6,
                    "surrogate_steps": 3, "fsmg_train_steps": 1000},

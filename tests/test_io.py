@@ -318,7 +318,7 @@ def test_cli_usage_errors_exit_2_before_any_work(tmp_path, capsys):
         [str(src), str(tmp_path / "o4"), "--set", "batch.no_such_knob=1"],  # unknown key
     ]
     for argv in cases:
-        assert command.run(parser.parse_args(argv)) == command.EXIT_USAGE, argv
+        assert command.run(parser.parse_args([*argv, "--model", "tiny"])) == command.EXIT_USAGE, argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"], "a refused run wrote something"
     with pytest.raises(SystemExit) as exc:
         parser.parse_args([str(src), str(tmp_path / "o5"), "--method", "nope"])

@@ -163,6 +163,8 @@ def test_every_manifest_validates_against_the_kuberay_crds(name, validators):
             for spec in cluster_specs([doc]):  # the embedded cluster also validates as a RayCluster
                 cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "x"}, "spec": spec}
                 assert _errors(validators["RayCluster"], cluster) == []
+        elif doc["kind"] == "Job":
+            assert doc["apiVersion"] == "batch/v1" and doc["metadata"]["name"] == "capray-models-fetch"
         else:
             assert (doc["apiVersion"], doc["kind"]) == ("v1", "PersistentVolumeClaim"), doc["kind"]
             assert doc["spec"]["accessModes"] and doc["spec"]["resources"]["requests"]["storage"]
@@ -253,6 +255,36 @@ def test_gpu_clusters_have_the_essentials(name):
         for var in ("HF_HOME", "TORCH_HOME", "CAPRAY_CACHE"):  # every cache lives on the weight volume
             assert env[var].startswith(mounts["models"] + "/"), var
         assert volumes["models"]["persistentVolumeClaim"]["claimName"] in claims
+
+
+@pytest.mark.parametrize("name", ["base", "gpu"])
+def test_the_models_fetch_job_fills_the_caches_the_ray_pods_read(name):
+    """`capray models fetch --cache ROOT` fills ROOT/huggingface and ROOT/torch: the pods' HF_HOME, TORCH_HOME."""
+    from capray.cli import build_parser
+    from capray.models.fetch import CacheDirs
+
+    docs = render(name)
+    job = one(docs, "Job")["spec"]["template"]["spec"]
+    (container,) = job["containers"]
+    args = build_parser().parse_args(container["command"][1:])
+    assert container["command"][0] == "capray" and (args.command, args.models_command) == ("models", "fetch")
+    dirs = CacheDirs.at(args.cache)
+    assert "HF_HUB_OFFLINE" not in {e["name"] for e in container.get("env", [])}  # this pod downloads
+    (mount,) = container["volumeMounts"]
+    claim = {v["name"]: v for v in job["volumes"]}[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    spec = cluster_specs(docs)[0]
+    for template in (spec["headGroupSpec"]["template"], spec["workerGroupSpecs"][0]["template"]):
+        (c,) = template["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        pod_mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["models"]
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] == claim
+        assert pod_mount == mount["mountPath"] and c["image"] == container["image"]
+        assert Path(env["HF_HOME"]) / "hub" == dirs.hub
+        assert Path(env["TORCH_HOME"]) / "hub" / "checkpoints" == dirs.checkpoints
+    if name == "gpu":  # `kubectl apply -k overlays/gpu/models` (applied first) renders the same Job and volume
+        alone = _build(K8S / "overlays" / "gpu" / "models")
+        assert {d["kind"] for d in alone} == {"Job", "PersistentVolumeClaim"} and one(alone, "Job") == one(docs, "Job")
 
 
 def test_cpu_demo_needs_no_gpu_and_no_volume():

@@ -88,7 +88,7 @@ def protect_arrays(rgbs: list[Any], cfg: Any, identity: str, models: Any) -> tup
         consistency_before=float(result.consistency_before),
         consistency_after=float(result.consistency_after),
         surrogate_mode=result.surrogate_mode,
-        notes=list(result.notes),
+        notes=[*cfg.model.notes, *result.notes],  # the tiny model labels every output (manifest, Serve)
         engine_seconds=float(result.timings.get("total_s", 0.0)),
     )
     return protected, record

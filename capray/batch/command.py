@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from capray.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE  # noqa: F401  (re-exported: the demo and tests use them)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,21 +26,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from capray.cli import model_flag
-    from capray.config import deep_merge, load_config, parse_set
+    from capray.cli import config_from_args
 
-    overrides = parse_set(args.set)
-    flags: dict = model_flag(args)
+    flags: dict = {}
     if args.method:
         flags["attack"] = {"method": args.method}
     if args.cap is not None:
         flags["cap"] = {"enabled": args.cap}
-    return load_config(args.config, preset=args.preset, overrides=deep_merge(overrides, flags))
+    return config_from_args(args, flags)
 
 
 def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None, show_progress: bool = True,
             **job_kwargs):
-    """Plan, write run.json, run the job; raises `UsageError` before doing any work."""
+    """Plan, write run.json, run the job; raises `UsageError` before doing any work.
+
+    `make_plan` runs the models' preflight, so a model that cannot load stops here before Ray starts.
+    """
     from capray.batch.pipeline import run_job
     from capray.batch.plan import make_plan, write_run_file
     from capray.cluster import connect_ray
@@ -48,7 +49,7 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
     plan = make_plan(input_uri, output_uri, cfg)
     started = connect_ray(address) if plan.pending else False  # nothing left to do: no cluster needed
     try:
-        write_run_file(plan, cfg)
+        write_run_file(plan, cfg, {"notes": cfg.model.notes})
         return run_job(plan, cfg, show_progress=show_progress, **job_kwargs)
     finally:
         if started:
@@ -58,25 +59,26 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from capray.batch.plan import UsageError
+    from capray.cli import describe, expected_errors, report
 
     try:
         cfg = build_config(args)
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"capray protect: configuration error: {exc}", file=sys.stderr)
+    except expected_errors() as exc:
+        report("protect", args, f"configuration error: {describe(exc)}", exc)
         return EXIT_USAGE
     try:
         summary = protect(args.input, args.output, cfg, address=args.address, show_progress=not args.quiet)
     except UsageError as exc:
-        print(f"capray protect: {exc}", file=sys.stderr)
+        report("protect", args, describe(exc), exc)
         return EXIT_USAGE
     except Exception as exc:  # e.g. the actors cannot load the model: committed identities stay committed
-        print(f"capray protect: the job stopped: {type(exc).__name__}: {exc}\n"
-              "identities already committed are kept; rerun with the same OUTPUT to resume", file=sys.stderr)
+        report("protect", args, f"the job stopped: {type(exc).__name__}: {describe(exc)}; identities already "
+               "committed are kept, rerun with the same OUTPUT to resume", exc)
         return EXIT_FAILED
     print(f"capray protect: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already ok, "
           f"{summary.unfinished} unfinished of {summary.total} identities; manifest in "
           f"{summary.output}/manifest/", file=sys.stderr)
+    for note in cfg.model.notes:
+        print(f"capray protect: {note}", file=sys.stderr)
     return summary.exit_code

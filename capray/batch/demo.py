@@ -68,4 +68,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"manifest:         {output}/manifest/  (Parquet, one row per identity)")
     print(f"effective config: {output}/run.json    metrics: {output}/metrics.prom")
     print(f"{result.ok} ok, {result.failed} failed, {result.skipped} already done (rerun resumes)")
+    for note in cfg.model.notes:
+        print(f"note: {note}")
     return result.exit_code

@@ -90,7 +90,7 @@ def _previous_run(output: str, so: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def make_plan(input_uri: str, output_uri: str, cfg: CaprayConfig) -> Plan:
-    from capray.models.sd import preflight
+    from capray.models.preflight import preflight
 
     so = cfg.batch.storage_options
     input_uri, output_uri = normalize_uri(input_uri), normalize_uri(output_uri)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
 import sys
-
-from capray.config import TINY_MODEL, deep_merge, load_config, parse_set
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,44 +20,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ray", action="store_true", help="run identities in this process, one after another")
 
 
+def budget_for(cfg) -> str:
+    """Without --preset: the tiny model gets a few steps (smoke), a real model the paper's protocol."""
+    return "smoke" if cfg.model.is_tiny else "paper"
+
+
 def build_config(args: argparse.Namespace):
-    overrides = parse_set(args.set)
-    from capray.cli import model_flag
+    from capray.cli import config_from_args
 
-    extra: dict = model_flag(args)
+    flags: dict = {}
     if args.transform:
-        extra["evaluate"] = {"transforms": list(args.transform)}
+        flags["evaluate"] = {"transforms": list(args.transform)}
     if args.lora:
-        extra = deep_merge(extra, {"evaluate": {"lora": True}})
-    merged = deep_merge(extra, overrides)
-    preset = args.preset
-    if preset is None:  # a real model gets the paper's protocol; the tiny one a few steps
-        probe = load_config(args.config, overrides=merged)
-        preset = "smoke" if probe.model.sd == TINY_MODEL else "paper"
-    cfg = load_config(args.config, preset=preset, overrides=merged)
-    from capray.models.sd import preflight
-
-    preflight(cfg.model)
-    return cfg
+        flags.setdefault("evaluate", {})["lora"] = True
+    return config_from_args(args, flags, default_preset=budget_for)
 
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when every photo set of every identity was evaluated, 1 when some failed, 2 for unusable input."""
-    from pydantic import ValidationError
-
+    from capray.cli import describe, expected_errors, report
     from capray.evaluate.pipeline import evaluate
+    from capray.models.preflight import PreflightError, preflight
 
     try:
         cfg = build_config(args)
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"capray evaluate: configuration error: {exc}", file=sys.stderr)
+    except expected_errors() as exc:
+        report("evaluate", args, f"configuration error: {describe(exc)}", exc)
+        return 2
+    try:
+        preflight(cfg.model)  # on the driver, before evaluate starts Ray
+    except PreflightError as exc:
+        report("evaluate", args, describe(exc), exc)
         return 2
     protected = [p for p in args.protected.split(",") if p.strip()]
     try:
         result = evaluate(args.clean, protected, args.out, cfg, use_ray=not args.no_ray,
                           identities=args.identity or None, address=args.address)
     except (OSError, ValueError) as exc:  # missing folder, overlap, unreachable or forbidden storage
-        print(f"capray evaluate: {exc}", file=sys.stderr)
+        report("evaluate", args, describe(exc), exc)
         return 2
     incomplete = [f"{r['identity']} ({r['status']})" for r in result["identities"] if r["status"] != "ok"]
     if incomplete:

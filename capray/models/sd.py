@@ -6,9 +6,7 @@ directory, or the tiny random model (``"tiny"``), so the tests exercise the real
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,26 +14,6 @@ import torch
 from capray.config import TINY_MODEL, ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-
-
-SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-def preflight(cfg: ModelConfig) -> None:
-    """Refuse model sources that cannot load, before any cluster starts or any work is done.
-
-    Only what can be checked without loading: a local path must be an SD-format directory and a style
-    state-dict path must exist. Hub ids are left to `from_pretrained` (they may sit in the HF cache).
-    """
-    sd = cfg.sd
-    if sd != TINY_MODEL and (sd.startswith(("/", ".", "~")) or os.path.exists(sd)):
-        root = Path(sd).expanduser()
-        missing = [name for name in SD_SUBFOLDERS if not (root / name).is_dir()]
-        if missing:
-            raise ValueError(f"model.sd {sd!r} is not an SD-format directory (missing {', '.join(missing)}); "
-                             "give a hub id, an SD-format directory, or 'tiny'")
-    if cfg.style_weights not in ("imagenet", "random") and not Path(cfg.style_weights).expanduser().is_file():
-        raise ValueError(f"model.style_weights {cfg.style_weights!r}: no such state-dict file")
 
 
 def resolve_device(name: str) -> torch.device:

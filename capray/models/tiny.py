@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from capray.config import TINY_MODEL_MARKER
+
 TINY_SEED = 1234
 _PROMPT_WORDS = ["a", "photo", "of", "sks", "person", "dslr", "portrait"]
 
@@ -112,7 +114,7 @@ def build_tiny_model(path: str | Path, *, seed: int = TINY_SEED) -> Path:
     text_encoder.save_pretrained(root / "text_encoder")
     scheduler.save_pretrained(root / "scheduler")
     write_model_index(root)
-    (root / "CAPRAY_TINY").write_text("tiny random SD-format model written by `capray models tiny`\n")
+    (root / TINY_MODEL_MARKER).write_text("tiny random SD-format model written by `capray models tiny`\n")
     return root
 
 

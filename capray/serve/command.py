@@ -19,36 +19,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="HTTP host (default: serve.host)")
     parser.add_argument("--port", type=int, help="HTTP port (default: serve.port)")
     parser.add_argument("--route-prefix", default="/", help="URL prefix of the API (default /)")
-    parser.add_argument("--detach", action="store_true", help="deploy and return (the app keeps running on the cluster)")
+    parser.add_argument("--detach", action="store_true",
+                        help="deploy and return (the app keeps running on the cluster)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the Serve config YAML (serve deploy / RayService serveConfigV2) and exit")
 
 
 def serve_args(args: argparse.Namespace):
-    from capray.cli import model_flag
-    from capray.config import deep_merge, parse_set
+    """What the Serve app is built from: the same precedence rule as every front door (`cli.overrides_from_args`)."""
+    from capray.cli import overrides_from_args
     from capray.serve.app import ServeArgs
 
-    flags: dict = {}
-    if args.host:
-        flags["host"] = args.host
-    if args.port:
-        flags["port"] = args.port
-    overrides = deep_merge(parse_set(args.set), deep_merge(model_flag(args), {"serve": flags} if flags else {}))
+    flags = {key: value for key, value in (("host", args.host), ("port", args.port)) if value}
+    overrides = overrides_from_args(args, {"serve": flags} if flags else None)
     return ServeArgs(config_path=args.config, preset=args.preset, overrides=overrides)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    from capray.cli import describe, expected_errors, report
 
     try:
         sargs = serve_args(args)
         cfg = sargs.load()
-        from capray.models.sd import preflight
+        if not args.print_config:  # the printed config is deployed elsewhere, next to that cluster's weights
+            from capray.models.preflight import preflight
 
-        preflight(cfg.model)  # a model that cannot load would only crash-loop the replicas
-    except (ValueError, ValidationError, OSError) as exc:
-        print(f"capray serve: {exc}", file=sys.stderr)
+            preflight(cfg.model)  # a model that cannot load would only crash-loop the replicas
+    except expected_errors() as exc:
+        report("serve", args, describe(exc), exc)
         return 2
     if args.print_config:
         import yaml
@@ -61,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     if args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
-        print("capray serve: --detach needs a cluster (--address or $RAY_ADDRESS)", file=sys.stderr)
+        report("serve", args, "--detach needs a cluster (--address or $RAY_ADDRESS)")
         return 2
     import ray
     from ray import serve
@@ -80,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         prefix = args.route_prefix.rstrip("/")
         print(f"capray serving on http://{s.host}:{s.port}{prefix}/v1/protect "
               f"(jobs: GET {prefix}/v1/jobs/<id>; docs: {prefix}/docs)", flush=True)
+        for note in cfg.model.notes:
+            print(f"capray serve: {note}", file=sys.stderr, flush=True)
         if args.detach:
             return 0
         stop = threading.Event()  # SIGTERM (a container stopping) ends the server as cleanly as Ctrl-C
