@@ -7,6 +7,7 @@ bytes equal the engine called directly in this process.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import socket
@@ -54,68 +55,257 @@ def _decode_png(b64: str) -> np.ndarray:
 
 # -- request handling without Ray ----------------------------------------------------------------------
 
-def test_overrides_may_tune_the_attack_but_not_what_the_server_owns():
+def test_overrides_may_tune_the_attack_but_not_what_the_server_owns_or_raise_its_cost():
     from capray.config import load_config
-    from capray.serve.requests import RequestError, effective_config
+    from capray.serve.limits import RequestError, effective_config
 
     server = load_config(preset="smoke")
     cfg = effective_config(server, {"seed": 7, "attack": {"eps": 0.03, "alpha": 0.003}, "cap": {"ratio_max": 5}})
     assert (cfg.seed, cfg.attack.eps, cfg.cap.ratio_max, cfg.model) == (7, 0.03, 5, server.model)
+    cheaper = effective_config(server, {"cap": {"search": "fast", "candidate_batch_size": 2, "start_fraction": 0.9}})
+    assert (cheaper.cap.candidate_batch_size, cheaper.cap.start_fraction) == (2, 0.9)
+    no_prior = load_config(preset="smoke", overrides={"attack": {"surrogate": {"prior_preservation": False}}})
     refused = [
-        ({"model": {"sd": "/etc"}}, "may override only"),
-        ({"serve": {"max_photos": 1000}}, "may override only"),
-        ({"attack": {"fsmg_model": "/tmp/x"}}, "config.attack.fsmg_model"),
-        ({"attack": {"surrogate": {"class_prompt": "a dog"}}}, "class_prompt"),
-        ({"attack": {"epz": 0.1}}, "invalid config overrides"),
-        ({"attack": {"eps": "big"}}, "invalid config overrides"),
-        ({"attack": {"alpha": 0.5}}, "invalid config overrides"),  # alpha > eps
-        ({"cap": {"ratio_max": 11}}, "cap.ratio_max = 11 > 10"),
-        ({"attack": {"outer_loops": 1000}}, "PGD steps requested"),
+        (server, {"model": {"sd": "/etc"}}, "config.model.sd"),
+        (server, {"serve": {"max_photos": 1000}}, "config.serve.max_photos"),
+        (server, {"batch": {"num_actors": 9}}, "not settable per request"),
+        (server, {"attack": {"fsmg_model": "/tmp/x"}}, "config.attack.fsmg_model"),
+        (server, {"attack": {"surrogate": {"class_prompt": "a dog"}}}, "class_prompt"),
+        (server, {"attack": {"epz": 0.1}}, "config.attack.epz"),
+        (server, {"attack": {"eps": "big"}}, "invalid config overrides"),
+        (server, {"attack": {"alpha": 0.5}}, "invalid config overrides"),  # alpha > eps
+        (server, {"cap": {"ratio_max": 11}}, "cap.ratio_max = 11 > 10"),
+        (server, {"cap": {"search": "reference"}}, "config.cap.search = 'reference' costs more"),
+        (server, {"cap": {"candidate_batch_size": 64}}, "cap.candidate_batch_size = 64 > 8"),
+        (server, {"cap": {"start_fraction": 0.1}}, "cap.start_fraction = 0.1 < 0.5"),
+        (server, {"attack": {"surrogate": {"batch_size": 4}}}, "surrogate.batch_size = 4 > 1"),
+        # the smoke server trains 2 outer loops x 1 step: FSMG may not train longer than that
+        (server, {"attack": {"method": "fsmg", "fsmg_train_steps": 2}}, None),
+        (server, {"attack": {"method": "fsmg", "fsmg_train_steps": 3}}, "fsmg_train_steps = 3 > 2"),
+        (server, {"attack": {"outer_loops": 3}}, "3 surrogate training steps > this server's 2"),
+        (no_prior, {"attack": {"surrogate": {"prior_preservation": True}}}, "prior_preservation = True costs more"),
+        (server, {"attack": {"adv_steps": 1000}}, "PGD steps requested"),
     ]
-    for overrides, message in refused:
+    for base, overrides, message in refused:
+        if message is None:
+            effective_config(base, overrides)
+            continue
         with pytest.raises(RequestError) as info:
-            effective_config(server, overrides)
+            effective_config(base, overrides)
         assert info.value.status == 422 and message in str(info.value.detail), (overrides, info.value.detail)
 
 
-def test_photo_errors_name_the_photo_and_the_reason():
-    from capray.config import ServeConfig
-    from capray.serve.requests import RequestError, decode_photos
-    from capray.serve.schemas import PhotoIn
+def test_every_attack_and_cap_setting_is_either_tunable_or_server_owned():
+    """A new config knob must be classified: open to requests (and capped if it costs) or the server's."""
+    from capray.config import CaprayConfig
+    from capray.serve.limits import CEILINGS, FLOORS, ORDERED, SERVER_ONLY, TUNABLE, _leaves
 
-    limits = ServeConfig(max_photos=3, max_photo_bytes=50_000, max_image_pixels=200 * 200)
-    good = PhotoIn(data=base64.b64encode(_png(PHOTOS[0])).decode(), name="a.png")
-    decoded = decode_photos([good, PhotoIn(data="data:image/png;base64," + good.data)], limits)
+    cfg = CaprayConfig().model_dump()
+    leaves = set(_leaves({"attack": cfg["attack"], "cap": cfg["cap"]})) | {"seed"}
+    assert not TUNABLE & SERVER_ONLY
+    assert TUNABLE | SERVER_ONLY == leaves, (leaves - TUNABLE - SERVER_ONLY, (TUNABLE | SERVER_ONLY) - leaves)
+    assert set(CEILINGS) | set(FLOORS) | set(ORDERED) <= TUNABLE
+
+
+def _forged_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but holds no pixel data: only a decoder would notice."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_photo_errors_name_the_photo_and_the_pixel_budget_is_checked_on_headers():
+    from capray.config import ServeConfig
+    from capray.serve.limits import RequestError, check_pixels, header_size
+    from capray.serve.requests import decode_photos, from_json
+
+    limits = ServeConfig(max_photos=3, max_photo_bytes=50_000, max_image_pixels=200 * 200, max_request_pixels=100_000)
+    good = base64.b64encode(_png(PHOTOS[0])).decode()
+    sub = from_json(json_body([good, "data:image/png;base64," + good]), limits)
+    decoded = decode_photos(sub.files, sub.names, limits)
     assert [d.rgb.shape for d in decoded] == [(72, 96, 3)] * 2 and np.array_equal(decoded[0].rgb, PHOTOS[0])
-    cases = [
-        ([good, PhotoIn(data=base64.b64encode(b"not an image").decode(), name="b")], 422, 1, "not a recognised"),
-        ([PhotoIn(data="***")], 422, 0, "base64"),
-        ([PhotoIn(data=base64.b64encode(_png(np.zeros((300, 300, 3), np.uint8))).decode())], 422, 0, "pixels"),
-        ([PhotoIn(data="A" * 80_000)], 413, 0, "larger than"),
+    parse_cases = [
         ([good] * 4, 413, None, "at most 3"),
+        (["***"], 422, 0, "base64"),
+        (["A" * 80_000], 413, 0, "larger than"),
     ]
-    for photos, status, index, message in cases:
+    for photos, status, index, message in parse_cases:
         with pytest.raises(RequestError) as info:
-            decode_photos(photos, limits)
+            from_json(json_body(photos), limits)
         assert info.value.status == status and message in info.value.detail["error"], info.value.detail
         assert info.value.detail.get("photo") == index
+    for files, index, message in [([_png(PHOTOS[0]), b"not an image"], 1, "not a recognised"),
+                                  ([_png(np.zeros((300, 300, 3), np.uint8))], 0, "pixels")]:
+        with pytest.raises(RequestError) as info:
+            decode_photos(files, [None] * len(files), limits)
+        assert info.value.status == 422 and message in info.value.detail["error"] and info.value.detail["photo"] == index
+    # 16 "40 MP" photos of a few bytes each: the budget refuses them from the headers alone
+    bombs = [_forged_png(8000, 5000)] * 16
+    assert header_size(bombs[0]) == (8000, 5000) and len(b"".join(bombs)) < 2000
+    with pytest.raises(RequestError) as info:
+        check_pixels(bombs, ServeConfig())
+    assert info.value.status == 413 and "640000000 pixels" in info.value.detail["error"]
+    check_pixels([_png(PHOTOS[0])] * 2, limits)  # 2 x 6912 px: within 100 000
 
 
-def test_job_table_keeps_pending_jobs_and_expires_old_results():
-    from capray.serve.jobs import JobTable
+def json_body(photos: list[str], **extra) -> bytes:
+    import json
 
-    now = [0.0]
-    table = JobTable(max_finished=2, ttl_s=100, clock=lambda: now[0])
-    jobs = [table.create() for _ in range(4)]
-    assert table.pending() == 4 and len({j.job_id for j in jobs}) == 4
-    for j in jobs[:3]:
-        now[0] += 1
-        table.finish(j.job_id, {"n": j.job_id})
-    assert table.get(jobs[0].job_id) is None  # over max_finished: the oldest result went first
-    assert table.get(jobs[1].job_id).status == "done" and table.get(jobs[3].job_id).status == "pending"
-    table.fail(jobs[3].job_id, "boom")
-    now[0] += 1000  # past the TTL: every finished result is gone
-    assert table.get(jobs[3].job_id) is None and table.get(jobs[2].job_id) is None and table.pending() == 0
+    return json.dumps({"photos": [{"data": d, "name": f"p{i}"} for i, d in enumerate(photos)], **extra}).encode()
+
+
+def test_api_keys_from_env_and_a_file_that_is_re_read_when_it_changes(tmp_path):
+    import os
+
+    from capray.serve.auth import ANONYMOUS, AuthError, KeyRing, check_exposure
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# rotated monthly\nfile-key-1\n")
+    ring = KeyRing(str(keys_file), env="env-key-1, env-key-2", recheck_s=0)
+    owners = {ring.authenticate(f"Bearer {k}") for k in ("env-key-1", "env-key-2", "file-key-1")}
+    assert len(owners) == 3 and ANONYMOUS not in owners and not any("key" in o for o in owners)
+    assert ring.authenticate("bearer env-key-1") == ring.authenticate("Bearer  env-key-1 ")
+    for header, status in [(None, 401), ("", 401), ("Basic abc", 401), ("Bearer ", 401), ("Bearer nope", 403),
+                           ("Bearer # rotated monthly", 403)]:
+        with pytest.raises(AuthError) as info:
+            ring.authenticate(header)
+        assert info.value.status == status, header
+    keys_file.write_text("file-key-2\n")  # the Secret was rotated
+    os.utime(keys_file, (1, 1))  # a distinct mtime even on a coarse clock
+    with pytest.raises(AuthError):
+        ring.authenticate("Bearer file-key-1")
+    assert ring.authenticate("Bearer file-key-2")
+
+    nobody = KeyRing(str(tmp_path / "missing"), env="")
+    assert not nobody.configured and nobody.authenticate(None) == ANONYMOUS
+    for host in ("127.0.0.1", "localhost", "::1"):
+        check_exposure(host, nobody, allow_unauthenticated=False)
+    with pytest.raises(ValueError, match="no API keys configured"):
+        check_exposure("0.0.0.0", nobody, allow_unauthenticated=False)
+    check_exposure("0.0.0.0", nobody, allow_unauthenticated=True)
+    check_exposure("0.0.0.0", ring, allow_unauthenticated=False)
+
+
+# -- the job store and runner without Ray ---------------------------------------------------------------
+
+def _record(n: int):
+    from capray.attack.api import ProtectionRecord
+
+    return ProtectionRecord(method="aspl", config_hash="h", model_id="tiny", seed=0, cap_enabled=True,
+                            linf_255=[1.0] * n, linf_255_max=1.0, psnr=[50.0] * n, ssim=[0.99] * n)
+
+
+def _runner(tmp_path, protect, **serve):
+    from capray.config import load_config
+    from capray.serve.runner import JobRunner
+    from capray.serve.store import JobStore
+
+    cfg = load_config(preset="smoke", overrides={"serve": {"store": str(tmp_path / "store"), **serve}})
+    store = JobStore(cfg.serve.store)
+    return JobRunner(store, cfg, protect, tag="r1"), store, cfg
+
+
+def _submission(photos=PHOTOS):
+    from capray.serve.requests import Submission
+
+    return Submission("alice", {}, [_png(a) for a in photos], [f"p{i}.png" for i in range(len(photos))])
+
+
+async def _invert(rgbs, cfg, identity, on_progress):
+    """A stand-in Protector: progress, then 255 - x (an exact, checkable transform)."""
+    on_progress(1, 2)
+    await asyncio.sleep(0)
+    on_progress(2, 2)
+    return [255 - a for a in rgbs], _record(len(rgbs))
+
+
+async def _until_settled(runner, job_id, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = runner.store.state(job_id)
+        if state.status != "pending":
+            return state
+        await asyncio.sleep(0.02)
+    raise AssertionError("job still pending")
+
+
+def test_store_keeps_the_job_and_a_lost_runner_is_replaced(tmp_path):
+    """A job left pending by a runner that vanished is rerun from the stored request by another replica."""
+    from capray.serve.requests import decode_photos
+    from capray.serve.store import JobState
+
+    async def scenario():
+        lost, store, cfg = _runner(tmp_path, _invert, job_lease_s=0.3)
+        sub = _submission()
+        decoded = decode_photos(sub.files, sub.names, cfg.serve)
+        state = await lost.submit(sub, decoded, cfg, owner="k1")
+        lost.running[state.job_id].cancel()  # the replica died mid-job: nobody renews the lease
+        await asyncio.sleep(0)
+        assert store.state(state.job_id).status == "pending" and store.pending_ids() == [state.job_id]
+        other, _, _ = _runner(tmp_path, _invert, job_lease_s=0.3)
+        other.tag = "r2"
+        await other.sweep()
+        assert not other.running  # the lease has not run out yet
+        await asyncio.sleep(0.4)
+        await other.sweep()
+        done = await _until_settled(other, state.job_id)
+        assert (done.status, done.attempts, done.steps_done, done.steps_total) == ("done", 2, 2, 2)
+        assert store.pending_ids() == []
+        for i, clean in enumerate(PHOTOS):
+            assert np.array_equal(_png_array(store.photo(state.job_id, i)), 255 - clean)
+        assert store.request(state.job_id).owner == "k1"
+        # a job whose runners kept vanishing ends failed, with the reason
+        stuck = JobState(job_id="f" * 32, owner="k1", created_at=0, updated_at=0, attempts=2, lease_until=1)
+        store.create(store.request(state.job_id).model_copy(update={"job_id": stuck.job_id}), sub.files, stuck)
+        await other.sweep()
+        failed = store.state(stuck.job_id)
+        assert failed.status == "failed" and "lost 2 time(s)" in failed.error
+        return state.job_id
+
+    job_id = asyncio.run(scenario())
+    # results expire after the TTL: the job's folder and its markers go
+    runner, store, _ = _runner(tmp_path, _invert, job_ttl_s=1)
+    assert store.state(job_id) is not None
+    store.clock = runner.store.clock = lambda: time.time() + 5
+    asyncio.run(runner.sweep())
+    assert store.state(job_id) is None and store.photo(job_id, 0) is None and store.expired(1) == []
+
+
+def test_a_hung_or_crashing_protector_fails_the_job_with_a_short_message(tmp_path):
+    from ray.exceptions import ActorDiedError
+
+    from capray.serve import errors
+    from capray.serve.requests import decode_photos
+
+    async def hang(rgbs, cfg, identity, on_progress):
+        await asyncio.sleep(3600)
+
+    async def die(rgbs, cfg, identity, on_progress):
+        raise ActorDiedError()  # its text names the node IP and PID
+
+    async def scenario(protect, **serve):
+        runner, store, cfg = _runner(tmp_path, protect, **serve)
+        sub = _submission()
+        state = await runner.submit(sub, decode_photos(sub.files, sub.names, cfg.serve), cfg, owner="k1")
+        return await _until_settled(runner, state.job_id), store
+
+    t0 = time.monotonic()
+    hung, store = asyncio.run(scenario(hang, job_timeout_s=0.5))
+    assert hung.status == "failed" and hung.error == errors.timed_out(0.5) and time.monotonic() - t0 < 5
+    assert store.pending_ids() == []  # its slot is free
+    died, _ = asyncio.run(scenario(die))
+    assert died.status == "failed" and died.error == errors.WORKER_LOST
+
+
+def _png_array(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
 
 
 def test_serve_yaml_is_a_valid_serve_config_that_matches_the_code():
