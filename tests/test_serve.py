@@ -360,7 +360,9 @@ def test_capray_serve_print_config_regenerates_the_committed_yaml(capsys):
 
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
-    assert command.run(parser.parse_args(["--print-config", "--preset", "paper", "--set", "serve.min_replicas=1"])) == 0
+    argv = ["--print-config", "--preset", "paper", "--set", "serve.min_replicas=1",
+            "--set", "serve.store=s3://capray-serve/jobs", "--set", "serve.api_keys_file=/etc/capray/api-keys/keys"]
+    assert command.run(parser.parse_args(argv)) == 0
     assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(SERVE_YAML.read_text())
 
 
