@@ -30,7 +30,7 @@ class ProtectOptions(BaseModel):
 class ProtectRequest(ProtectOptions):
     """Photos of ONE person: CAP protects them as a group (the cross-image loss needs ≥ 2)."""
 
-    photos: list[PhotoIn] = Field(..., min_length=1)
+    photos: list[PhotoIn] = Field(..., description="1 to serve.max_photos photos")
 
 
 class PhotoOut(BaseModel):
