@@ -200,13 +200,15 @@ def _record(n: int):
                             linf_255=[1.0] * n, linf_255_max=1.0, psnr=[50.0] * n, ssim=[0.99] * n)
 
 
-def _runner(tmp_path, protect, **serve):
+def _runner(where, protect, **serve):
+    """A runner on a local folder (a path) or on S3 ((uri, fsspec options))."""
     from capray.config import load_config
     from capray.serve.runner import JobRunner
     from capray.serve.store import JobStore
 
-    cfg = load_config(preset="smoke", overrides={"serve": {"store": str(tmp_path / "store"), **serve}})
-    store = JobStore(cfg.serve.store)
+    uri, options = (str(where / "store"), {}) if isinstance(where, Path) else where
+    cfg = load_config(preset="smoke", overrides={"serve": {"store": uri, "store_options": options, **serve}})
+    store = JobStore(cfg.serve.store, cfg.serve.store_options)
     return JobRunner(store, cfg, protect, tag="r1"), store, cfg
 
 
@@ -234,10 +236,41 @@ async def _until_settled(runner, job_id, timeout=10.0):
     raise AssertionError("job still pending")
 
 
-def test_store_keeps_the_job_and_a_lost_runner_is_replaced(tmp_path):
+@pytest.fixture(scope="module")
+def s3_store():
+    """A bucket on a moto S3 server on 127.0.0.1: (store URI, fsspec options)."""
+    import logging
+
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing-secret",
+               "client_kwargs": {"region_name": "us-east-1"}}
+    import s3fs
+
+    import botocore.session
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    botocore.session.get_session().create_client(
+        "s3", endpoint_url=options["endpoint_url"], region_name="us-east-1", aws_access_key_id=options["key"],
+        aws_secret_access_key=options["secret"]).create_bucket(Bucket="capray-jobs")
+    yield "s3://capray-jobs/serve", options
+    server.stop()
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def job_store(request, tmp_path):
+    return tmp_path if request.param == "local" else request.getfixturevalue("s3_store")
+
+
+def test_store_keeps_the_job_and_a_lost_runner_is_replaced(job_store):
     """A job left pending by a runner that vanished is rerun from the stored request by another replica."""
     from capray.serve.requests import decode_photos
     from capray.serve.store import JobState
+
+    tmp_path = job_store
 
     async def scenario():
         lost, store, cfg = _runner(tmp_path, _invert, job_lease_s=0.3)
