@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import socket
 import time
 from pathlib import Path
 
@@ -143,7 +142,8 @@ def test_photo_errors_name_the_photo_and_the_pixel_budget_is_checked_on_headers(
                                   ([_png(np.zeros((300, 300, 3), np.uint8))], 0, "pixels")]:
         with pytest.raises(RequestError) as info:
             decode_photos(files, [None] * len(files), limits)
-        assert info.value.status == 422 and message in info.value.detail["error"] and info.value.detail["photo"] == index
+        detail = info.value.detail
+        assert info.value.status == 422 and message in detail["error"] and detail["photo"] == index
     # 16 "40 MP" photos of a few bytes each: the budget refuses them from the headers alone
     bombs = [_forged_png(8000, 5000)] * 16
     assert header_size(bombs[0]) == (8000, 5000) and len(b"".join(bombs)) < 2000
@@ -397,3 +397,18 @@ def test_capray_serve_print_config_regenerates_the_committed_yaml(capsys):
             "--set", "serve.store=s3://capray-serve/jobs", "--set", "serve.api_keys_file=/etc/capray/api-keys/keys"]
     assert command.run(parser.parse_args(argv)) == 0
     assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(SERVE_YAML.read_text())
+
+
+def test_capray_serve_refuses_a_public_address_without_keys(capsys, monkeypatch, tmp_path):
+    """Checked before Ray starts: exit 2 and the reason, unless keys or allow_unauthenticated say otherwise."""
+    import argparse
+
+    from capray.serve import command
+
+    monkeypatch.delenv("CAPRAY_API_KEYS", raising=False)
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    argv = ["--preset", "smoke", "--host", "0.0.0.0", "--set", "model.sd=tiny",
+            "--set", f"model.tiny_cache_dir={tmp_path}", "--set", f"serve.api_keys_file={tmp_path / 'none'}"]
+    assert command.run(parser.parse_args(argv)) == 2
+    assert "no API keys configured" in capsys.readouterr().err

@@ -44,7 +44,7 @@ from capray.serve.limits import RequestError, check_pixels, effective_config
 from capray.serve.requests import decode_photos, read_submission
 from capray.serve.results import build_result, result_zip
 from capray.serve.runner import JobRunner
-from capray.serve.schemas import JobAccepted, JobStatus, PhotoOut, Progress, ProtectRequest, ProtectResult
+from capray.serve.schemas import JobAccepted, JobStatus, Progress, ProtectRequest, ProtectResult
 from capray.serve.store import JobState, JobStore
 
 APP_NAME = "capray"

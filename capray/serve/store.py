@@ -4,7 +4,7 @@ Any ingress replica can answer any job, and a job outlives the replica, the node
 cluster that accepted it (a RayService upgrade starts a new cluster on the same store). Layout:
 
     STORE/jobs/<id>/job.json           the request: owner, identity, photo names, effective config
-    STORE/jobs/<id>/input/<i>          the uploaded photo files, as sent
+    STORE/jobs/<id>/input/<i>          the uploaded photo files, as sent (deleted when the job ends)
     STORE/jobs/<id>/status.json        pending|done|failed, progress, runner lease, attempts, error
     STORE/jobs/<id>/result.json        the ProtectResult without pixel data
     STORE/jobs/<id>/photos/<i>.png     the protected photos
@@ -133,6 +133,7 @@ class JobStore:
         self.put_state(state)
         write_bytes_atomic(self.fs, join(self.root, "finished", f"{int(state.finished_at)}-{state.job_id}"), b"")
         self._remove(self._pending(state.job_id))
+        self._remove(self._job(state.job_id, "input"), recursive=True)  # users' photos are kept no longer than needed
 
     def result(self, job_id: str) -> bytes | None:
         return self._read(self._job(job_id, "result.json"))
