@@ -412,3 +412,47 @@ def test_capray_serve_refuses_a_public_address_without_keys(capsys, monkeypatch,
             "--set", f"model.tiny_cache_dir={tmp_path}", "--set", f"serve.api_keys_file={tmp_path / 'none'}"]
     assert command.run(parser.parse_args(argv)) == 2
     assert "no API keys configured" in capsys.readouterr().err
+
+
+def test_a_cancelled_protector_call_keeps_the_device_until_the_engine_really_stops(monkeypatch):
+    """A timed-out job cancels its call, but the engine thread runs on: the next group must wait for it,
+    and the health check must report a call stuck past the time limit so Serve replaces the replica."""
+    import threading
+
+    import capray.attack.api
+    from capray.config import load_config
+    from capray.serve.app import Protector
+
+    release, started = threading.Event(), threading.Event()
+
+    def engine(rgbs, cfg, identity, models, progress):
+        started.set()
+        progress(1, 4)
+        release.wait(10)
+        return [255 - a for a in rgbs], _record(len(rgbs))
+
+    monkeypatch.setattr(capray.attack.api, "protect_arrays", engine)
+    cfg = load_config(preset="smoke")
+    replica = Protector.func_or_class.__new__(Protector.func_or_class)
+    replica.model_config, replica.stuck_after_s, replica.models = cfg.model, 0.05, None
+    replica.device_lock, replica.busy_since = asyncio.Lock(), None
+
+    async def scenario():
+        call = replica.protect([PHOTOS[0]], cfg.model_dump(mode="json"), "alice")
+        assert await call.__anext__() == ("progress", (1, 4))
+        await call.aclose()  # the caller gave up (job timeout)
+        await asyncio.sleep(0.1)
+        assert replica.device_lock.locked() and started.is_set()
+        with pytest.raises(RuntimeError, match="past serve.job_timeout_s"):
+            replica.check_health()
+        release.set()
+        for _ in range(100):
+            if not replica.device_lock.locked():
+                break
+            await asyncio.sleep(0.02)
+        assert not replica.device_lock.locked() and replica.busy_since is None
+        replica.check_health()
+        events = [e async for e in replica.protect([PHOTOS[0]], cfg.model_dump(mode="json"), "alice")]
+        assert events[0] == ("progress", (1, 4)) and np.array_equal(events[-1][1][0][0], 255 - PHOTOS[0])
+
+    asyncio.run(scenario())

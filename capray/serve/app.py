@@ -108,21 +108,24 @@ class Protector:
         def progress(done: int, total: int) -> None:  # called on the engine's thread
             loop.call_soon_threadsafe(events.put_nowait, (done, total))
 
-        async with self.device_lock:
-            self.busy_since = time.monotonic()
-            try:
-                work = asyncio.ensure_future(asyncio.to_thread(protect_arrays, rgbs, cfg, identity, self.models,
-                                                               progress))
-                while not work.done():
-                    event = asyncio.ensure_future(events.get())
-                    await asyncio.wait({work, event}, return_when=asyncio.FIRST_COMPLETED)
-                    if event.done():
-                        yield "progress", event.result()
-                    else:
-                        event.cancel()
-                yield "result", work.result()
-            finally:
-                self.busy_since = None
+        # The lock is released when the engine thread really ends, not when this call is cancelled (a job
+        # timeout): a thread cannot be interrupted, so the next group waits, and check_health sees a hung one.
+        await self.device_lock.acquire()
+        self.busy_since = time.monotonic()
+        work = asyncio.ensure_future(asyncio.to_thread(protect_arrays, rgbs, cfg, identity, self.models, progress))
+        work.add_done_callback(self._engine_done)
+        while not work.done():
+            event = asyncio.ensure_future(events.get())
+            await asyncio.wait({work, event}, return_when=asyncio.FIRST_COMPLETED)
+            if event.done():
+                yield "progress", event.result()
+            else:
+                event.cancel()
+        yield "result", work.result()
+
+    def _engine_done(self, _: Any) -> None:
+        self.busy_since = None
+        self.device_lock.release()
 
     def check_health(self) -> None:
         """A call far past the job time limit means a hung engine: fail the check so Serve replaces the replica."""
