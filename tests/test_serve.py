@@ -230,7 +230,7 @@ async def _until_settled(runner, job_id, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = runner.store.state(job_id)
-        if state.status != "pending":
+        if state.status != "pending" and job_id not in runner.running:  # the runner's last writes are done too
             return state
         await asyncio.sleep(0.02)
     raise AssertionError("job still pending")
@@ -273,18 +273,18 @@ def test_store_keeps_the_job_and_a_lost_runner_is_replaced(job_store):
     tmp_path = job_store
 
     async def scenario():
-        lost, store, cfg = _runner(tmp_path, _invert, job_lease_s=0.3)
+        lost, store, cfg = _runner(tmp_path, _invert, job_lease_s=2)
         sub = _submission()
         decoded = decode_photos(sub.files, sub.names, cfg.serve)
         state = await lost.submit(sub, decoded, cfg, owner="k1")
         lost.running[state.job_id].cancel()  # the replica died mid-job: nobody renews the lease
         await asyncio.sleep(0)
         assert store.state(state.job_id).status == "pending" and store.pending_ids() == [state.job_id]
-        other, _, _ = _runner(tmp_path, _invert, job_lease_s=0.3)
+        other, _, _ = _runner(tmp_path, _invert, job_lease_s=2)
         other.tag = "r2"
         await other.sweep()
         assert not other.running  # the lease has not run out yet
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(max(0.0, store.state(state.job_id).lease_until - time.time()) + 0.1)
         await other.sweep()
         done = await _until_settled(other, state.job_id)
         assert (done.status, done.attempts, done.steps_done, done.steps_total) == ("done", 2, 2, 2)
