@@ -137,6 +137,7 @@ def test_keys_guard_every_route_but_healthz(client, finished):
 
 # -- results --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_multipart_and_json_give_the_pixels_of_capray_protect(client, served, finished, tmp_path):
     from capray.batch.command import protect
 
@@ -312,6 +313,7 @@ def _stream_post(port: int, total: int, headers: dict[str, str], chunk: int = 1 
     return sent, status, reply.partition(b"\r\n\r\n")[2]
 
 
+@pytest.mark.slow
 def test_a_300_mb_body_is_refused_while_it_streams_without_the_server_holding_it(served):
     limit, body = served["cfg"].serve.max_request_bytes, 300 * 1024 * 1024
     headers = {**_auth(), "Content-Type": "application/json"}
@@ -333,6 +335,7 @@ def test_a_300_mb_body_is_refused_while_it_streams_without_the_server_holding_it
 
 # -- restarts (last: leaves a restarted app) ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_restart_keeps_finished_jobs_and_settles_pending_ones(client, served, finished):
     from ray import serve
 
