@@ -155,10 +155,34 @@ class BatchConfig(_Strict):
 
 
 class ServeConfig(_Strict):
-    """The online endpoint (`capray serve`): HTTP, the GPU `Protector`'s autoscaling, request limits."""
+    """The online endpoint (`capray serve`): HTTP, auth, the durable job store, limits, the Protector's autoscaling."""
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # -- who may call it ------------------------------------------------------------------------
+    api_keys_file: str | None = Field(None, description="API keys, one per line (a mounted Secret; re-read when it "
+                                      "changes); CAPRAY_API_KEYS (comma-separated) adds more")
+    allow_unauthenticated: bool = Field(False, description="serve without keys on a non-loopback address")
+    # -- where jobs live ------------------------------------------------------------------------
+    store: str | None = Field(None, description="fsspec URI of the job store (s3://… in a cluster); "
+                              "default: <capray cache>/serve-jobs")
+    store_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for serve.store")
+    job_ttl_s: float = Field(3600.0, gt=0, description="a finished job and its PNGs are deleted after this")
+    job_timeout_s: float = Field(900.0, gt=0, description="a job running longer is failed and its slot freed")
+    job_lease_s: float = Field(30.0, gt=0, description="a pending job whose runner stopped renewing this long "
+                               "is picked up by another ingress replica")
+    job_attempts: int = Field(2, ge=1, description="runs of one job (first + reruns after a lost runner)")
+    # -- request limits, checked before the work they prevent ------------------------------------
+    max_request_bytes: int = Field(100_000_000, ge=1, description="body size; larger is refused (413) while it streams")
+    max_photos: int = Field(16, ge=1)
+    max_photo_bytes: int = Field(20_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="per photo (decompression-bomb guard)")
+    max_request_pixels: int = Field(50_000_000, ge=1, description="all photos of one request together")
+    min_image_side: int = Field(8, ge=1)
+    max_pgd_steps: int = Field(300, ge=1, description="bound on a request's attack overrides")
+    # -- deployments ----------------------------------------------------------------------------
+    ingress_replicas: int = Field(2, ge=1, description="stateless (jobs live in serve.store): two avoid a single "
+                                  "point of failure")
     min_replicas: int = Field(0, ge=0, description="0 scales to zero (the first request then waits for a model load)")
     max_replicas: int = Field(4, ge=1, description="at most one replica per GPU")
     target_ongoing_requests: float = Field(1.0, gt=0)
@@ -171,13 +195,6 @@ class ServeConfig(_Strict):
     ingress_cpus: float = Field(0.25, ge=0)
     request_timeout_s: float = Field(900.0, gt=0, description="end-to-end HTTP timeout (the sync endpoint)")
     graceful_shutdown_timeout_s: float = Field(900.0, ge=0, description="let a running group finish on scale-down")
-    max_photos: int = Field(16, ge=1)
-    max_photo_bytes: int = Field(20_000_000, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard")
-    min_image_side: int = Field(8, ge=1)
-    max_pgd_steps: int = Field(300, ge=1, description="bound on a request's attack overrides")
-    max_finished_jobs: int = Field(256, ge=1, description="finished jobs whose results are kept for polling")
-    job_ttl_s: float = Field(3600.0, gt=0, description="how long a finished job's result is kept")
 
     @model_validator(mode="after")
     def _check_scaling(self) -> "ServeConfig":
@@ -187,6 +204,11 @@ class ServeConfig(_Strict):
             raise ValueError("serve.max_ongoing_requests must exceed serve.target_ongoing_requests, "
                              "or the Protector never scales up")
         return self
+
+    @property
+    def capacity(self) -> int:
+        """Jobs that may be pending at once: what the Protectors can run plus queue (more would only wait or fail)."""
+        return self.max_replicas * self.max_ongoing_requests + max(self.max_queued_requests, 0)
 
 
 class EvaluateConfig(_Strict):

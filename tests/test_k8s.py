@@ -311,3 +311,24 @@ def test_dockerfile_builds_capray_on_a_cuda_base():
     assert cmd[0] == "capray" and cmd[1] in COMMANDS
     ignore = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().split()
     assert ignore[ignore.index("*") + 1:] and all(f"!{src}" in ignore or f"!{src}/" in ignore for src in copied)
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_the_endpoint_reads_its_api_keys_from_the_mounted_secret(name):
+    """Every pod that can host the Serve ingress mounts the capray-api-keys Secret where serve.api_keys_file points."""
+    from capray.serve.app import ServeArgs
+    from capray.serve.auth import KeyRing, check_exposure
+
+    service = one(render(name), "RayService")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    keys_file = ServeArgs.model_validate(app["args"]).load().serve.api_keys_file
+    assert keys_file, "a RayService listens on 0.0.0.0: it needs API keys"
+    spec = service["spec"]["rayClusterConfig"]
+    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
+    for template in templates:
+        secrets = {v["name"]: v["secret"]["secretName"] for v in template["spec"]["volumes"] if "secret" in v}
+        (container,) = template["spec"]["containers"]
+        mounted = [m for m in container["volumeMounts"] if secrets.get(m["name"]) == "capray-api-keys"]
+        assert [m["mountPath"] + "/keys" for m in mounted] == [keys_file], template["metadata"]["labels"]
+    with pytest.raises(ValueError, match="no API keys"):  # the Secret missing: the ingress refuses to start
+        check_exposure("0.0.0.0", KeyRing(keys_file, env=""), allow_unauthenticated=False)

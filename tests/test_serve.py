@@ -7,9 +7,9 @@ bytes equal the engine called directly in this process.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
-import socket
 import time
 from pathlib import Path
 
@@ -54,68 +54,291 @@ def _decode_png(b64: str) -> np.ndarray:
 
 # -- request handling without Ray ----------------------------------------------------------------------
 
-def test_overrides_may_tune_the_attack_but_not_what_the_server_owns():
+def test_overrides_may_tune_the_attack_but_not_what_the_server_owns_or_raise_its_cost():
     from capray.config import load_config
-    from capray.serve.requests import RequestError, effective_config
+    from capray.serve.limits import RequestError, effective_config
 
     server = load_config(preset="smoke")
     cfg = effective_config(server, {"seed": 7, "attack": {"eps": 0.03, "alpha": 0.003}, "cap": {"ratio_max": 5}})
     assert (cfg.seed, cfg.attack.eps, cfg.cap.ratio_max, cfg.model) == (7, 0.03, 5, server.model)
+    cheaper = effective_config(server, {"cap": {"search": "fast", "candidate_batch_size": 2, "start_fraction": 0.9}})
+    assert (cheaper.cap.candidate_batch_size, cheaper.cap.start_fraction) == (2, 0.9)
+    no_prior = load_config(preset="smoke", overrides={"attack": {"surrogate": {"prior_preservation": False}}})
     refused = [
-        ({"model": {"sd": "/etc"}}, "may override only"),
-        ({"serve": {"max_photos": 1000}}, "may override only"),
-        ({"attack": {"fsmg_model": "/tmp/x"}}, "config.attack.fsmg_model"),
-        ({"attack": {"surrogate": {"class_prompt": "a dog"}}}, "class_prompt"),
-        ({"attack": {"epz": 0.1}}, "invalid config overrides"),
-        ({"attack": {"eps": "big"}}, "invalid config overrides"),
-        ({"attack": {"alpha": 0.5}}, "invalid config overrides"),  # alpha > eps
-        ({"cap": {"ratio_max": 11}}, "cap.ratio_max = 11 > 10"),
-        ({"attack": {"outer_loops": 1000}}, "PGD steps requested"),
+        (server, {"model": {"sd": "/etc"}}, "config.model.sd"),
+        (server, {"serve": {"max_photos": 1000}}, "config.serve.max_photos"),
+        (server, {"batch": {"num_actors": 9}}, "not settable per request"),
+        (server, {"attack": {"fsmg_model": "/tmp/x"}}, "config.attack.fsmg_model"),
+        (server, {"attack": {"surrogate": {"class_prompt": "a dog"}}}, "class_prompt"),
+        (server, {"attack": {"epz": 0.1}}, "config.attack.epz"),
+        (server, {"attack": {"eps": "big"}}, "invalid config overrides"),
+        (server, {"attack": {"alpha": 0.5}}, "invalid config overrides"),  # alpha > eps
+        (server, {"cap": {"ratio_max": 11}}, "cap.ratio_max = 11 > 10"),
+        (server, {"cap": {"search": "reference"}}, "config.cap.search = 'reference' costs more"),
+        (server, {"cap": {"candidate_batch_size": 64}}, "cap.candidate_batch_size = 64 > 8"),
+        (server, {"cap": {"start_fraction": 0.1}}, "cap.start_fraction = 0.1 < 0.5"),
+        (server, {"attack": {"surrogate": {"batch_size": 4}}}, "surrogate.batch_size = 4 > 1"),
+        # the smoke server trains 2 outer loops x 1 step: FSMG may not train longer than that
+        (server, {"attack": {"method": "fsmg", "fsmg_train_steps": 2}}, None),
+        (server, {"attack": {"method": "fsmg", "fsmg_train_steps": 3}}, "fsmg_train_steps = 3 > 2"),
+        (server, {"attack": {"outer_loops": 3}}, "3 surrogate training steps > this server's 2"),
+        (no_prior, {"attack": {"surrogate": {"prior_preservation": True}}}, "prior_preservation = True costs more"),
+        (server, {"attack": {"adv_steps": 1000}}, "PGD steps requested"),
     ]
-    for overrides, message in refused:
+    for base, overrides, message in refused:
+        if message is None:
+            effective_config(base, overrides)
+            continue
         with pytest.raises(RequestError) as info:
-            effective_config(server, overrides)
+            effective_config(base, overrides)
         assert info.value.status == 422 and message in str(info.value.detail), (overrides, info.value.detail)
 
 
-def test_photo_errors_name_the_photo_and_the_reason():
-    from capray.config import ServeConfig
-    from capray.serve.requests import RequestError, decode_photos
-    from capray.serve.schemas import PhotoIn
+def test_every_attack_and_cap_setting_is_either_tunable_or_server_owned():
+    """A new config knob must be classified: open to requests (and capped if it costs) or the server's."""
+    from capray.config import CaprayConfig
+    from capray.serve.limits import CEILINGS, FLOORS, ORDERED, SERVER_ONLY, TUNABLE, _leaves
 
-    limits = ServeConfig(max_photos=3, max_photo_bytes=50_000, max_image_pixels=200 * 200)
-    good = PhotoIn(data=base64.b64encode(_png(PHOTOS[0])).decode(), name="a.png")
-    decoded = decode_photos([good, PhotoIn(data="data:image/png;base64," + good.data)], limits)
+    cfg = CaprayConfig().model_dump()
+    leaves = set(_leaves({"attack": cfg["attack"], "cap": cfg["cap"]})) | {"seed"}
+    assert not TUNABLE & SERVER_ONLY
+    assert TUNABLE | SERVER_ONLY == leaves, (leaves - TUNABLE - SERVER_ONLY, (TUNABLE | SERVER_ONLY) - leaves)
+    assert set(CEILINGS) | set(FLOORS) | set(ORDERED) <= TUNABLE
+
+
+def _forged_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but holds no pixel data: only a decoder would notice."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_photo_errors_name_the_photo_and_the_pixel_budget_is_checked_on_headers():
+    from capray.config import ServeConfig
+    from capray.serve.limits import RequestError, check_pixels, header_size
+    from capray.serve.requests import decode_photos, from_json
+
+    limits = ServeConfig(max_photos=3, max_photo_bytes=50_000, max_image_pixels=200 * 200, max_request_pixels=100_000)
+    good = base64.b64encode(_png(PHOTOS[0])).decode()
+    sub = from_json(json_body([good, "data:image/png;base64," + good]), limits)
+    decoded = decode_photos(sub.files, sub.names, limits)
     assert [d.rgb.shape for d in decoded] == [(72, 96, 3)] * 2 and np.array_equal(decoded[0].rgb, PHOTOS[0])
-    cases = [
-        ([good, PhotoIn(data=base64.b64encode(b"not an image").decode(), name="b")], 422, 1, "not a recognised"),
-        ([PhotoIn(data="***")], 422, 0, "base64"),
-        ([PhotoIn(data=base64.b64encode(_png(np.zeros((300, 300, 3), np.uint8))).decode())], 422, 0, "pixels"),
-        ([PhotoIn(data="A" * 80_000)], 413, 0, "larger than"),
+    parse_cases = [
         ([good] * 4, 413, None, "at most 3"),
+        (["***"], 422, 0, "base64"),
+        (["A" * 80_000], 413, 0, "larger than"),
     ]
-    for photos, status, index, message in cases:
+    for photos, status, index, message in parse_cases:
         with pytest.raises(RequestError) as info:
-            decode_photos(photos, limits)
+            from_json(json_body(photos), limits)
         assert info.value.status == status and message in info.value.detail["error"], info.value.detail
         assert info.value.detail.get("photo") == index
+    for files, index, message in [([_png(PHOTOS[0]), b"not an image"], 1, "not a recognised"),
+                                  ([_png(np.zeros((300, 300, 3), np.uint8))], 0, "pixels")]:
+        with pytest.raises(RequestError) as info:
+            decode_photos(files, [None] * len(files), limits)
+        detail = info.value.detail
+        assert info.value.status == 422 and message in detail["error"] and detail["photo"] == index
+    # 16 "40 MP" photos of a few bytes each: the budget refuses them from the headers alone
+    bombs = [_forged_png(8000, 5000)] * 16
+    assert header_size(bombs[0]) == (8000, 5000) and len(b"".join(bombs)) < 2000
+    with pytest.raises(RequestError) as info:
+        check_pixels(bombs, ServeConfig())
+    assert info.value.status == 413 and "640000000 pixels" in info.value.detail["error"]
+    check_pixels([_png(PHOTOS[0])] * 2, limits)  # 2 x 6912 px: within 100 000
 
 
-def test_job_table_keeps_pending_jobs_and_expires_old_results():
-    from capray.serve.jobs import JobTable
+def json_body(photos: list[str], **extra) -> bytes:
+    import json
 
-    now = [0.0]
-    table = JobTable(max_finished=2, ttl_s=100, clock=lambda: now[0])
-    jobs = [table.create() for _ in range(4)]
-    assert table.pending() == 4 and len({j.job_id for j in jobs}) == 4
-    for j in jobs[:3]:
-        now[0] += 1
-        table.finish(j.job_id, {"n": j.job_id})
-    assert table.get(jobs[0].job_id) is None  # over max_finished: the oldest result went first
-    assert table.get(jobs[1].job_id).status == "done" and table.get(jobs[3].job_id).status == "pending"
-    table.fail(jobs[3].job_id, "boom")
-    now[0] += 1000  # past the TTL: every finished result is gone
-    assert table.get(jobs[3].job_id) is None and table.get(jobs[2].job_id) is None and table.pending() == 0
+    return json.dumps({"photos": [{"data": d, "name": f"p{i}"} for i, d in enumerate(photos)], **extra}).encode()
+
+
+def test_api_keys_from_env_and_a_file_that_is_re_read_when_it_changes(tmp_path):
+    import os
+
+    from capray.serve.auth import ANONYMOUS, AuthError, KeyRing, check_exposure
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# rotated monthly\nfile-key-1\n")
+    ring = KeyRing(str(keys_file), env="env-key-1, env-key-2", recheck_s=0)
+    owners = {ring.authenticate(f"Bearer {k}") for k in ("env-key-1", "env-key-2", "file-key-1")}
+    assert len(owners) == 3 and ANONYMOUS not in owners and not any("key" in o for o in owners)
+    assert ring.authenticate("bearer env-key-1") == ring.authenticate("Bearer  env-key-1 ")
+    for header, status in [(None, 401), ("", 401), ("Basic abc", 401), ("Bearer ", 401), ("Bearer nope", 403),
+                           ("Bearer # rotated monthly", 403)]:
+        with pytest.raises(AuthError) as info:
+            ring.authenticate(header)
+        assert info.value.status == status, header
+    keys_file.write_text("file-key-2\n")  # the Secret was rotated
+    os.utime(keys_file, (1, 1))  # a distinct mtime even on a coarse clock
+    with pytest.raises(AuthError):
+        ring.authenticate("Bearer file-key-1")
+    assert ring.authenticate("Bearer file-key-2")
+
+    nobody = KeyRing(str(tmp_path / "missing"), env="")
+    assert not nobody.configured and nobody.authenticate(None) == ANONYMOUS
+    for host in ("127.0.0.1", "localhost", "::1"):
+        check_exposure(host, nobody, allow_unauthenticated=False)
+    with pytest.raises(ValueError, match="no API keys configured"):
+        check_exposure("0.0.0.0", nobody, allow_unauthenticated=False)
+    check_exposure("0.0.0.0", nobody, allow_unauthenticated=True)
+    check_exposure("0.0.0.0", ring, allow_unauthenticated=False)
+
+
+# -- the job store and runner without Ray ---------------------------------------------------------------
+
+def _record(n: int):
+    from capray.attack.api import ProtectionRecord
+
+    return ProtectionRecord(method="aspl", config_hash="h", model_id="tiny", seed=0, cap_enabled=True,
+                            linf_255=[1.0] * n, linf_255_max=1.0, psnr=[50.0] * n, ssim=[0.99] * n)
+
+
+def _runner(where, protect, **serve):
+    """A runner on a local folder (a path) or on S3 ((uri, fsspec options))."""
+    from capray.config import load_config
+    from capray.serve.runner import JobRunner
+    from capray.serve.store import JobStore
+
+    uri, options = (str(where / "store"), {}) if isinstance(where, Path) else where
+    cfg = load_config(preset="smoke", overrides={"serve": {"store": uri, "store_options": options, **serve}})
+    store = JobStore(cfg.serve.store, cfg.serve.store_options)
+    return JobRunner(store, cfg, protect, tag="r1"), store, cfg
+
+
+def _submission(photos=PHOTOS):
+    from capray.serve.requests import Submission
+
+    return Submission("alice", {}, [_png(a) for a in photos], [f"p{i}.png" for i in range(len(photos))])
+
+
+async def _invert(rgbs, cfg, identity, on_progress):
+    """A stand-in Protector: progress, then 255 - x (an exact, checkable transform)."""
+    on_progress(1, 2)
+    await asyncio.sleep(0)
+    on_progress(2, 2)
+    return [255 - a for a in rgbs], _record(len(rgbs))
+
+
+async def _until_settled(runner, job_id, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = runner.store.state(job_id)
+        if state.status != "pending" and job_id not in runner.running:  # the runner's last writes are done too
+            return state
+        await asyncio.sleep(0.02)
+    raise AssertionError("job still pending")
+
+
+@pytest.fixture(scope="module")
+def s3_store():
+    """A bucket on a moto S3 server on 127.0.0.1: (store URI, fsspec options)."""
+    import logging
+
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing-secret",
+               "client_kwargs": {"region_name": "us-east-1"}}
+    import s3fs
+
+    import botocore.session
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    botocore.session.get_session().create_client(
+        "s3", endpoint_url=options["endpoint_url"], region_name="us-east-1", aws_access_key_id=options["key"],
+        aws_secret_access_key=options["secret"]).create_bucket(Bucket="capray-jobs")
+    yield "s3://capray-jobs/serve", options
+    server.stop()
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def job_store(request, tmp_path):
+    return tmp_path if request.param == "local" else request.getfixturevalue("s3_store")
+
+
+def test_store_keeps_the_job_and_a_lost_runner_is_replaced(job_store):
+    """A job left pending by a runner that vanished is rerun from the stored request by another replica."""
+    from capray.serve.requests import decode_photos
+    from capray.serve.store import JobState
+
+    tmp_path = job_store
+
+    async def scenario():
+        lost, store, cfg = _runner(tmp_path, _invert, job_lease_s=2)
+        sub = _submission()
+        decoded = decode_photos(sub.files, sub.names, cfg.serve)
+        state = await lost.submit(sub, decoded, cfg, owner="k1")
+        lost.running[state.job_id].cancel()  # the replica died mid-job: nobody renews the lease
+        await asyncio.sleep(0)
+        assert store.state(state.job_id).status == "pending" and store.pending_ids() == [state.job_id]
+        other, _, _ = _runner(tmp_path, _invert, job_lease_s=2)
+        other.tag = "r2"
+        await other.sweep()
+        assert not other.running  # the lease has not run out yet
+        await asyncio.sleep(max(0.0, store.state(state.job_id).lease_until - time.time()) + 0.1)
+        await other.sweep()
+        done = await _until_settled(other, state.job_id)
+        assert (done.status, done.attempts, done.steps_done, done.steps_total) == ("done", 2, 2, 2)
+        assert store.pending_ids() == []
+        for i, clean in enumerate(PHOTOS):
+            assert np.array_equal(_png_array(store.photo(state.job_id, i)), 255 - clean)
+        assert store.request(state.job_id).owner == "k1"
+        # a job whose runners kept vanishing ends failed, with the reason
+        stuck = JobState(job_id="f" * 32, owner="k1", created_at=0, updated_at=0, attempts=2, lease_until=1)
+        store.create(store.request(state.job_id).model_copy(update={"job_id": stuck.job_id}), sub.files, stuck)
+        await other.sweep()
+        failed = store.state(stuck.job_id)
+        assert failed.status == "failed" and "lost 2 time(s)" in failed.error
+        return state.job_id
+
+    job_id = asyncio.run(scenario())
+    # results expire after the TTL: the job's folder and its markers go
+    runner, store, _ = _runner(tmp_path, _invert, job_ttl_s=1)
+    assert store.state(job_id) is not None
+    store.clock = runner.store.clock = lambda: time.time() + 5
+    asyncio.run(runner.sweep())
+    assert store.state(job_id) is None and store.photo(job_id, 0) is None and store.expired(1) == []
+
+
+def test_a_hung_or_crashing_protector_fails_the_job_with_a_short_message(tmp_path):
+    from ray.exceptions import ActorDiedError
+
+    from capray.serve import errors
+    from capray.serve.requests import decode_photos
+
+    async def hang(rgbs, cfg, identity, on_progress):
+        await asyncio.sleep(3600)
+
+    async def die(rgbs, cfg, identity, on_progress):
+        raise ActorDiedError()  # its text names the node IP and PID
+
+    async def scenario(protect, **serve):
+        runner, store, cfg = _runner(tmp_path, protect, **serve)
+        sub = _submission()
+        state = await runner.submit(sub, decode_photos(sub.files, sub.names, cfg.serve), cfg, owner="k1")
+        return await _until_settled(runner, state.job_id), store
+
+    t0 = time.monotonic()
+    hung, store = asyncio.run(scenario(hang, job_timeout_s=0.5))
+    assert hung.status == "failed" and hung.error == errors.timed_out(0.5) and time.monotonic() - t0 < 5
+    assert store.pending_ids() == []  # its slot is free
+    died, _ = asyncio.run(scenario(die))
+    assert died.status == "failed" and died.error == errors.WORKER_LOST
+
+
+def _png_array(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
 
 
 def test_serve_yaml_is_a_valid_serve_config_that_matches_the_code():
@@ -170,112 +393,66 @@ def test_capray_serve_print_config_regenerates_the_committed_yaml(capsys):
 
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
-    assert command.run(parser.parse_args(["--print-config", "--preset", "paper", "--set", "serve.min_replicas=1"])) == 0
+    argv = ["--print-config", "--preset", "paper", "--set", "serve.min_replicas=1",
+            "--set", "serve.store=s3://capray-serve/jobs", "--set", "serve.api_keys_file=/etc/capray/api-keys/keys"]
+    assert command.run(parser.parse_args(argv)) == 0
     assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(SERVE_YAML.read_text())
 
 
-# -- the application over HTTP --------------------------------------------------------------------------
+def test_capray_serve_refuses_a_public_address_without_keys(capsys, monkeypatch, tmp_path):
+    """Checked before Ray starts: exit 2 and the reason, unless keys or allow_unauthenticated say otherwise."""
+    import argparse
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from capray.serve import command
+
+    monkeypatch.delenv("CAPRAY_API_KEYS", raising=False)
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    argv = ["--preset", "smoke", "--host", "0.0.0.0", "--set", "model.sd=tiny",
+            "--set", f"model.tiny_cache_dir={tmp_path}", "--set", f"serve.api_keys_file={tmp_path / 'none'}"]
+    assert command.run(parser.parse_args(argv)) == 2
+    assert "no API keys configured" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def served(ray_cluster, tiny_model_dir):
-    from ray import serve
+def test_a_cancelled_protector_call_keeps_the_device_until_the_engine_really_stops(monkeypatch):
+    """A timed-out job cancels its call, but the engine thread runs on: the next group must wait for it,
+    and the health check must report a call stuck past the time limit so Serve replaces the replica."""
+    import threading
 
+    import capray.attack.api
     from capray.config import load_config
-    from capray.serve.app import app_from_config
+    from capray.serve.app import Protector
 
-    cfg = load_config(preset="smoke", overrides={"serve": {
-        "min_replicas": 1, "max_replicas": 1, "gpus_per_replica": 0, "cpus_per_replica": 1, "ingress_cpus": 0,
-        "max_photos": 4}})
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(app_from_config(cfg), name="capray-test", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", cfg
-    finally:
-        serve.shutdown()
+    release, started = threading.Event(), threading.Event()
 
+    def engine(rgbs, cfg, identity, models, progress):
+        started.set()
+        progress(1, 4)
+        release.wait(10)
+        return [255 - a for a in rgbs], _record(len(rgbs))
 
-@pytest.fixture(scope="module")
-def client(served):
-    import httpx
+    monkeypatch.setattr(capray.attack.api, "protect_arrays", engine)
+    cfg = load_config(preset="smoke")
+    replica = Protector.func_or_class.__new__(Protector.func_or_class)
+    replica.model_config, replica.stuck_after_s, replica.models = cfg.model, 0.05, None
+    replica.device_lock, replica.busy_since = asyncio.Lock(), None
 
-    with httpx.Client(base_url=served[0], timeout=300) as c:
-        yield c
+    async def scenario():
+        call = replica.protect([PHOTOS[0]], cfg.model_dump(mode="json"), "alice")
+        assert await call.__anext__() == ("progress", (1, 4))
+        await call.aclose()  # the caller gave up (job timeout)
+        await asyncio.sleep(0.1)
+        assert replica.device_lock.locked() and started.is_set()
+        with pytest.raises(RuntimeError, match="past serve.job_timeout_s"):
+            replica.check_health()
+        release.set()
+        for _ in range(100):
+            if not replica.device_lock.locked():
+                break
+            await asyncio.sleep(0.02)
+        assert not replica.device_lock.locked() and replica.busy_since is None
+        replica.check_health()
+        events = [e async for e in replica.protect([PHOTOS[0]], cfg.model_dump(mode="json"), "alice")]
+        assert events[0] == ("progress", (1, 4)) and np.array_equal(events[-1][1][0][0], 255 - PHOTOS[0])
 
-
-def _wait(client, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.get(f"/v1/jobs/{job_id}").json()
-        if status["status"] != "pending":
-            return status
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} still pending after {timeout} s")
-
-
-@pytest.mark.ray
-def test_sync_request_returns_same_size_pngs_within_the_budget(client, served):
-    cfg = served[1]
-    assert client.get("/v1/healthz").json() == {"status": "ok"}
-    resp = client.post("/v1/protect:sync", json=_body())
-    assert resp.status_code == 200, resp.text
-    result = resp.json()
-    budget = round(cfg.attack.eps * 127.5)
-    assert len(result["photos"]) == 2 and result["cap_enabled"] is True
-    for clean, out in zip(PHOTOS, result["photos"]):
-        prot = _decode_png(out["png"])
-        assert prot.shape == clean.shape and (out["height"], out["width"]) == clean.shape[:2]
-        linf = int(np.abs(prot.astype(int) - clean.astype(int)).max())
-        assert 0 < linf <= budget and linf == out["linf_255"]
-    assert len(result["lambda_schedule"]) == cfg.attack.total_pgd_steps
-    assert result["eps_255"] == pytest.approx(cfg.attack.eps * 127.5)
-
-
-@pytest.mark.ray
-def test_jobs_are_deterministic_and_equal_the_in_process_engine(client, served, tiny_models):
-    import torch
-
-    from capray import protect_group
-    from capray.attack.metrics import from_uint8, to_uint8
-    from capray.io.images import encode_png
-
-    accepted = [client.post("/v1/protect", json=_body()) for _ in range(2)]
-    assert [r.status_code for r in accepted] == [202, 202]
-    ids = [r.json()["job_id"] for r in accepted]
-    assert ids[0] != ids[1] and accepted[0].json()["status_url"].endswith(f"/v1/jobs/{ids[0]}")
-    done = [_wait(client, i) for i in ids]
-    assert [d["status"] for d in done] == ["done", "done"], [d.get("error") for d in done]
-    first, second = ([p["png"] for p in d["result"]["photos"]] for d in done)
-    assert first == second
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the one-CPU replica
-    try:
-        local = protect_group([from_uint8(a) for a in PHOTOS], served[1], identity="alice", models=tiny_models)
-    finally:
-        torch.set_num_threads(threads)
-    assert [base64.b64decode(p) for p in first] == [encode_png(to_uint8(t)) for t in local.images]
-    assert done[0]["result"]["lambda_schedule"] == local.lambda_schedule
-    assert done[0]["result"]["config_hash"] == served[1].config_hash()
-
-
-@pytest.mark.ray
-def test_bad_requests_are_refused_with_clear_4xx(client):
-    bad_image = _body()
-    bad_image["photos"][1]["data"] = base64.b64encode(b"GIF89a but not really").decode()
-    resp = client.post("/v1/protect", json=bad_image)
-    assert resp.status_code == 422 and resp.json()["detail"]["photo"] == 1, resp.text
-    assert client.post("/v1/protect:sync", json=bad_image).status_code == 422
-    assert client.post("/v1/protect", json=_body(PHOTOS * 3)).status_code == 413  # 6 > max_photos = 4
-    resp = client.post("/v1/protect", json=_body(config={"model": {"sd": "/etc"}}))
-    assert resp.status_code == 422 and "may override only" in resp.json()["detail"]["error"]
-    assert client.post("/v1/protect", json=_body(config={"attack": {"eps": -1}})).status_code == 422
-    assert client.post("/v1/protect", json={"photos": []}).status_code == 422  # pydantic: at least one
-    assert client.post("/v1/protect", json={**_body(), "colour": "red"}).status_code == 422
-    assert client.get("/v1/jobs/0123456789abcdef").status_code == 404
+    asyncio.run(scenario())

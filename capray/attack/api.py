@@ -66,12 +66,16 @@ def _finite_or_none(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def protect_arrays(rgbs: list[Any], cfg: Any, identity: str, models: Any) -> tuple[list[Any], ProtectionRecord]:
-    """Protect one identity's (H, W, 3) uint8 photos; returns protected uint8 photos and the record."""
+def protect_arrays(rgbs: list[Any], cfg: Any, identity: str, models: Any,
+                   progress: Any = None) -> tuple[list[Any], ProtectionRecord]:
+    """Protect one identity's (H, W, 3) uint8 photos; returns protected uint8 photos and the record.
+
+    `progress(done, total)`, if given, is called after every PGD step.
+    """
     from capray.attack.engine import protect_group
     from capray.attack.metrics import from_uint8, to_uint8
 
-    result = protect_group([from_uint8(a) for a in rgbs], cfg, identity=identity, models=models)
+    result = protect_group([from_uint8(a) for a in rgbs], cfg, identity=identity, models=models, progress=progress)
     protected = [to_uint8(t) for t in result.images]
     linf = [m["linf_255"] for m in result.metrics]
     record = ProtectionRecord(

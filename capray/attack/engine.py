@@ -104,6 +104,7 @@ class GroupAttack:
     def __init__(self, models: Models, config: CaprayConfig, identity: str, images: list[torch.Tensor],
                  references: list[torch.Tensor] | None, evaluator_factory: Callable[..., Any] | None):
         self.m, self.cfg, self.identity = models, config, identity
+        self.on_step: Callable[[int, int], None] | None = None  # progress (steps done, total) for front doors
         self.parts = models.parts
         self.res = config.model.resolution
         self.layout = GroupLayout.of(images)
@@ -181,6 +182,8 @@ class GroupAttack:
                         candidate_loss(x_phase_start.unsqueeze(0), draw)
                         clean_feats = tap.release()
                 self.pgd_step(net, cond, draw, k, evaluator, clean_feats, tap)
+                if self.on_step is not None:
+                    self.on_step(len(self.steps), self.cfg.attack.total_pgd_steps)
         finally:
             if tap is not None:
                 tap.remove()
@@ -301,6 +304,7 @@ def protect_group(
     models: Models | None = None,
     references: torch.Tensor | list[torch.Tensor] | None = None,
     evaluator_factory: Callable[..., Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ProtectResult:
     """Protect one identity group.
 
@@ -309,6 +313,7 @@ def protect_group(
     surrogate (default: the group itself, which is what a user has; Anti-DreamBooth's protocol uses a
     separate set A). `models`: preloaded `Models` (a worker loads them once); loaded from the config
     otherwise. `evaluator_factory`: how λ candidates are scored (default: in-process, batched).
+    `progress(done, total)` is called after every PGD step (the online endpoint reports it).
     """
     config = config or CaprayConfig()
     photos = _as_list(images)
@@ -319,6 +324,7 @@ def protect_group(
     models = models or load_models(config.model)
     start = time.perf_counter()
     attack = GroupAttack(models, config, identity, photos, refs, evaluator_factory)
+    attack.on_step = progress
     with torch.no_grad():
         before = float(attack.consistency(attack.model_view())) if attack.layout.n >= 2 else 0.0
     attack.run()

@@ -1,16 +1,22 @@
-"""The Ray Serve application: a CPU FastAPI `Ingress` in front of an autoscaling GPU `Protector`.
+"""The Ray Serve application: stateless CPU FastAPI `Ingress` replicas in front of an autoscaling GPU `Protector`.
 
 * `Protector` loads the models once per replica and runs THE engine call through
   `capray.attack.api.protect_arrays` — the same function the batch job's actors use, so a
   group protected online or in bulk with the same config, seed and identity gets the same pixels.
-* `Ingress` validates and decodes requests (bad input is refused before any GPU time is spent),
-  keeps submitted jobs for polling, and encodes results as lossless PNG.
+  It streams progress (PGD steps done / total) back to the caller while the engine runs.
+* `Ingress` authenticates (`auth.py`), enforces every limit before the work it prevents
+  (`limits.py`, `requests.py`), keeps jobs in the durable store (`store.py`) and runs them
+  (`runner.py`); any replica answers any job, so it scales like any stateless deployment.
 
-API (JSON):
-  POST /v1/protect        {photos: [{data: base64, name?}], identity?, config?} → 202 {job_id, status_url}
-  GET  /v1/jobs/{job_id}  → {status: pending|done|failed, result?, error?}
-  POST /v1/protect:sync   same body → 200 result (for small requests: the HTTP timeout applies)
-  GET  /v1/healthz        → {"status": "ok"}
+API (`Authorization: Bearer <key>` on every route but healthz when keys are configured):
+  POST /v1/protect                      JSON {photos: [{data: base64, name?}], identity?, config?}
+                                        or multipart: photo=@a.jpg (repeated), options={"identity", "config"}
+                                        → 202 {job_id, status, status_url}
+  GET  /v1/jobs/{id}                    → {status: pending|done|failed, progress, error?, result?}
+  GET  /v1/jobs/{id}/photos/{index}     → one protected PNG (image/png)
+  GET  /v1/jobs/{id}/result.zip         → every protected PNG + summary.json
+  POST /v1/protect:sync                 same bodies → 200 result with base64 PNGs (small requests)
+  GET  /v1/healthz                      → {"status": "ok"}
 
 Autoscaling and limits come from `ServeConfig` (`serve:` in the capray config); `deploy_config`
 renders the Serve YAML for `serve deploy` / a KubeRay RayService from the same settings.
@@ -20,22 +26,36 @@ renders the Serve YAML for `serve deploy` / a KubeRay RayService from the same s
 
 import asyncio
 import base64
-import threading
+import time
+import uuid
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from capray.attack.api import ProtectionRecord
 from capray.config import CaprayConfig, ServeConfig, load_config
-from capray.serve.jobs import JobTable
-from capray.serve.requests import RequestError, decode_photos, effective_config
-from capray.serve.schemas import JobAccepted, JobStatus, PhotoOut, ProtectRequest, ProtectResult
+from capray.serve import errors
+from capray.serve.auth import AuthError, KeyRing, check_exposure
+from capray.serve.limits import RequestError, check_pixels, effective_config
+from capray.serve.requests import decode_photos, read_submission
+from capray.serve.results import build_result, result_zip
+from capray.serve.runner import JobRunner
+from capray.serve.schemas import JobAccepted, JobStatus, Progress, ProtectRequest, ProtectResult
+from capray.serve.store import JobState, JobStore
 
 APP_NAME = "capray"
 IMPORT_PATH = "capray.serve.app:build_app"
+CLUSTER_HOST = "0.0.0.0"  # what deploy_config binds: every node's proxy, reachable from the network
+REPLICA_HEADER = "x-capray-replica"  # which ingress replica answered (a random tag, no address)
+BODY_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ProtectRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["photo"], "properties": {
+        "photo": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "options": {"type": "string", "description": 'JSON: {"identity": …, "config": {…}}'}}}}}}}
 
 api = FastAPI(title="capray", version="1", description="Protect a person's photos against DreamBooth "
               "personalization (CAP: group-aware adversarial perturbations).")
@@ -44,19 +64,19 @@ api = FastAPI(title="capray", version="1", description="Protect a person's photo
 # Helpers come before the deployments: `@serve.deployment` serializes the class when the decorator runs,
 # so module globals defined after it would be missing in the replicas.
 
-def _result(body: ProtectRequest, photos: list[Any], protected: list[Any], record: ProtectionRecord,
-            cfg: CaprayConfig) -> ProtectResult:
-    """Engine output → response: lossless PNGs (alpha re-attached unchanged) and the run record."""
-    from capray.io.images import encode_png
+@api.exception_handler(RequestError)
+async def _refused(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
-    out = []
-    for i, (src, decoded, rgb) in enumerate(zip(body.photos, photos, protected)):
-        png = encode_png(rgb, decoded.alpha)
-        out.append(PhotoOut(name=src.name, png=base64.b64encode(png).decode("ascii"), width=rgb.shape[1],
-                            height=rgb.shape[0], linf_255=record.linf_255[i], psnr=record.psnr[i],
-                            ssim=record.ssim[i], notes=list(decoded.notes)))
-    return ProtectResult(**record.model_dump(), identity=body.identity, photos=out, eps=cfg.attack.eps,
-                         eps_255=cfg.attack.eps * 127.5)
+
+@api.exception_handler(AuthError)
+async def _unauthorized(request: Request, exc: AuthError) -> JSONResponse:
+    return JSONResponse({"detail": {"error": str(exc)}}, status_code=exc.status,
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def _not_found(job_id: str) -> RequestError:
+    return RequestError(404, "no such job (unknown, not yours, or its result has expired)", job_id=job_id)
 
 
 @serve.deployment(name="Protector")
@@ -68,110 +88,196 @@ class Protector:
 
         cfg = CaprayConfig.model_validate(config)
         self.model_config = cfg.model
+        self.stuck_after_s = cfg.serve.job_timeout_s + 60
         self.models = load_models(cfg.model)
         # One group at a time on the device: a second ongoing request waits here (Serve still counts it,
         # so the autoscaler sees the load) instead of doubling GPU memory and sharing the models across threads.
-        self.gpu_lock = threading.Lock()
+        self.device_lock = asyncio.Lock()
+        self.busy_since: float | None = None
 
-    def protect(self, rgbs: list[Any], config: dict[str, Any], identity: str) -> tuple[list[Any], ProtectionRecord]:
+    async def protect(self, rgbs: list[Any], config: dict[str, Any], identity: str):
+        """Streams ("progress", (done, total)) events, then ("result", (protected, record))."""
         from capray.attack.api import protect_arrays
 
         cfg = CaprayConfig.model_validate(config)
         if cfg.model != self.model_config:
             raise ValueError("this replica serves a different model configuration")
-        with self.gpu_lock:
-            return protect_arrays(rgbs, cfg, identity, self.models)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def progress(done: int, total: int) -> None:  # called on the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, (done, total))
+
+        # The lock is released when the engine thread really ends, not when this call is cancelled (a job
+        # timeout): a thread cannot be interrupted, so the next group waits, and check_health sees a hung one.
+        await self.device_lock.acquire()
+        self.busy_since = time.monotonic()
+        work = asyncio.ensure_future(asyncio.to_thread(protect_arrays, rgbs, cfg, identity, self.models, progress))
+        work.add_done_callback(self._engine_done)
+        while not work.done():
+            event = asyncio.ensure_future(events.get())
+            await asyncio.wait({work, event}, return_when=asyncio.FIRST_COMPLETED)
+            if event.done():
+                yield "progress", event.result()
+            else:
+                event.cancel()
+        yield "result", work.result()
+
+    def _engine_done(self, _: Any) -> None:
+        self.busy_since = None
+        self.device_lock.release()
+
+    def check_health(self) -> None:
+        """A call far past the job time limit means a hung engine: fail the check so Serve replaces the replica."""
+        if self.busy_since is not None and time.monotonic() - self.busy_since > self.stuck_after_s:
+            raise RuntimeError("engine call running past serve.job_timeout_s")
 
 
-def _describe(exc: BaseException) -> str:
-    from ray.serve.exceptions import BackPressureError
+async def _call_protector(handle: DeploymentHandle, rgbs: list[Any], cfg: CaprayConfig, identity: str,
+                          on_progress) -> tuple[list[Any], ProtectionRecord]:
+    stream = handle.options(stream=True).protect.remote(rgbs, cfg.model_dump(mode="json"), identity)
+    try:
+        async for kind, value in stream:
+            if kind == "progress":
+                on_progress(*value)
+            else:
+                return value
+    except BaseException:
+        stream.cancel()  # a timed-out or cancelled job stops occupying the Protector's queue
+        raise
+    raise RuntimeError("the Protector ended without a result")
 
-    if isinstance(exc, BackPressureError):
-        return "server busy: too many queued requests, retry later"
-    cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the replica's exception
-    return f"{type(cause).__name__}: {cause}"
+
+def _job_status(state: JobState, result: ProtectResult | None, base: str) -> JobStatus:
+    if result is not None:
+        for i, photo in enumerate(result.photos):
+            photo.url = f"{base}/photos/{i}"
+    return JobStatus(job_id=state.job_id, status=state.status, created_at=state.created_at,
+                     finished_at=state.finished_at, attempts=state.attempts, error=state.error,
+                     progress=Progress(steps_done=state.steps_done, steps_total=state.steps_total),
+                     result_zip_url=f"{base}/result.zip" if state.status == "done" else None, result=result)
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, protector: DeploymentHandle, config: dict[str, Any]):
+    async def __init__(self, protector: DeploymentHandle, config: dict[str, Any], listen_host: str):
         from ray.serve.metrics import Counter
 
         self.protector = protector
         self.config = CaprayConfig.model_validate(config)
         s = self.config.serve
-        self.jobs = JobTable(s.max_finished_jobs, s.job_ttl_s)
-        # more pending jobs than the Protectors can run or queue would only fail later as "busy"
-        self.capacity = s.max_replicas * s.max_ongoing_requests + max(s.max_queued_requests, 0)
-        self._tasks: set[asyncio.Task] = set()
+        self.keys = KeyRing(s.api_keys_file)
+        check_exposure(listen_host, self.keys, s.allow_unauthenticated)
+        self.tag = uuid.uuid4().hex[:8]
+        self.store = JobStore(s.store, s.store_options)
+        self.runner = JobRunner(self.store, self.config, self._protect, self.tag)
+        self.sync_in_flight = 0
         self.finished = Counter("capray_serve_groups_total", description="protection requests finished, by outcome",
                                 tag_keys=("outcome",))
+        self.sweeper = asyncio.get_running_loop().create_task(self.runner.sweep_forever())
 
-    async def _prepare(self, body: ProtectRequest) -> tuple[list[Any], CaprayConfig]:
+    async def _protect(self, rgbs, cfg, identity, on_progress):
         try:
-            cfg = effective_config(self.config, body.config)
-            photos = await asyncio.to_thread(decode_photos, body.photos, self.config.serve)
-        except RequestError as exc:
-            raise HTTPException(exc.status, detail=exc.detail) from None
-        return photos, cfg
+            out = await _call_protector(self.protector, rgbs, cfg, identity, on_progress)
+        except BaseException:
+            self.finished.inc(tags={"outcome": "failed"})
+            raise
+        self.finished.inc(tags={"outcome": "ok"})
+        return out
 
-    async def _protect(self, body: ProtectRequest, photos: list[Any], cfg: CaprayConfig) -> ProtectResult:
-        protected, record = await self.protector.protect.remote([p.rgb for p in photos], cfg.model_dump(mode="json"),
-                                                                body.identity)
-        return await asyncio.to_thread(_result, body, photos, protected, record, cfg)
+    def _caller(self, request: Request) -> str:
+        return self.keys.authenticate(request.headers.get("authorization"))
+
+    async def _admit(self, request: Request):
+        """Capacity first (nothing read yet), then the body, the overrides, the pixel budget, the decode."""
+        pending = len(await asyncio.to_thread(self.store.pending_ids)) + self.sync_in_flight
+        if pending >= self.config.serve.capacity:
+            raise RequestError(503, "server busy: too many pending jobs, retry later", headers={"Retry-After": "30"})
+        sub = await read_submission(request, self.config.serve)
+        cfg = effective_config(self.config, sub.config)
+        check_pixels(sub.files, self.config.serve)
+        decoded = await asyncio.to_thread(decode_photos, sub.files, sub.names, self.config.serve)
+        return sub, cfg, decoded
+
+    async def _owned(self, request: Request, job_id: str) -> JobState:
+        owner = self._caller(request)
+        state = await asyncio.to_thread(self.store.state, job_id)
+        if state is None or state.owner != owner:
+            raise _not_found(job_id)
+        if state.finished_at is not None and time.time() - state.finished_at > self.config.serve.job_ttl_s:
+            await asyncio.to_thread(self.store.delete, job_id)
+            raise _not_found(job_id)
+        return state
+
+    async def _finished(self, request: Request, job_id: str) -> JobState:
+        state = await self._owned(request, job_id)
+        if state.status != "done":
+            raise RequestError(409, f"job is {state.status}, no result to download", job_id=job_id)
+        return state
 
     @api.get("/v1/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.post("/v1/protect", status_code=202, response_model=JobAccepted)
-    async def submit(self, body: ProtectRequest, request: Request) -> JobAccepted:
-        photos, cfg = await self._prepare(body)
-        if self.jobs.pending() >= self.capacity:
-            raise HTTPException(503, detail={"error": "server busy: too many pending jobs, retry later"},
-                                headers={"Retry-After": "30"})
-        job = self.jobs.create()
-        task = asyncio.create_task(self._run(job.job_id, body, photos, cfg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return JobAccepted(job_id=job.job_id, status="pending",
-                           status_url=str(request.url_for("job_status", job_id=job.job_id)))
+    @api.post("/v1/protect", status_code=202, response_model=JobAccepted, openapi_extra=BODY_DOC)
+    async def submit(self, request: Request, response: Response) -> JobAccepted:
+        owner = self._caller(request)
+        sub, cfg, decoded = await self._admit(request)
+        state = await self.runner.submit(sub, decoded, cfg, owner)
+        response.headers[REPLICA_HEADER] = self.tag
+        return JobAccepted(job_id=state.job_id, status="pending",
+                           status_url=str(request.url_for("job_status", job_id=state.job_id)))
 
-    async def _run(self, job_id: str, body: ProtectRequest, photos: list[Any], cfg: CaprayConfig) -> None:
+    @api.get("/v1/jobs/{job_id}", name="job_status", response_model=JobStatus, response_model_exclude_none=True)
+    async def job_status(self, job_id: str, request: Request, response: Response) -> JobStatus:
+        state = await self._owned(request, job_id)
+        result = None
+        if state.status == "done":
+            raw = await asyncio.to_thread(self.store.result, job_id)
+            result = ProtectResult.model_validate_json(raw) if raw else None
+        response.headers[REPLICA_HEADER] = self.tag
+        return _job_status(state, result, str(request.url_for("job_status", job_id=job_id)))
+
+    @api.get("/v1/jobs/{job_id}/photos/{index}", response_class=Response,
+             responses={200: {"content": {"image/png": {}}}})
+    async def job_photo(self, job_id: str, index: int, request: Request) -> Response:
+        await self._finished(request, job_id)
+        png = await asyncio.to_thread(self.store.photo, job_id, index) if index >= 0 else None
+        if png is None:
+            raise RequestError(404, "no such photo in this job", job_id=job_id, photo=index)
+        return Response(png, media_type="image/png")
+
+    @api.get("/v1/jobs/{job_id}/result.zip", response_class=Response,
+             responses={200: {"content": {"application/zip": {}}}})
+    async def job_zip(self, job_id: str, request: Request) -> Response:
+        await self._finished(request, job_id)
+        result = ProtectResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
+        pngs = [await asyncio.to_thread(self.store.photo, job_id, i) for i in range(len(result.photos))]
+        body = await asyncio.to_thread(result_zip, result, pngs)
+        return Response(body, media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="capray-{job_id}.zip"'})
+
+    @api.post("/v1/protect:sync", response_model=ProtectResult, openapi_extra=BODY_DOC)
+    async def protect_sync(self, request: Request) -> ProtectResult:
+        self._caller(request)
+        sub, cfg, decoded = await self._admit(request)
+        self.sync_in_flight += 1
         try:
-            result = await self._protect(body, photos, cfg)
-        except Exception as exc:  # the job records why; the ingress keeps serving
-            self.jobs.fail(job_id, _describe(exc))
-            self.finished.inc(tags={"outcome": "failed"})
-        else:
-            self.jobs.finish(job_id, result)
-            self.finished.inc(tags={"outcome": "ok"})
-
-    @api.get("/v1/jobs/{job_id}", name="job_status", response_model=JobStatus)
-    async def job_status(self, job_id: str) -> JobStatus:
-        job = self.jobs.get(job_id)
-        if job is None:
-            raise HTTPException(404, detail={"error": f"no job {job_id!r} (unknown, or its result has expired)"})
-        return JobStatus(job_id=job.job_id, status=job.status, created_at=job.created_at,
-                         finished_at=job.finished_at, error=job.error, result=job.result)
-
-    @api.post("/v1/protect:sync", response_model=ProtectResult)
-    async def protect_sync(self, body: ProtectRequest) -> ProtectResult:
-        from ray.serve.exceptions import BackPressureError
-
-        photos, cfg = await self._prepare(body)
-        try:
-            result = await self._protect(body, photos, cfg)
-        except BackPressureError:
-            self.finished.inc(tags={"outcome": "failed"})
-            raise HTTPException(503, detail={"error": _describe(BackPressureError())},
-                                headers={"Retry-After": "30"}) from None
-        except Exception as exc:
-            self.finished.inc(tags={"outcome": "failed"})
-            status = 422 if isinstance(exc, ValueError) else 500
-            raise HTTPException(status, detail={"error": _describe(exc)}) from None
-        self.finished.inc(tags={"outcome": "ok"})
+            protected, record = await asyncio.wait_for(
+                self._protect([d.rgb for d in decoded], cfg, sub.identity, lambda *_: None),
+                timeout=self.config.serve.job_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(504, errors.timed_out(self.config.serve.job_timeout_s)) from None
+        except Exception as exc:  # noqa: BLE001 - a short, stable message; the detail goes to the log
+            message = errors.public_error(exc)
+            status = 503 if message == errors.BUSY else 422 if message.startswith("invalid input") else 500
+            raise RequestError(status, message, headers={"Retry-After": "30"} if status == 503 else None) from None
+        finally:
+            self.sync_in_flight -= 1
+        pngs, result = await asyncio.to_thread(build_result, sub.identity, sub.names, decoded, protected, record, cfg)
+        for photo, png in zip(result.photos, pngs):
+            photo.png = base64.b64encode(png).decode("ascii")
         return result
 
 
@@ -205,21 +311,23 @@ def protector_options(s: ServeConfig) -> dict[str, Any]:
 
 
 def ingress_options(s: ServeConfig) -> dict[str, Any]:
-    # one replica: the job table lives in it (see jobs.py); it only decodes, forwards and encodes
-    return {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": s.ingress_cpus}}
+    # stateless (jobs live in serve.store): several replicas, none a single point of failure
+    return {"num_replicas": s.ingress_replicas, "max_ongoing_requests": 1000,
+            "ray_actor_options": {"num_cpus": s.ingress_cpus}}
 
 
-def app_from_config(cfg: CaprayConfig) -> serve.Application:
+def app_from_config(cfg: CaprayConfig, listen_host: str | None = None) -> serve.Application:
+    """The app for this config; `listen_host` is the HTTP address (the exposure check refuses keyless public ones)."""
     config = cfg.model_dump(mode="json")
     protector = Protector.options(**protector_options(cfg.serve)).bind(config)
-    return Ingress.options(**ingress_options(cfg.serve)).bind(protector, config)
+    return Ingress.options(**ingress_options(cfg.serve)).bind(protector, config, listen_host or cfg.serve.host)
 
 
 def build_app(args: ServeArgs) -> serve.Application:
     """Entry point for `serve run/deploy` and KubeRay's serveConfigV2 (`import_path: capray.serve.app:build_app`)."""
     if isinstance(args, dict):  # called directly rather than by Serve's typed-args loader
         args = ServeArgs.model_validate(args)
-    return app_from_config(args.load())
+    return app_from_config(args.load(), listen_host=CLUSTER_HOST)
 
 
 def deploy_config(args: ServeArgs, *, route_prefix: str = "/", port: int | None = None) -> dict[str, Any]:
@@ -228,7 +336,7 @@ def deploy_config(args: ServeArgs, *, route_prefix: str = "/", port: int | None 
     s = cfg.serve
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": port or s.port, "request_timeout_s": s.request_timeout_s},
+        "http_options": {"host": CLUSTER_HOST, "port": port or s.port, "request_timeout_s": s.request_timeout_s},
         "applications": [{
             "name": APP_NAME, "route_prefix": route_prefix, "import_path": IMPORT_PATH,
             "args": args.model_dump(exclude_defaults=True),

@@ -48,6 +48,18 @@ def run(args: argparse.Namespace) -> int:
     except expected_errors() as exc:
         report("serve", args, describe(exc), exc)
         return 2
+    if not args.print_config:
+        from capray.serve.auth import KeyRing, check_exposure
+
+        keys = KeyRing(cfg.serve.api_keys_file)
+        try:
+            check_exposure(cfg.serve.host, keys, cfg.serve.allow_unauthenticated)
+        except ValueError as exc:
+            print(f"capray serve: {exc}", file=sys.stderr)
+            return 2
+        if not keys.configured:
+            print(f"capray serve: no API keys configured: anyone who can reach {cfg.serve.host} may call it",
+                  file=sys.stderr)
     if args.print_config:
         import yaml
 

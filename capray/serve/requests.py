@@ -1,80 +1,48 @@
-"""Turn an HTTP request into decoded photos and an effective config, or a clear 4xx.
+"""Turn an HTTP request body (JSON with base64 photos, or multipart photo files) into a `Submission`.
 
-Validation happens in the ingress, before any GPU time is spent, so a bad photo or a bad override
-is refused at once with the photo's index and the reason. A request may tune the attack (`seed`,
-`attack`, `cap`) but never what the server owns: the model (loaded once per replica), server-side
-paths, the class-image cache, or budgets above the server's own.
+Both forms end in the same thing — the photo files' bytes, their names, the identity and the config
+overrides — so they give the same pixels. The body is read through `limits.limited_receive`: JSON is
+held in memory only up to `serve.max_request_bytes`, multipart files spool to disk as they stream.
+Photos are decoded here too, after the pixel budget has been checked on their headers.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
-from capray.config import CaprayConfig, ServeConfig, deep_merge
+from capray.config import ServeConfig
 from capray.io.images import BadImage, DecodedImage, decode_image
+from capray.serve.limits import RequestError, check_declared_length, limited_receive
+from capray.serve.schemas import ProtectOptions, ProtectRequest
 
-CLIENT_SECTIONS = ("seed", "attack", "cap")
-SERVER_ONLY = (  # paths on the server, and the class-image cache (changing it means generating images)
-    "attack.fsmg_model", "attack.surrogate.class_images_dir", "attack.surrogate.class_prompt",
-    "attack.surrogate.num_class_images", "attack.surrogate.class_sample_steps",
-    "attack.surrogate.class_guidance_scale",
-)
-CAPPED = (  # cost knobs a request may lower but not raise above the server's value
-    "attack.fsmg_train_steps", "attack.surrogate_steps", "attack.surrogate.batch_size",
-    "attack.simac.max_select_iters", "attack.simac.samples_per_iter", "cap.ratio_max",
-)
+PHOTO_FIELDS = ("photo", "photos")  # multipart file fields that carry photos (repeat the field per photo)
+OPTIONS_FIELD = "options"  # multipart JSON part: {"identity": …, "config": {…}}
 
 
-class RequestError(Exception):
-    """A refused request: HTTP status plus a JSON-able detail naming what is wrong."""
-
-    def __init__(self, status: int, message: str, **context: Any):
-        super().__init__(message)
-        self.status = status
-        self.detail = {"error": message, **context}
-
-
-def _get(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part)
-    return obj
+@dataclass
+class Submission:
+    identity: str
+    config: dict[str, Any]
+    files: list[bytes]
+    names: list[str | None] = field(default_factory=list)
 
 
-def _present(tree: dict[str, Any], dotted: str) -> bool:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
+def _validation_error(exc: ValidationError, where: str = "") -> RequestError:
+    errors = [{"loc": where + ".".join(map(str, e["loc"])), "msg": e["msg"]} for e in exc.errors()]
+    return RequestError(422, "malformed request", errors=errors)
 
 
-def effective_config(server: CaprayConfig, overrides: dict[str, Any]) -> CaprayConfig:
-    """The server's config with a request's overrides applied, or `RequestError(422)`."""
-    if not overrides:
-        return server
-    foreign = sorted(set(overrides) - set(CLIENT_SECTIONS))
-    if foreign:
-        raise RequestError(422, f"config may override only {list(CLIENT_SECTIONS)}; not {foreign}")
-    fixed = [path for path in SERVER_ONLY if _present(overrides, path)]
-    if fixed:
-        raise RequestError(422, f"set by the server, not per request: {', '.join('config.' + p for p in fixed)}")
-    try:
-        cfg = CaprayConfig.model_validate(deep_merge(server.model_dump(), overrides))
-    except ValidationError as exc:
-        errors = [{"loc": "config." + ".".join(map(str, e["loc"])), "msg": e["msg"]} for e in exc.errors()]
-        raise RequestError(422, "invalid config overrides", errors=errors) from None
-    over = [f"config.{p} = {_get(cfg, p)} > {_get(server, p)}" for p in CAPPED if _get(cfg, p) > _get(server, p)]
-    if over:
-        raise RequestError(422, f"above this server's limits: {'; '.join(over)}")
-    if cfg.attack.total_pgd_steps > server.serve.max_pgd_steps:
-        raise RequestError(422, f"{cfg.attack.total_pgd_steps} PGD steps requested; this server allows at most "
-                                f"{server.serve.max_pgd_steps}")
-    return cfg
+def _check_counts(count: int, limits: ServeConfig) -> None:
+    if count == 0:
+        raise RequestError(422, "no photos: send at least one")
+    if count > limits.max_photos:
+        raise RequestError(413, f"{count} photos; at most {limits.max_photos} per request")
 
 
 def _b64_payload(data: str) -> str:
@@ -83,22 +51,79 @@ def _b64_payload(data: str) -> str:
     return "".join(data.split())
 
 
-def decode_photos(photos: list[Any], limits: ServeConfig) -> list[DecodedImage]:
-    """Base64 photo files → decoded RGB photos (EXIF-rotated, alpha kept aside), or `RequestError`."""
-    if len(photos) > limits.max_photos:
-        raise RequestError(413, f"{len(photos)} photos; at most {limits.max_photos} per request")
-    decoded = []
-    for i, photo in enumerate(photos):
-        where = {"photo": i, "name": photo.name}
+def from_json(body: bytes, limits: ServeConfig) -> Submission:
+    try:
+        req = ProtectRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    _check_counts(len(req.photos), limits)
+    files = []
+    for i, photo in enumerate(req.photos):
         payload = _b64_payload(photo.data)
         if len(payload) * 3 // 4 > limits.max_photo_bytes:
-            raise RequestError(413, f"photo larger than {limits.max_photo_bytes} bytes", **where)
+            raise RequestError(413, f"photo larger than {limits.max_photo_bytes} bytes", photo=i, name=photo.name)
         try:
-            raw = base64.b64decode(payload, validate=True)
+            files.append(base64.b64decode(payload, validate=True))
         except (binascii.Error, ValueError):
-            raise RequestError(422, "photo data is not valid base64", **where) from None
+            raise RequestError(422, "photo data is not valid base64", photo=i, name=photo.name) from None
+    return Submission(req.identity, req.config, files, [p.name for p in req.photos])
+
+
+async def from_multipart(request: Any, limits: ServeConfig) -> Submission:
+    """`photo` file parts (repeated) and an optional JSON `options` part."""
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    try:
+        form = await request.form(max_files=limits.max_photos + 1, max_fields=8, max_part_size=1_000_000)
+    except StarletteHTTPException as exc:  # python-multipart's own refusals (too many files, bad framing)
+        if "Too many files" in str(exc.detail):
+            raise RequestError(413, f"more than {limits.max_photos} photos; at most {limits.max_photos} per request")
+        raise RequestError(422, f"malformed multipart body: {exc.detail}") from None
+    try:
+        uploads = [v for k, v in form.multi_items() if k in PHOTO_FIELDS and isinstance(v, UploadFile)]
+        _check_counts(len(uploads), limits)
+        raw = form.get(OPTIONS_FIELD)
+        if isinstance(raw, UploadFile):
+            raw = (await raw.read(1_000_001)).decode("utf-8", "replace")
+        try:
+            options = ProtectOptions.model_validate(json.loads(raw) if raw else {})
+        except (json.JSONDecodeError, TypeError):
+            raise RequestError(422, "the options part is not valid JSON") from None
+        except ValidationError as exc:
+            raise _validation_error(exc, "options.") from None
+        files = []
+        for i, upload in enumerate(uploads):
+            if upload.size is not None and upload.size > limits.max_photo_bytes:
+                raise RequestError(413, f"photo larger than {limits.max_photo_bytes} bytes", photo=i,
+                                   name=upload.filename)
+            files.append(await upload.read())
+        return Submission(options.identity, options.config, files, [u.filename for u in uploads])
+    finally:
+        await form.close()
+
+
+async def read_submission(request: Any, limits: ServeConfig) -> Submission:
+    """The request's body as a `Submission`, refusing an oversized body while it streams in."""
+    from starlette.requests import Request
+
+    check_declared_length(request.headers, limits.max_request_bytes)
+    bounded = Request(request.scope, receive=limited_receive(request.receive, limits.max_request_bytes))
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        return await from_multipart(bounded, limits)
+    if kind in ("application/json", ""):
+        return from_json(await bounded.body(), limits)
+    raise RequestError(415, "send application/json or multipart/form-data")
+
+
+def decode_photos(files: list[bytes], names: list[str | None], limits: ServeConfig) -> list[DecodedImage]:
+    """Photo files → decoded RGB photos (EXIF-rotated, alpha kept aside), or `RequestError` naming the photo."""
+    decoded = []
+    for i, raw in enumerate(files):
         try:
             decoded.append(decode_image(raw, max_pixels=limits.max_image_pixels, min_side=limits.min_image_side))
         except BadImage as exc:
-            raise RequestError(422, f"cannot use this photo: {exc}", **where) from None
+            raise RequestError(422, f"cannot use this photo: {exc}", photo=i,
+                               name=names[i] if i < len(names) else None) from None
     return decoded

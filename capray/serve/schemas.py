@@ -16,21 +16,28 @@ class PhotoIn(BaseModel):
     name: str | None = Field(None, max_length=200, description="echoed back, e.g. the file name")
 
 
-class ProtectRequest(BaseModel):
-    """Photos of ONE person: CAP protects them as a group (the cross-image loss needs ≥ 2)."""
+class ProtectOptions(BaseModel):
+    """Everything of a request but the photos (the `options` part of a multipart upload)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    photos: list[PhotoIn] = Field(..., min_length=1)
     identity: str = Field("user", min_length=1, max_length=256,
                           description="seeds the randomness: same photos + identity + config → same pixels")
     config: dict[str, Any] = Field(default_factory=dict,
                                    description="overrides of the server's `seed`, `attack` and `cap` settings")
 
 
+class ProtectRequest(ProtectOptions):
+    """Photos of ONE person: CAP protects them as a group (the cross-image loss needs ≥ 2)."""
+
+    photos: list[PhotoIn] = Field(..., description="1 to serve.max_photos photos")
+
+
 class PhotoOut(BaseModel):
     name: str | None
-    png: str = Field(..., description="protected photo, base64 PNG (lossless; same size as the input)")
+    png: str | None = Field(None, description="protected photo, base64 PNG (lossless; same size as the input); "
+                            "in the sync response only")
+    url: str | None = Field(None, description="where to GET this protected PNG (jobs only)")
     width: int
     height: int
     linf_255: float
@@ -54,10 +61,18 @@ class JobAccepted(BaseModel):
     status_url: str
 
 
+class Progress(BaseModel):
+    steps_done: int = Field(description="PGD steps finished")
+    steps_total: int
+
+
 class JobStatus(BaseModel):
     job_id: str
     status: Literal["pending", "done", "failed"]
     created_at: float
     finished_at: float | None = None
+    progress: Progress
+    attempts: int = Field(description="runs started (a rerun follows a runner lost to a restart)")
     error: str | None = None
-    result: ProtectResult | None = None
+    result_zip_url: str | None = None
+    result: ProtectResult | None = Field(None, description="when done; photos carry their download `url`")

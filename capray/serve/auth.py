@@ -1,0 +1,107 @@
+"""Who may call the endpoint: API keys from `CAPRAY_API_KEYS` and/or `serve.api_keys_file`.
+
+Keys are compared as SHA-256 digests in constant time and never stored or logged: a job records
+its owner as a short digest of the key that created it (`owner_id`), so another key cannot read it.
+The key file is a mounted Kubernetes Secret; it is re-read when its modification time changes, so
+rotating a key needs no restart. With no keys at all, the endpoint is only safe on loopback:
+`check_exposure` refuses anything else unless `serve.allow_unauthenticated` says otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import threading
+import time
+
+ENV_VAR = "CAPRAY_API_KEYS"
+ANONYMOUS = "anonymous"  # the owner of every job when no keys are configured
+
+
+class AuthError(Exception):
+    """401 (no usable credentials) or 403 (a key this server does not know)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def owner_id(key: str) -> str:
+    """The stored owner of a job: a digest of the key, never the key itself."""
+    return "k" + hashlib.sha256(b"capray-owner:" + key.encode()).hexdigest()[:24]
+
+
+def _parse(text: str, sep: str) -> set[str]:
+    return {k.strip() for k in text.replace("\n", sep).split(sep) if k.strip() and not k.strip().startswith("#")}
+
+
+class KeyRing:
+    """The current set of API keys (env + file), re-reading the file at most once per `recheck_s`."""
+
+    def __init__(self, keys_file: str | None, env: str | None = None, recheck_s: float = 1.0):
+        self.keys_file = keys_file
+        self.env_keys = {_digest(k) for k in _parse(env if env is not None else os.environ.get(ENV_VAR, ""), ",")}
+        self.recheck_s = recheck_s
+        self._file_keys: set[bytes] = set()
+        self._stamp: tuple[float, int] | None = None
+        self._checked = -float("inf")
+        self._lock = threading.Lock()
+        self._reload(force=True)
+
+    def _reload(self, force: bool = False) -> None:
+        if not self.keys_file or (not force and time.monotonic() - self._checked < self.recheck_s):
+            return
+        with self._lock:
+            self._checked = time.monotonic()
+            try:
+                st = os.stat(self.keys_file)  # follows the Secret volume's ..data symlink swap
+                stamp = (st.st_mtime, st.st_size)
+                if stamp != self._stamp:
+                    with open(self.keys_file, encoding="utf-8") as fh:
+                        self._file_keys = {_digest(k) for k in _parse(fh.read(), "\n")}
+                    self._stamp = stamp
+            except FileNotFoundError:
+                self._file_keys, self._stamp = set(), None
+
+    @property
+    def configured(self) -> bool:
+        self._reload()
+        return bool(self.env_keys or self._file_keys)
+
+    def authenticate(self, authorization: str | None) -> str:
+        """The caller's owner id for an `Authorization` header value, or `AuthError`."""
+        if not self.configured:
+            return ANONYMOUS
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthError(401, "missing API key: send 'Authorization: Bearer <key>'")
+        key = key.strip()
+        digest = _digest(key)
+        if not any(hmac.compare_digest(digest, known) for known in self.env_keys | self._file_keys):
+            raise AuthError(403, "API key not accepted")
+        return owner_id(key)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, keys: KeyRing, allow_unauthenticated: bool) -> None:
+    """Refuse (ValueError) to serve without keys on an address other machines can reach."""
+    if keys.configured or allow_unauthenticated or is_loopback(host):
+        return
+    raise ValueError(
+        f"no API keys configured, so the endpoint would accept anyone on {host}. Set {ENV_VAR} or "
+        "serve.api_keys_file, listen on 127.0.0.1, or set serve.allow_unauthenticated=true to serve "
+        "without authentication on purpose")

@@ -1,0 +1,38 @@
+"""What a client is told when a job fails: short, stable messages, never internal addresses.
+
+A Ray exception carries node IPs, PIDs and tracebacks; those go to the server log (with the job id),
+and the client gets one of the messages below. Input errors the engine raises (`ValueError`) are the
+exception: their text is about the request, so the client sees it (first line, bounded).
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("capray.serve")
+
+BUSY = "server busy: too many queued requests, retry later"
+WORKER_LOST = "the protection worker stopped while running this job; retry (the same request gives the same pixels)"
+INTERNAL = "internal error while protecting this job"
+
+
+def timed_out(seconds: float) -> str:
+    return f"timed out after {seconds:g} s (serve.job_timeout_s)"
+
+
+def public_error(exc: BaseException, job_id: str | None = None) -> str:
+    """The client-facing message for an exception raised while running a job (the detail is logged)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    if isinstance(exc, BackPressureError):
+        return BUSY
+    cause = exc.cause if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) else exc
+    if isinstance(cause, ValueError):
+        first = (str(cause).strip().splitlines() or [""])[0]
+        return f"invalid input: {first[:200]}"
+    log.warning("job %s failed: %r", job_id, exc, exc_info=exc)
+    if isinstance(cause, (ActorDiedError, ActorUnavailableError, RayActorError, NodeDiedError,
+                          ReplicaUnavailableError, DeploymentUnavailableError)):
+        return WORKER_LOST
+    return INTERNAL

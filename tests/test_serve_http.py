@@ -1,0 +1,355 @@
+"""The online endpoint over real HTTP on 127.0.0.1: auth, limits, durable jobs, downloads, restarts.
+
+One Serve app (two ingress replicas, one CPU Protector, tiny model, a local job store, API keys in a
+file) is shared by the module; the restart test runs last and leaves a restarted app behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import select
+import socket
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from test_serve import PHOTOS, _photo, _png, _png_array
+
+pytestmark = pytest.mark.ray
+
+APP = "capray-test"
+ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
+LOOP_LIMIT = 600  # every polling loop is bounded by count and time
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _auth(key: str = ALICE) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _json_body(photos=PHOTOS, **extra) -> dict:
+    return {"identity": "alice", "photos": [{"name": f"p{i}.png", "data": base64.b64encode(_png(a)).decode()}
+                                            for i, a in enumerate(photos)], **extra}
+
+
+def _multipart(photos=PHOTOS, options: dict | None = None) -> dict:
+    files = [("photo", (f"p{i}.png", _png(a), "image/png")) for i, a in enumerate(photos)]
+    if options is not None:
+        files.append(("options", (None, json.dumps(options), "application/json")))
+    return {"files": files}
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_model_dir, tmp_path_factory):
+    from ray import serve
+
+    from capray.config import load_config
+    from capray.serve.app import app_from_config
+
+    base = tmp_path_factory.mktemp("serve")
+    keys_file = base / "keys"
+    keys_file.write_text(f"{ALICE}\n{BOB}\n")
+    cfg = load_config(preset="smoke", overrides={"serve": {
+        "min_replicas": 1, "max_replicas": 1, "gpus_per_replica": 0, "cpus_per_replica": 1, "ingress_cpus": 0,
+        "ingress_replicas": 2, "max_queued_requests": 2, "max_photos": 4, "max_request_bytes": 4_000_000,
+        "max_request_pixels": 40_000, "store": str(base / "store"), "api_keys_file": str(keys_file),
+        "job_lease_s": 3}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app_from_config(cfg), name=APP, route_prefix="/")
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "cfg": cfg, "base": base,
+               "restart": lambda: serve.run(app_from_config(cfg), name=APP, route_prefix="/")}
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    import httpx
+
+    with httpx.Client(base_url=served["url"], timeout=300) as c:
+        yield c
+
+
+def _wait(client, job_id: str, key: str = ALICE, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    for _ in range(LOOP_LIMIT):
+        status = client.get(f"/v1/jobs/{job_id}", headers=_auth(key)).json()
+        if status["status"] != "pending" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status["status"] != "pending", f"job {job_id} still pending"
+    return status
+
+
+def _pngs(client, job_id: str, n: int, key: str = ALICE) -> list[bytes]:
+    out = []
+    for i in range(n):
+        resp = client.get(f"/v1/jobs/{job_id}/photos/{i}", headers=_auth(key))
+        assert resp.status_code == 200 and resp.headers["content-type"] == "image/png", resp.text
+        out.append(resp.content)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(client):
+    """One JSON job and one multipart job of the same photos, both finished."""
+    json_job = client.post("/v1/protect", json=_json_body(), headers=_auth())
+    form_job = client.post("/v1/protect", **_multipart(options={"identity": "alice"}), headers=_auth())
+    assert [json_job.status_code, form_job.status_code] == [202, 202], (json_job.text, form_job.text)
+    ids = [json_job.json()["job_id"], form_job.json()["job_id"]]
+    done = [_wait(client, i) for i in ids]
+    assert [d["status"] for d in done] == ["done", "done"], [d.get("error") for d in done]
+    return {"ids": ids, "status": done, "pngs": [_pngs(client, i, len(PHOTOS)) for i in ids]}
+
+
+# -- authentication -------------------------------------------------------------------------------------
+
+def test_keys_guard_every_route_but_healthz(client, finished):
+    job = finished["ids"][0]
+    assert client.get("/v1/healthz").json() == {"status": "ok"}
+    routes = [("post", "/v1/protect"), ("post", "/v1/protect:sync"), ("get", f"/v1/jobs/{job}"),
+              ("get", f"/v1/jobs/{job}/photos/0"), ("get", f"/v1/jobs/{job}/result.zip")]
+    for method, path in routes:
+        missing = client.request(method, path, content=b"x" * 100_000)  # refused before the body is read
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer", (path, missing.text)
+        wrong = client.request(method, path, headers=_auth("not-a-key"))
+        assert wrong.status_code == 403 and "not accepted" in wrong.json()["detail"]["error"], path
+    # a job belongs to the key that created it: another valid key cannot tell it from an unknown one
+    for path in [f"/v1/jobs/{job}", f"/v1/jobs/{job}/photos/0", f"/v1/jobs/{job}/result.zip"]:
+        theirs = client.get(path, headers=_auth(BOB))
+        unknown = client.get(path.replace(job, "0" * 32), headers=_auth(BOB))
+        assert theirs.status_code == unknown.status_code == 404 and theirs.json()["detail"]["error"] == \
+            unknown.json()["detail"]["error"]
+        assert client.get(path, headers=_auth(ALICE)).status_code == 200
+
+
+# -- results --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_multipart_and_json_give_the_pixels_of_capray_protect(client, served, finished, tmp_path):
+    from capray.batch.command import protect
+
+    cfg = served["cfg"]
+    json_pngs, form_pngs = finished["pngs"]
+    assert json_pngs == form_pngs
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "alice").mkdir(parents=True)
+    for i, arr in enumerate(PHOTOS):
+        (src / "alice" / f"p{i}.png").write_bytes(_png(arr))
+    summary = protect(str(src), str(out), cfg, show_progress=False)
+    assert summary.ok == 1
+    batch = [(out / "alice" / f"p{i}.png").read_bytes() for i in range(len(PHOTOS))]
+    assert [_png_array(b).tolist() for b in json_pngs] == [_png_array(b).tolist() for b in batch]
+    assert json_pngs == batch  # same pixels, same encoder: same bytes
+    budget = round(cfg.attack.eps * 127.5)
+    for clean, png in zip(PHOTOS, json_pngs):
+        linf = int(np.abs(_png_array(png).astype(int) - clean.astype(int)).max())
+        assert _png_array(png).shape == clean.shape and 0 < linf <= budget
+    status = finished["status"][0]
+    total = cfg.attack.total_pgd_steps
+    assert status["progress"] == {"steps_done": total, "steps_total": total} and status["attempts"] == 1
+    result = status["result"]
+    assert len(result["lambda_schedule"]) == total and result["config_hash"] == cfg.config_hash()
+    assert [p["url"] for p in result["photos"]] == [f"{served['url']}/v1/jobs/{finished['ids'][0]}/photos/{i}"
+                                                    for i in range(len(PHOTOS))]
+
+
+def test_result_zip_holds_the_same_pngs_and_a_summary(client, finished):
+    job = finished["ids"][1]
+    resp = client.get(f"/v1/jobs/{job}/result.zip", headers=_auth())
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(resp.content)) as zf:
+        names = zf.namelist()
+        assert names == ["00_p0.png", "01_p1.png", "summary.json"]
+        assert [zf.read(n) for n in names[:2]] == finished["pngs"][1]
+        summary = json.loads(zf.read("summary.json"))
+    assert summary["identity"] == "alice" and [p["name"] for p in summary["photos"]] == ["p0.png", "p1.png"]
+    assert client.get(f"/v1/jobs/{job}/photos/{len(PHOTOS)}", headers=_auth()).status_code == 404
+
+
+def test_sync_request_returns_the_same_pixels_inline(client, finished):
+    resp = client.post("/v1/protect:sync", **_multipart(options={"identity": "alice"}), headers=_auth())
+    assert resp.status_code == 200, resp.text
+    assert [base64.b64decode(p["png"]) for p in resp.json()["photos"]] == finished["pngs"][0]
+
+
+def test_two_ingress_replicas_answer_each_others_jobs(client, served, finished):
+    """Any replica answers any job: the store, not a replica's memory, holds it."""
+    job = finished["ids"][0]
+    seen: dict[str, dict] = {}
+    for _ in range(60):
+        resp = client.get(f"/v1/jobs/{job}", headers=_auth())
+        seen.setdefault(resp.headers["x-capray-replica"], resp.json())
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2, "Serve routed every request to one ingress replica"
+    first, second = seen.values()
+    assert first == second and first["status"] == "done"
+
+
+def test_a_job_whose_runner_vanished_is_rerun_with_the_same_pixels(client, served, finished):
+    """As if an ingress replica died mid-job: the job sits in the store, pending, its lease run out."""
+    from capray.serve.auth import owner_id
+    from capray.serve.store import JobRequest, JobState, JobStore
+
+    cfg = served["cfg"]
+    store = JobStore(cfg.serve.store)
+    job_id = "ab" * 16
+    now = time.time()
+    request = JobRequest(job_id=job_id, owner=owner_id(ALICE), identity="alice", names=["p0.png", "p1.png"],
+                         config=cfg.model_dump(mode="json"), created_at=now)
+    store.create(request, [_png(a) for a in PHOTOS],
+                 JobState(job_id=job_id, owner=request.owner, created_at=now, updated_at=now, runner="gone",
+                          attempts=1, lease_until=now - 1, steps_total=cfg.attack.total_pgd_steps))
+    status = _wait(client, job_id)
+    assert status["status"] == "done" and status["attempts"] == 2, status
+    assert _pngs(client, job_id, len(PHOTOS)) == finished["pngs"][0]
+
+
+# -- limits before work ---------------------------------------------------------------------------------
+
+def test_bad_requests_are_refused_with_clear_4xx(client):
+    bad_image = _json_body()
+    bad_image["photos"][1]["data"] = base64.b64encode(b"GIF89a but not really").decode()
+    resp = client.post("/v1/protect", json=bad_image, headers=_auth())
+    assert resp.status_code == 422 and resp.json()["detail"]["photo"] == 1, resp.text
+    assert client.post("/v1/protect:sync", json=bad_image, headers=_auth()).status_code == 422
+    cases = [
+        (dict(json=_json_body(PHOTOS * 3)), 413, "at most 4"),  # 6 photos > max_photos
+        (_multipart(PHOTOS * 3), 413, "at most 4"),
+        (dict(json=_json_body([_photo(150, 150, 3)] * 2)), 413, "serve.max_request_pixels"),  # 45 000 > 40 000
+        (dict(json=_json_body(config={"model": {"sd": "/etc"}})), 422, "not settable per request"),
+        (dict(json=_json_body(config={"cap": {"search": "reference"}})), 422, "costs more"),
+        (_multipart(options={"config": {"cap": {"candidate_batch_size": 99}}}), 422, "candidate_batch_size"),
+        (_multipart(options={"colour": "red"}), 422, "malformed request"),
+        (dict(json=_json_body(config={"attack": {"eps": -1}})), 422, "invalid config overrides"),
+        (dict(json={"photos": []}), 422, "no photos"),
+        (dict(json={**_json_body(), "colour": "red"}), 422, "malformed request"),
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 422, "malformed request"),
+        (dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "multipart/form-data"),
+    ]
+    for kwargs, status, message in cases:
+        headers = {**kwargs.pop("headers", {}), **_auth()}
+        resp = client.post("/v1/protect", **kwargs, headers=headers)
+        assert resp.status_code == status and message in resp.json()["detail"]["error"], (message, resp.text)
+    assert client.get("/v1/jobs/0123456789abcdef", headers=_auth()).status_code == 404
+    assert client.get("/v1/jobs/..%2F..%2Fkeys", headers=_auth()).status_code == 404
+
+
+def test_capacity_is_checked_before_the_body_is_read(client, served):
+    """With the pending slots full, even an unparseable body gets 503 + Retry-After, not 422."""
+    from capray.serve.store import JobRequest, JobState, JobStore
+
+    cfg = served["cfg"]
+    store = JobStore(cfg.serve.store)
+    fake = [f"{i:032x}" for i in range(cfg.serve.capacity)]
+    now = time.time()
+    for job_id in fake:  # pending jobs of a live runner elsewhere (their lease is fresh)
+        store.create(JobRequest(job_id=job_id, owner="x", identity="x", names=[], config={}, created_at=now), [],
+                     JobState(job_id=job_id, owner="x", created_at=now, updated_at=now, runner="elsewhere",
+                              lease_until=now + 3600))
+    try:
+        resp = client.post("/v1/protect", content=b"{not json", headers={**_auth(), "content-type": "application/json"})
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "30", resp.text
+        assert client.post("/v1/protect:sync", json=_json_body(), headers=_auth()).status_code == 503
+    finally:
+        for job_id in fake:
+            store.delete(job_id)
+    assert client.post("/v1/protect", content=b"{not json", headers={**_auth(), "content-type": "application/json"}
+                       ).status_code == 422
+
+
+def _server_rss() -> int:
+    """RSS of this test's Serve proxy and ingress replicas (descendants of this process only)."""
+    import psutil
+
+    total = 0
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+            if "ProxyActor" in title or f"{APP}:Ingress" in title:
+                total += proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def _stream_post(port: int, total: int, headers: dict[str, str], chunk: int = 1 << 20) -> tuple[int, int, bytes]:
+    """POST `total` bytes chunked, stopping as soon as the server answers; (bytes sent, status, body)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock.sendall(f"POST /v1/protect HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n{head}\r\n".encode())
+    block = f"{chunk:x}\r\n".encode() + b"x" * chunk + b"\r\n"
+    sent = 0
+    try:
+        while sent < total and not select.select([sock], [], [], 0)[0]:
+            sock.sendall(block)
+            sent += chunk
+    except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        pass
+    reply = b""
+    try:
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    except (ConnectionResetError, socket.timeout):
+        pass
+    sock.close()
+    status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0
+    return sent, status, reply.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.slow
+def test_a_300_mb_body_is_refused_while_it_streams_without_the_server_holding_it(served):
+    limit, body = served["cfg"].serve.max_request_bytes, 300 * 1024 * 1024
+    headers = {**_auth(), "Content-Type": "application/json"}
+    _stream_post(served["port"], 2 * limit, headers)  # warm up: first-request allocations are not the body
+    before = _server_rss()
+    sent, status, reply = _stream_post(served["port"], body, headers)
+    grown = _server_rss() - before
+    print(f"300 MiB body: {sent / 2**20:.0f} MiB sent before the 413, server RSS {grown / 2**20:+.1f} MiB")
+    assert status == 413 and b"serve.max_request_bytes" in reply, (status, reply[:200])
+    assert sent < body, "the server read the whole body before refusing it"
+    assert grown < body / 4, f"server RSS grew by {grown / 2**20:.0f} MiB for a {body / 2**20:.0f} MiB body"
+    # a declared length over the limit is refused from the header alone
+    sock = socket.create_connection(("127.0.0.1", served["port"]), timeout=10)
+    sock.sendall((f"POST /v1/protect HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {body}\r\n\r\n").encode())
+    assert sock.recv(65536).startswith(b"HTTP/1.1 413")
+    sock.close()
+
+
+# -- restarts (last: leaves a restarted app) ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_restart_keeps_finished_jobs_and_settles_pending_ones(client, served, finished):
+    from ray import serve
+
+    from capray.serve import errors
+
+    pending = client.post("/v1/protect", json=_json_body(config={"seed": 5}), headers=_auth())
+    assert pending.status_code == 202
+    serve.delete(APP)  # every replica goes: the runner of the pending job too
+    served["restart"]()
+    job = finished["ids"][0]
+    assert _pngs(client, job, len(PHOTOS)) == finished["pngs"][0]
+    settled = _wait(client, pending.json()["job_id"])
+    print(f"job pending at the restart ended {settled['status']} after {settled['attempts']} attempt(s)")
+    if settled["status"] == "failed":  # allowed, with a reason that names no internals
+        assert settled["error"] in (errors.WORKER_LOST, errors.INTERNAL) or "lost" in settled["error"], settled
+    else:
+        assert settled["status"] == "done" and len(_pngs(client, settled["job_id"], len(PHOTOS))) == len(PHOTOS)
