@@ -47,13 +47,8 @@ def _actor_remote_args(ds) -> dict:
     """The Ray remote args of the dataset's actor-pool stage, read from its logical plan (nothing runs)."""
     from ray.data._internal.compute import ActorPoolStrategy
 
-    op, found = ds._logical_plan.dag, []
-    stack = [op]
-    while stack:
-        node = stack.pop()
-        if isinstance(getattr(node, "_compute", None), ActorPoolStrategy):
-            found.append(node._ray_remote_args)
-        stack.extend(node.input_dependencies)
+    found = [op.ray_remote_args for op in ds._logical_plan.dag.post_order_iter()
+             if isinstance(getattr(op, "compute", None), ActorPoolStrategy)]
     assert len(found) == 1
     return found[0]
 
@@ -325,60 +320,71 @@ def test_transient_errors_are_told_apart_from_missing_or_forbidden_files():
     assert not is_transient(ValueError("not an image"))
 
 
-FLAKY_SCRIPT = r'''
-import json, sys, threading
+FLAKY_FS = r'''
+"""Local files behind a store whose connections reset (in Ray workers only)."""
+import os
+import threading
+
 import fsspec
-import ray
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 
 class FlakyFileSystem(DirFileSystem):
-    """Local files behind a store that drops every 2nd read and write (ConnectionResetError)."""
+    """The first read and the first write of every file in a process fail; the next ones work."""
     protocol = "flaky"
-    calls = {"n": 0}
+    failed_once = set()
     lock = threading.Lock()
 
     def __init__(self, *args, **kwargs):
-        super().__init__(path="/", fs=LocalFileSystem())
+        super().__init__(path="/", fs=LocalFileSystem(auto_mkdir=True))
 
     @classmethod
     def _strip_protocol(cls, path):
         return path[len("flaky://"):] if path.startswith("flaky://") else path
 
-    def _flake(self, what):
-        import os
+    def _flake(self, what, path):
         if os.environ.get("FLAKY_ON") != "1":
             return
         with self.lock:
-            self.calls["n"] += 1
-            n = self.calls["n"]
-        if n % 2 == 0:
-            raise ConnectionResetError(f"injected: connection reset during {what}")
+            if (what, path) in self.failed_once:
+                return
+            self.failed_once.add((what, path))
+        with open(os.environ["FLAKY_LOG"], "a") as fh:
+            fh.write(what + "\n")
+        raise ConnectionResetError(f"injected: connection reset during {what}")
 
     def cat_file(self, path, *a, **k):
-        self._flake("read")
+        self._flake("read", path)
         return super().cat_file(path, *a, **k)
 
     def open(self, path, mode="rb", *a, **k):
-        self._flake("open")
+        self._flake("read" if "r" in mode else "write", path)
         return super().open(path, mode, *a, **k)
 
     def pipe_file(self, path, *a, **k):
-        self._flake("write")
+        self._flake("write", path)
         return super().pipe_file(path, *a, **k)
 
 
-def setup():
-    import os
-    os.environ["FLAKY_ON"] = "1"  # only in Ray workers: the driver's own calls stay reliable
+def register():
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
 
 
-fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+def setup():  # Ray workers only: the driver's own calls stay reliable
+    os.environ["FLAKY_ON"] = "1"
+    register()
+'''
+
+FLAKY_SCRIPT = r'''
+import json, sys
+import ray
+import flakyfs
+
+flakyfs.register()
 src, out = sys.argv[1], sys.argv[2]
 ray.init(address="local", num_cpus=4, object_store_memory=150 * 1024**2, include_dashboard=False,
-         log_to_driver=False, runtime_env={"worker_process_setup_hook": setup})
+         log_to_driver=False, runtime_env={"worker_process_setup_hook": "flakyfs.setup"})
 from capray.batch.command import protect
 from capray.config import load_config
 cfg = load_config(preset="smoke", overrides={"attack": {"outer_loops": 1, "adv_steps": 2},
@@ -399,16 +405,19 @@ def test_transient_storage_errors_are_retried_and_nothing_is_lost(tiny_model_dir
 
     src, out = tmp_path / "in", tmp_path / "out"
     copy_samples(src, "coffee", "chelsea")
-    script = tmp_path / "flaky.py"
+    script, log = tmp_path / "flaky.py", tmp_path / "injected.log"
     script.write_text(FLAKY_SCRIPT)
+    (tmp_path / "flakyfs.py").write_text(FLAKY_FS)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(CAPRAY_CACHE=str(capray_cache), RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.update(CAPRAY_CACHE=str(capray_cache), RAY_USAGE_STATS_ENABLED="0", FLAKY_LOG=str(log),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])]))
     run = subprocess.run([sys.executable, str(script), str(src), str(out)], env=env, capture_output=True,
                          timeout=400)
     lines = [ln for ln in run.stdout.decode().splitlines() if ln.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stderr.decode()[-3000:]
     assert json.loads(lines[-1][7:]) == {"ok": 2, "failed": 0, "unfinished": 0}
+    injected = log.read_text().split("\n")
+    assert "read" in injected and "write" in injected  # decode and write both met (and survived) errors
     rows = read_manifest(str(out)).to_pylist()
     assert sorted(r["identity"] for r in rows) == ["chelsea", "coffee"] and all(r["status"] == "ok" for r in rows)
     for r in rows:
