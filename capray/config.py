@@ -140,7 +140,7 @@ class BatchConfig(_Strict):
                                    "replaced (a sticky CUDA error is replaced at once)")
     io_retries: int = Field(5, ge=0, description="Ray Data retries (exponential backoff) of a decode or write "
                             "task that hit a transient storage error")
-    lease_ttl_s: float = Field(300.0, gt=0, description="a lease on OUTPUT not renewed for this long is "
+    lease_ttl_s: float = Field(120.0, gt=0, description="a lease on OUTPUT not renewed for this long is "
                                "abandoned and may be taken over")
     allowed_input_prefixes: list[str] = Field(default_factory=list, description="where manifest URIs may point "
                                               "besides the input's own bucket (local: the manifest's folder)")
