@@ -291,7 +291,8 @@ def test_a_dropped_block_and_an_uncommittable_row_are_named_never_lost(ray_clust
     summary = protect(str(src), str(out), cheap_config(), actor_cls=actor_cls, show_progress=False)
     assert (summary.ok, summary.failed, summary.unfinished) == (1, 1, 1) and summary.exit_code == 1
     assert summary.unfinished_identities == ["stuck row"]
-    assert "unfinished identity 'stuck row': not finished: committing its manifest row failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unfinished identity 'stuck row': not finished: committing its manifest row failed" in err
     rows = rows_by_identity(out)
     assert sorted(rows) == ["coffee", "dropped"]
     assert rows["dropped"]["status"] == "failed" and "Ray Data dropped it" in rows["dropped"]["error"]
@@ -627,3 +628,21 @@ def test_on_s3_the_lease_is_a_conditional_create_and_retries_are_configured(tmp_
         assert not fs.exists(f"leases/out/{LEASE_FILE}")
     finally:
         server.stop()
+
+
+def test_force_unlock_takes_a_held_output_over_and_the_old_holder_finds_out(tmp_path, capsys):
+    from capray.batch import command
+    from capray.batch.lease import acquire
+
+    (tmp_path / "in").mkdir()  # no identities: the run needs no cluster, only the lease and run.json
+    out = tmp_path / "out"
+    holder = acquire(str(out), ttl_s=600)
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    argv = [str(tmp_path / "in"), str(out), "--preset", "smoke", "--quiet"]
+    assert command.run(parser.parse_args(argv)) == 2
+    assert command.run(parser.parse_args(argv + ["--force-unlock"])) == 0
+    assert "taking over the lease on OUTPUT (--force-unlock)" in capsys.readouterr().err
+    assert (out / "run.json").exists() and not (out / ".capray-lease.json").exists()  # released at the end
+    assert not holder.renew() and "taken over" in holder.lost
+    holder._stop.set()

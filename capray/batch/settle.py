@@ -40,5 +40,6 @@ def settle_missing(pending: Iterable[dict[str, Any]], committed: set[str], reaso
     for identity, why in unfinished[:NAMED_ON_STDERR]:
         print(f"capray protect: unfinished identity {identity!r}: {why}", file=sys.stderr)
     if len(unfinished) > NAMED_ON_STDERR:
-        print(f"capray protect: … and {len(unfinished) - NAMED_ON_STDERR} more unfinished identities", file=sys.stderr)
+        print(f"capray protect: … and {len(unfinished) - NAMED_ON_STDERR} more unfinished identities",
+              file=sys.stderr)
     return written, unfinished
