@@ -4,7 +4,8 @@ One row per identity all the way (no `groupby().map_groups()`, which would shuff
 stream); `repartition(target_num_rows_per_block=1)` spreads the groups over actors. The driver only
 iterates small summary rows (keeping the names that committed, so that `settle_missing` can give the
 others a row), and Ray Data's streaming executor bounds what is in flight. Resume is the manifest:
-identities with an `ok` row were left out of the plan, and every identity commits its row only after its PNGs are written.
+identities with an `ok` row were left out of the plan, and every identity commits its row only after
+its PNGs are written.
 """
 
 from __future__ import annotations
