@@ -646,3 +646,15 @@ def test_force_unlock_takes_a_held_output_over_and_the_old_holder_finds_out(tmp_
     assert (out / "run.json").exists() and not (out / ".capray-lease.json").exists()  # released at the end
     assert not holder.renew() and "taken over" in holder.lost
     holder._stop.set()
+
+
+def test_a_job_whose_lease_is_taken_over_is_told_to_stop(tmp_path):
+    from capray.batch.lease import acquire
+
+    out, told = str(tmp_path / "out"), threading.Event()
+    first = acquire(out, ttl_s=0.6, on_lost=told.set)  # the command passes _thread.interrupt_main
+    second = acquire(out, ttl_s=60, force=True)
+    assert told.wait(5) and "taken over by job " + second.job_id in first.lost
+    first.release()  # does not delete the new holder's lease
+    assert (tmp_path / "out" / ".capray-lease.json").exists()
+    second.release()

@@ -51,7 +51,11 @@ class LedgerClient:
         if name:
             import ray
 
-            self._remote = ray.get_actor(name)
+            try:
+                self._remote = ray.get_actor(name)
+            except ValueError as exc:  # not found: count here rather than fail the actor
+                print(f"capray: attempt ledger {name} not found ({exc}); counting attempts in this actor",
+                      file=sys.stderr)
 
     def _call(self, method: str, *args):
         if self._remote is not None:

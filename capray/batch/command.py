@@ -6,6 +6,7 @@ configuration error (nothing was written), or OUTPUT's lease is held by another 
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import os
 import shutil
@@ -57,7 +58,8 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
     cfg = embedded_cpu_fallback(cfg, address)
     output_uri = normalize_uri(output_uri)
     created_dir = "://" not in output_uri and not os.path.exists(output_uri)
-    held = lease.acquire(output_uri, cfg.batch.lease_ttl_s, cfg.batch.storage_options, force=force_unlock)
+    held = lease.acquire(output_uri, cfg.batch.lease_ttl_s, cfg.batch.storage_options, force=force_unlock,
+                         on_lost=_thread.interrupt_main)  # the loop below then sees KeyboardInterrupt
     started = False
     try:
         try:

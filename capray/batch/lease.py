@@ -15,7 +15,6 @@ The name starts with a dot, which identity names never do, so it can never be an
 
 from __future__ import annotations
 
-import _thread
 import json
 import os
 import socket
@@ -23,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,7 @@ class Lease:
     ttl_s: float
     storage_options: dict[str, Any]
     body: dict[str, Any]
+    on_lost: Callable[[], None] | None = None  # called from the renewal thread when another job holds it
     lost: str | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -106,7 +107,8 @@ class Lease:
             try:
                 if not self.renew():
                     print(f"capray protect: {self.lost}; stopping this job", file=sys.stderr)
-                    _thread.interrupt_main()  # the driver loop raises KeyboardInterrupt → LeaseLost
+                    if self.on_lost is not None:
+                        self.on_lost()
                     return
             except Exception as exc:  # a storage hiccup: try again next period (the TTL leaves room)
                 print(f"capray protect: renewing the output lease failed ({type(exc).__name__}: {exc})",
@@ -178,8 +180,11 @@ def _overwrite(fs, path: str, body: dict[str, Any]) -> None:
 
 
 def acquire(output: str, ttl_s: float, storage_options: dict[str, Any] | None = None, *,
-            force: bool = False) -> Lease:
-    """Take OUTPUT's lease and start renewing it; raises `LeaseHeld` naming a live holder."""
+            force: bool = False, on_lost: Callable[[], None] | None = None) -> Lease:
+    """Take OUTPUT's lease and start renewing it; raises `LeaseHeld` naming a live holder.
+
+    `on_lost` runs (in the renewal thread) if another job takes the lease over; the command passes
+    `_thread.interrupt_main`, so its driver loop stops with `LeaseLost`."""
     so = dict(storage_options or {})
     uri = join(output, LEASE_FILE)
     fs, path = get_fs(uri, so)
@@ -188,7 +193,7 @@ def acquire(output: str, ttl_s: float, storage_options: dict[str, Any] | None = 
             "ttl_s": ttl_s}
     for _ in range(3):
         if _create(fs, path, body):
-            return Lease(uri, ttl_s, so, body).start()
+            return Lease(uri, ttl_s, so, body, on_lost).start()
         current = _read(fs, path)
         if current is None:  # released between our create and our read: try again
             continue
