@@ -139,13 +139,24 @@ class BatchConfig(_Strict):
     """The Ray Data job: actors, batching and fault tolerance."""
 
     num_actors: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(1.0, ge=0, description="used only when the cluster has GPUs")
+    gpus_per_actor: float = Field(1.0, ge=0, description="GPUs each protect actor requests, whatever the cluster "
+                                  "has at submit time (a GPU group may scale from zero); 0 for CPU runs")
     cpus_per_actor: float = Field(1.0, ge=0)
     groups_per_batch: int = Field(1, ge=1)
     max_photos_per_identity: int = Field(64, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard")
     max_file_bytes: int = Field(50_000_000, ge=1)
-    group_retries: int = Field(2, ge=0)
+    group_retries: int = Field(2, ge=0, description="extra attempts per group, counted across actor deaths")
+    group_timeout_s: float = Field(3600.0, ge=0, description="a group running longer is stopped and recorded "
+                                   "failed (0: no limit)")
+    actor_error_limit: int = Field(2, ge=1, description="consecutive engine errors after which an actor is "
+                                   "replaced (a sticky CUDA error is replaced at once)")
+    io_retries: int = Field(5, ge=0, description="Ray Data retries (exponential backoff) of a decode or write "
+                            "task that hit a transient storage error")
+    lease_ttl_s: float = Field(120.0, gt=0, description="a lease on OUTPUT not renewed for this long is "
+                               "abandoned and may be taken over")
+    allowed_input_prefixes: list[str] = Field(default_factory=list, description="where manifest URIs may point "
+                                              "besides the input's own bucket (local: the manifest's folder)")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. endpoint_url")
     min_image_side: int = Field(8, ge=1, description="photos with a shorter side are refused")
     cpus_per_io_task: float = Field(0.5, gt=0, description="logical CPUs per decode / encode+write task")

@@ -222,6 +222,24 @@ def test_rayjob_entrypoint_is_a_real_capray_command(name):
         load_config(preset="smoke", overrides=parse_set(args.set))
 
 
+@pytest.mark.parametrize("name", TARGETS)
+def test_rayjob_requests_gpus_exactly_when_its_cluster_has_them_and_reruns_at_most_once(name):
+    from capray.cli import build_parser
+    from capray.config import load_config, parse_set
+
+    job = one(render(name), "RayJob")
+    args = build_parser().parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
+    if args.command == "protect":
+        from capray.batch.command import build_config
+
+        gpus = build_config(args).batch.gpus_per_actor
+    else:
+        gpus = load_config(preset="smoke", overrides=parse_set(args.set)).batch.gpus_per_actor
+    has_gpus = "nvidia.com/gpu" in json.dumps(job["spec"]["rayClusterSpec"])
+    assert (gpus > 0) == has_gpus  # actors never wait for a GPU that cannot come, nor share one
+    assert job["spec"]["backoffLimit"] <= 1  # a rerun resumes; bad input alone never triggers one
+
+
 @pytest.mark.parametrize("name", ["base", "gpu"])
 def test_gpu_clusters_have_the_essentials(name):
     import capray

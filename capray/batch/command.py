@@ -1,12 +1,15 @@
 """`capray protect INPUT OUTPUT`: protect every identity under INPUT on Ray, resumably.
 
 Exit codes: 0 every identity ok; 1 some identities failed (see OUT/manifest/); 2 usage or
-configuration error (nothing was written).
+configuration error (nothing was written), or OUTPUT's lease is held by another live job.
 """
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import os
+import shutil
 import sys
 
 from capray.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE  # noqa: F401  (re-exported: the demo and tests use them)
@@ -23,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cap", action=argparse.BooleanOptionalAction, default=None,
                         help="add CAP's cross-image consistency loss (default: on)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take over OUTPUT's lease even if another job seems to hold it (only when "
+                             "you know that job is dead)")
 
 
 def build_config(args: argparse.Namespace):
@@ -37,21 +43,42 @@ def build_config(args: argparse.Namespace):
 
 
 def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None, show_progress: bool = True,
-            **job_kwargs):
-    """Plan, write run.json, run the job; raises `UsageError` before doing any work.
+            force_unlock: bool = False, **job_kwargs):
+    """Take OUTPUT's lease, plan, write run.json, run the job; raises `UsageError` (or `LeaseHeld`)
+    before doing any work, and `LeaseLost` when another job took OUTPUT over mid-run.
 
     `make_plan` runs the models' preflight, so a model that cannot load stops here before Ray starts.
     """
+    from capray.batch import lease
     from capray.batch.pipeline import run_job
     from capray.batch.plan import make_plan, write_run_file
+    from capray.batch.resources import embedded_cpu_fallback
     from capray.cluster import connect_ray
+    from capray.io.storage import normalize_uri
 
-    plan = make_plan(input_uri, output_uri, cfg)
-    started = connect_ray(address) if plan.pending else False  # nothing left to do: no cluster needed
+    cfg = embedded_cpu_fallback(cfg, address)
+    output_uri = normalize_uri(output_uri)
+    created_dir = "://" not in output_uri and not os.path.exists(output_uri)
+    held = lease.acquire(output_uri, cfg.batch.lease_ttl_s, cfg.batch.storage_options, force=force_unlock,
+                         on_lost=_thread.interrupt_main)  # the loop below then sees KeyboardInterrupt
+    started = False
     try:
+        try:
+            plan = make_plan(input_uri, output_uri, cfg)  # after the lease: it cleans temp files in OUTPUT
+        except Exception:
+            held.release()
+            if created_dir:  # a refused run writes nothing
+                shutil.rmtree(output_uri, ignore_errors=True)
+            raise
+        started = connect_ray(address) if plan.pending else False  # nothing left to do: no cluster needed
         write_run_file(plan, cfg, {"notes": cfg.model.notes})
         return run_job(plan, cfg, show_progress=show_progress, **job_kwargs)
+    except KeyboardInterrupt:
+        if held.lost:
+            raise lease.LeaseLost(held.lost) from None
+        raise
     finally:
+        held.release()
         if started:
             import ray
 
@@ -59,6 +86,7 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
 
 
 def run(args: argparse.Namespace) -> int:
+    from capray.batch.lease import LeaseHeld
     from capray.batch.plan import UsageError
     from capray.cli import describe, expected_errors, report
 
@@ -68,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
         report("protect", args, f"configuration error: {describe(exc)}", exc)
         return EXIT_USAGE
     try:
-        summary = protect(args.input, args.output, cfg, address=args.address, show_progress=not args.quiet)
-    except UsageError as exc:
+        summary = protect(args.input, args.output, cfg, address=args.address, show_progress=not args.quiet,
+                          force_unlock=args.force_unlock)
+    except (UsageError, LeaseHeld) as exc:
         report("protect", args, describe(exc), exc)
         return EXIT_USAGE
     except Exception as exc:  # e.g. the actors cannot load the model: committed identities stay committed

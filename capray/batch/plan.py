@@ -58,16 +58,34 @@ def check_locations(input_uri: str, output_uri: str, found: Discovery) -> None:
                                      f"{output_uri}; choose an output outside the input")
 
 
+def shared_folders(identities: list[str]) -> dict[str, list[str]]:
+    """identity → the other identities whose output folder (and record) it would share.
+
+    The naming rule makes this empty unless 64-bit hashes collide or names differ only in case
+    (one folder on a case-insensitive store); such identities fail instead of mixing outputs."""
+    owners: dict[str, list[str]] = {}
+    for identity in identities:
+        if identity_problem(identity) is None:
+            owners.setdefault(safe_name(identity).casefold(), []).append(identity)
+    return {i: [o for o in group if o != i] for group in owners.values() if len(group) > 1 for i in group}
+
+
 def plan_rows(found: Discovery, cfg: CaprayConfig, done: set[str]) -> tuple[list[dict[str, Any]], int]:
     rows, skipped = [], 0
     limit = cfg.batch.max_photos_per_identity
+    sharing = shared_folders([g.identity for g in found.groups])
     for group in found.groups:
         if group.identity in done:
             skipped += 1
             continue
         problem = identity_problem(group.identity)
         safe = rejected_name(group.identity) if problem else safe_name(group.identity)
-        if not problem and not group.uris:
+        if not problem and group.identity in sharing:
+            problem = (f"identity {group.identity!r} would share the output folder {safe!r} with "
+                       f"{', '.join(map(repr, sharing[group.identity]))} (names equal but for case, or a hash "
+                       "collision); rename one of them")
+            safe = rejected_name(group.identity)  # its failed row must not land on the other's record
+        elif not problem and not group.uris:
             problem = "identity has no photos"
         elif not problem and len(group.uris) > limit:
             problem = (f"identity has {len(group.uris)} photos, over batch.max_photos_per_identity={limit}; "

@@ -2,9 +2,12 @@
 
 The original identity name is kept in the manifest; the output folder gets a *safe* name: Unicode
 letters and digits, '-', '_' and '.' are kept, everything else (spaces, punctuation) becomes '_'.
-When that changes the name at all, a short hash of the original is appended, so two different
-originals can never land in the same folder ("a b" → "a_b-<hash>", while "a_b" stays "a_b"), and
-names of OUT's own entries ("manifest", "run.json", "metrics.prom") get the hash too.
+A name is kept unchanged only when it is already safe, is not one of OUT's own entries ("manifest",
+"run.json", "metrics.prom") and does not end like a hashed name ("-" and 16 hex digits);
+every other name gets "-" and a 16-hex hash of the original appended ("a b" → "a_b-<hash>", "a_b"
+stays "a_b", and an identity literally named "a_b-<hash>" gets a hash of its own). So a kept name
+never equals a hashed one, and two hashed names collide only if 64-bit hashes do (~1e-5 for 10
+million names that clean to the same string). Planning still checks every run (`plan.plan_rows`).
 Names that try to address other paths (separators, "..", control characters, leading dots) are
 rejected, not rewritten: the identity gets a `failed` row saying so.
 """
@@ -17,8 +20,10 @@ import re
 import unicodedata
 
 MAX_NAME_CHARS = 120
+NAME_HASH_CHARS = 16  # 64 bits: folder names of millions of identities must not collide
 RESERVED = {"manifest", "run.json", "metrics.prom"}  # entries of OUT that are not identity folders
 _UNSAFE = re.compile(r"[^\w.\-]", re.UNICODE)
+_LOOKS_HASHED = re.compile(r"-[0-9a-f]{%d}$" % NAME_HASH_CHARS)
 
 
 def short_hash(text: str, n: int = 8) -> str:
@@ -42,8 +47,8 @@ def safe_name(name: str) -> str:
     """A filesystem- and URL-safe folder/file name for `name` (see module doc); stable across runs."""
     nfc = unicodedata.normalize("NFC", name)
     cleaned = _UNSAFE.sub("_", nfc).lstrip(".")[:MAX_NAME_CHARS] or "_"
-    keep = cleaned == name and cleaned.lower() not in RESERVED
-    return cleaned if keep else f"{cleaned}-{short_hash(name)}"
+    keep = cleaned == name and cleaned.lower() not in RESERVED and not _LOOKS_HASHED.search(cleaned)
+    return cleaned if keep else f"{cleaned}-{short_hash(name, NAME_HASH_CHARS)}"
 
 
 def rejected_name(name: str) -> str:

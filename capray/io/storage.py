@@ -8,6 +8,7 @@ its final name, which is what makes resume after a crash safe.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
@@ -31,12 +32,57 @@ def normalize_uri(uri: str) -> str:
     return uri.rstrip("/")
 
 
+# botocore's own retries for every S3 request (throttling `SlowDown`, 5xx, dropped connections):
+# "adaptive" adds client-side rate limiting on top of standard mode's backoff, which is what rides out
+# a throttling burst when hundreds of workers hit one prefix. Override with
+# `batch.storage_options.config_kwargs.retries`.
+S3_RETRIES = {"mode": "adaptive", "max_attempts": 10}
+S3_PROTOCOLS = ("s3://", "s3a://")
+
+
+def with_retry_defaults(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Storage options for `uri` with capray's retry defaults filled in where the user set none."""
+    options = dict(storage_options or {})
+    if uri.startswith(S3_PROTOCOLS):
+        config_kwargs = dict(options.get("config_kwargs") or {})
+        config_kwargs.setdefault("retries", dict(S3_RETRIES))
+        options["config_kwargs"] = config_kwargs
+    return options
+
+
 def get_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a URI. Remote options (endpoint, keys) come from config or env."""
     uri = normalize_uri(uri)
-    options = dict(storage_options or {}) if "://" in uri else {}
+    options = with_retry_defaults(uri, storage_options) if "://" in uri else {}
     fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
+
+
+class TransientStorageError(Exception):
+    """A storage call failed in a way a retry may fix (after botocore's own retries, where they apply).
+
+    Stages raise it instead of recording a failure; Ray Data re-runs the task with exponential
+    backoff (`retried_map_errors` matches this class name, `max_map_retries = batch.io_retries`).
+    """
+
+
+TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                    errno.ECONNREFUSED, errno.EPIPE, errno.EREMOTEIO, errno.EIO}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors of the storage service or the network (retry), not of the object (a missing or
+    forbidden file stays missing or forbidden)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return True  # s3fs: SlowDown/ServiceUnavailable → EBUSY, InternalError → EREMOTEIO
+    names = {cls.__name__ for cls in type(exc).__mro__}  # botocore / aiohttp without importing them
+    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                         "ConnectionClosedError", "ResponseStreamingError", "IncompleteReadError",
+                         "ClientConnectionError", "ServerDisconnectedError", "ClientPayloadError"})
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
