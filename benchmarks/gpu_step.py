@@ -18,7 +18,12 @@ with CUDA events:
 * a large matmul in the compute dtype as the attainable peak, FLOPs per pass with
   `torch.utils.flop_counter`, achieved TFLOP/s and the fraction of peak;
 * one real, shortened `protect_group` call (ASPL + CAP, gradient checkpointing) and its peak memory,
-  to check the "ASPL + CAP within 24 GB with checkpointing" target.
+  to check the "ASPL + CAP within 24 GB with checkpointing" target;
+* the peak memory of one CAP step for N = 4, 16 and 64 photos (`--memory-ns`): gradients accumulate
+  over `attack.image_batch_size` photos and scoring runs `cap.score_image_batch_size` images per
+  forward, so it should stay flat as N grows;
+* `model.deterministic`: a PGD step with and without it (its cost) and two identical short runs in
+  that mode, which must give identical pixels (the process's settings are restored afterwards).
 
 The identity projection composes the measured pieces for the paper's recipe (ASPL: 50 outer loops ×
 6 PGD steps, CAP on the last half, 3 + 3 surrogate steps per loop) with an assumed number of distinct
@@ -251,6 +256,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--matmul-n", type=int, default=None, help="peak matmul size (default 8192; 256 with --tiny)")
     p.add_argument("--compile", action="store_true", help="also time candidate scoring with torch.compile(UNet) "
                    "(adds the compile time to the run)")
+    p.add_argument("--memory-ns", default=None, help="group sizes N for the peak-memory-by-N check "
+                   "(default 4,16,64; 4,16 with --tiny)")
     p.add_argument("--skip-protect", action="store_true", help="skip the end-to-end protect_group memory check")
     p.add_argument("--workdir", default=None, help="where the random SD 2.1 directory is written (temp by default)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
@@ -261,6 +268,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else 1 if tiny else 2
     args.iters = args.iters if args.iters is not None else 1 if tiny else 5
     args.matmul_n = args.matmul_n or (256 if tiny else 8192)
+    args.memory_ns = [int(n) for n in (args.memory_ns or ("4,16" if tiny else "4,16,64")).split(",")]
     return args
 
 
@@ -294,7 +302,7 @@ def set_checkpointing(parts_or_unet: Any, on: bool) -> None:
 
 
 def hot_path_options(args: argparse.Namespace, clock: Clock, parts: Any, net: Any, loss_on: Callable[..., Any],
-                     x: Any, batch: int, draw: Any, cfg: Any) -> dict[str, float]:
+                     x: Any, batch: int, draw: Any, cfg: Any, layout: Any) -> dict[str, float]:
     """Candidate scoring at `batch` under engine options that are not (yet) the default, to decide them."""
     import torch
 
@@ -304,7 +312,7 @@ def hot_path_options(args: argparse.Namespace, clock: Clock, parts: Any, net: An
     cands = (x + cfg.attack.alpha * (torch.randint(0, 3, (batch, x.numel()), generator=gen) - 1).to(x)).clamp(-1, 1)
 
     def score_ms(loss: Callable[..., Any]) -> float:
-        scorer = cap_search.InProcessEvaluator(loss, args.n, batch)
+        scorer = cap_search.InProcessEvaluator(loss, layout, args.resolution, batch * args.n)
         return clock.ms(lambda: scorer(cands, draw)) / batch
 
     out = {"fp32-master UNet under autocast (engine now)": score_ms(loss_on(net.unet)),
@@ -317,7 +325,7 @@ def hot_path_options(args: argparse.Namespace, clock: Clock, parts: Any, net: An
     if args.compile:
         compiled = torch.compile(net.unet, dynamic=False)
         t0 = time.perf_counter()
-        scorer = cap_search.InProcessEvaluator(loss_on(compiled), args.n, batch)
+        scorer = cap_search.InProcessEvaluator(loss_on(compiled), layout, args.resolution, batch * args.n)
         scorer(cands, draw)
         out["torch.compile first call (compile time)"] = (time.perf_counter() - t0) * 1e3  # whole call, ms
         out["+ torch.compile UNet"] = score_ms(loss_on(compiled))
@@ -329,8 +337,8 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
     import torch
 
     from capray.attack import cap as cap_search
-    from capray.attack.engine import GroupAttack
-    from capray.attack.losses import reconstruction_loss
+    from capray.attack.engine import GroupAttack, Phase
+    from capray.attack.losses import consistency_part, reconstruction_loss
     from capray.attack.surrogate import Surrogate, autocast_for, train_surrogate
     from capray.models.sd import encode_prompt
 
@@ -343,22 +351,24 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
         cond = encode_prompt(parts, cfg.attack.instance_prompt, text_encoder=net.text_encoder)
 
     def loss_on(unet: Any) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-        def candidate_loss(candidates: torch.Tensor, draw: Any) -> torch.Tensor:  # as GroupAttack.pgd_phase builds it
+        def image_loss(images: torch.Tensor, draw: Any) -> torch.Tensor:  # as GroupAttack.start_phase builds it
             with autocast_for(parts):
-                return reconstruction_loss(parts, unet, cond, attack.layout.to_model(candidates, res), draw)
+                return reconstruction_loss(parts, unet, cond, images, draw)
 
-        return candidate_loss
+        return image_loss
 
     candidate_loss = loss_on(net.unet)
 
     plain_k, cap_k = 0, max(attack.k_hat, 0)
-    plain_draw, cap_draw = attack.draw_for_step(plain_k), attack.draw_for_step(cap_k)
-    evaluator = cap_search.make_evaluator(candidate_loss, n, cfg.cap.candidate_batch_size)
+    plain_draw = attack.draw_for_step(plain_k)
+    context = cap_search.EvaluationContext(net.unet, cond, attack.layout, res)
+    evaluator = cap_search.make_evaluator(candidate_loss, context, cfg.cap.score_image_batch_size)
 
     records: list[Any] = []
 
-    def pgd_step(on: Any = net, k: int = plain_k, draw: Any = plain_draw) -> None:
-        attack.pgd_step(on, cond, draw, k, evaluator, None, None)
+    def pgd_step(on: Any = net, k: int = plain_k) -> None:
+        attack.steps = [None] * k  # the engine numbers the step by the records before it
+        attack.pgd_step(Phase(on, cond, evaluator))
         records.append(attack.steps.pop())  # keep the attack's history clean between timings
 
     # plain PGD step (the engine's own step function; parameters frozen, grad w.r.t. the images only)
@@ -381,7 +391,8 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
     # the CAP extra: consistency loss and its gradient through the style network
     def cap_extra() -> None:
         xr = attack.x.detach().requires_grad_(True)
-        torch.autograd.grad(attack.consistency(attack.layout.to_model(xr, res)), xr)
+        stats = attack.style_stats(attack.layout.to_model(xr, res))
+        torch.autograd.grad(consistency_part(stats, attack.mean_style(attack.x), n), xr)
 
     with attempt(out, "cap_extra"):
         out["ms"]["cap_extra"] = clock.ms(cap_extra)
@@ -390,7 +401,7 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
     # one full CAP step: the real fast λ search with as many distinct candidates as it finds
     if attack.cap_on:
         with attempt(out, "cap_step"), PeakMemory(device) as mem:
-            out["ms"]["cap_step"] = clock.ms(lambda: pgd_step(k=cap_k, draw=cap_draw), iters=1, warmup=1)
+            out["ms"]["cap_step"] = clock.ms(lambda: pgd_step(k=cap_k), iters=1, warmup=1)
             out["cap_step_distinct"] = records[-1].distinct
         out["peak_gb"]["cap_step"] = mem.gb
 
@@ -403,7 +414,7 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
             signs = (torch.randint(0, 3, (bs, x.numel()), generator=gen) - 1).to(device, x.dtype)
             cands = (x + cfg.attack.alpha * signs).clamp(-1, 1)
             del signs
-            scorer = cap_search.InProcessEvaluator(candidate_loss, n, bs)
+            scorer = cap_search.InProcessEvaluator(candidate_loss, attack.layout, res, bs * n)
             ms = clock.ms(lambda: scorer(cands, plain_draw))
             out["candidates"][bs] = {"ms": ms, "images_per_s": bs * n / (ms / 1e3), "peak_gb": mem.peak_now()}
         cands = None
@@ -412,9 +423,10 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
         out["best_batch"] = best
         out["ms"]["candidate"] = out["candidates"][best]["ms"] / best  # per group candidate (N images)
         with attempt(out, "hot-path options"):
-            out["options_ms"] = hot_path_options(args, clock, parts, net, loss_on, x, best, plain_draw, cfg)
+            out["options_ms"] = hot_path_options(args, clock, parts, net, loss_on, x, best, plain_draw, cfg,
+                                                attack.layout)
     with attempt(out, "candidate flops"):
-        one = cap_search.InProcessEvaluator(candidate_loss, n, 1)
+        one = cap_search.InProcessEvaluator(candidate_loss, attack.layout, res, n)
         out["flops"]["candidate"] = count_flops(lambda: one(x.unsqueeze(0), plain_draw))
 
     # ASPL surrogate: one training step (fp32 master weights, AdamW, prior preservation) and one copy
@@ -434,9 +446,76 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
             net, parts, inst, klass, s, cfg.attack.instance_prompt, 1, ("bench",)))
     with attempt(out, "surrogate_copy"):
         out["ms"]["surrogate_copy"] = clock.ms(lambda: net.copy(), iters=max(1, clock.iters // 2), warmup=0)
+    with attempt(out, "memory by group size"):
+        out["memory_by_n"] = memory_by_group_size(args, models, cfg, net)
+    with attempt(out, "deterministic mode"):
+        out["deterministic"] = determinism_check(args, models, cfg, clock, net)
     del net, attack
     gc.collect()
     return out
+
+
+def memory_by_group_size(args: argparse.Namespace, models: Any, cfg: Any, net: Any) -> dict[int, dict[str, float]]:
+    """Peak memory of one CAP step (micro-batched gradients of both losses, then scoring two candidates)
+    for N = --memory-ns photos: with micro-batching it should stay flat as N grows."""
+    import torch
+
+    from capray.attack.engine import GroupAttack
+    from capray.attack.pgd import sign_step
+
+    out = {}
+    for n in args.memory_ns:
+        with PeakMemory(models.device) as mem:
+            t0 = time.perf_counter()
+            attack = GroupAttack(models, cfg, "memory", test_images(n, args.resolution, seed=5), None, None)
+            phase = attack.start_phase(net)
+            draw = attack.draw_for_step(0)
+            grads = attack.gradients(phase, attack.x, draw, consistency=True)
+            a = cfg.attack
+            cands = torch.stack([sign_step(attack.x, attack.x0, grads.attack - r * grads.consistency, a.alpha, a.eps)
+                                 for r in (0, 1)])
+            phase.evaluator(cands, draw)
+            seconds = time.perf_counter() - t0
+        out[n] = {"peak_gb": mem.gb, "seconds": seconds}
+        del attack, phase, grads, cands
+        gc.collect()
+    return out
+
+
+def determinism_check(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock, net: Any) -> dict[str, Any]:
+    """What `model.deterministic` costs (one PGD step with and without it) and whether two identical
+    short runs then give identical pixels. Restores the process's settings afterwards."""
+    import os
+
+    import torch
+
+    from capray import protect_group
+    from capray.attack.engine import GroupAttack
+    from capray.models.sd import enable_deterministic_mode
+
+    images = test_images(args.n, args.resolution, seed=6)
+
+    def step() -> None:
+        attack = GroupAttack(models, cfg, "det", images, None, None)
+        attack.pgd_step(attack.start_phase(net))
+
+    short = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={
+        "method": "fsmg", "pgd_steps": 2, "fsmg_train_steps": 0}), "cap": cfg.cap.model_copy(update={
+            "ratio_max": 10, "start_fraction": 0.0})})
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    free_ms = clock.ms(step)
+    try:
+        enable_deterministic_mode()
+        deterministic_ms = clock.ms(step)
+        runs = [protect_group(images, short, identity="det", models=models) for _ in range(2)]
+        identical = all(torch.equal(a, b) for a, b in zip(runs[0].images, runs[1].images))
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
+    return {"pgd_step_ms": free_ms, "pgd_step_deterministic_ms": deterministic_ms,
+            "slowdown": deterministic_ms / free_ms, "identical_pixels": identical,
+            "cublas_workspace_set_before_cuda": saved[3] is not None}
 
 
 def protect_check(args: argparse.Namespace, models: Any, sd: str, workdir: Path) -> dict[str, Any]:
@@ -582,7 +661,17 @@ def report(args: argparse.Namespace, cfg: Any, name: str, setup_s: float, peak_t
           + " + ".join(f"{k} {v:.2f}" for k, v in static.items() if k != "total") + " (before activations)")
     print(f"projection plan {json.dumps(plan)}: {identity_s:.1f} s per identity "
           f"({identity_flops / 1e15:.2f} PFLOP, {mfu:.1%} of peak)")
+    for n, v in figures.get("memory_by_n", {}).items():
+        print(f"CAP step peak memory, N = {n:3d} photos (image_batch_size {cfg.attack.image_batch_size}): "
+              f"{v['peak_gb']:.2f} GB  ({v['seconds']:.1f} s)")
+    det = figures.get("deterministic")
+    if det:
+        print(f"model.deterministic: PGD step {det['pgd_step_ms']:.2f} → {det['pgd_step_deterministic_ms']:.2f} ms "
+              f"(×{det['slowdown']:.2f}); two identical runs give identical pixels: {det['identical_pixels']}")
     failed = False
+    if det and not det["identical_pixels"]:
+        print("model.deterministic: two identical runs gave different pixels", file=sys.stderr)
+        failed = True
     if protect:
         verdict = "within" if protect["peak_gb"] <= 24 else "OVER"
         print(f"protect_group check (ASPL+CAP, checkpointing, {protect['pgd_steps']} PGD steps): "

@@ -47,6 +47,9 @@ class ModelConfig(_Strict):
     tiny_cache_dir: str | None = Field(None, description="where the tiny model is built; default ~/.cache/capray")
     gradient_checkpointing: bool = False
     attention_slicing: bool = False
+    deterministic: bool = Field(
+        False, description="same pixels on a GPU too: deterministic torch algorithms, cuDNN without autotuning and "
+        "a fixed cuBLAS workspace, set before the first CUDA call (costs speed; see benchmarks/gpu_step.py)")
 
     @property
     def is_tiny(self) -> bool:
@@ -70,8 +73,9 @@ class SurrogateConfig(_Strict):
     learning_rate: float = 5e-7
     weight_decay: float = 1e-2
     train_text_encoder: bool = True
-    master_weights: Literal["fp32"] = Field(
-        "fp32", description="weights are trained in fp32 (Anti-DB's bf16 weights barely move at lr 5e-7)"
+    master_weights: Literal["fp32", "model"] = Field(
+        "fp32", description="'fp32': the surrogate trains fp32 weights loaded as fp32 from disk (Anti-DB's bf16 "
+        "weights barely move at lr 5e-7); 'model': it trains in model.dtype, as Anti-DreamBooth's code does"
     )
     batch_size: int = Field(1, ge=1, description="instance images per training step (plus as many class images)")
     max_grad_norm: float = 1.0
@@ -113,7 +117,15 @@ class CAPConfig(_Strict):
         "elements", description="'elements' divides G by C·H·W (style-transfer convention); 'none' is Eq. 12 as printed"
     )
     search: Literal["fast", "reference"] = "fast"
-    candidate_batch_size: int = Field(8, ge=1, description="λ candidates per batched forward")
+    score_draw: Literal["fresh", "gradient", "independent"] = Field(
+        "fresh", description="randomness the λ candidates are scored on: 'fresh' = new draws per step, independent "
+        "of the gradient's and shared by all candidates; 'gradient' = the gradient's own draw (λ collapses to ≈ 0); "
+        "'independent' = new draws per candidate (Algorithm 1 taken literally; noisy)")
+    score_draws: int = Field(1, ge=1, description="draws each candidate's score is averaged over")
+    candidate_batch_size: int = Field(
+        8, ge=1, description="λ candidates built (at original resolution) and scored together")
+    score_image_batch_size: int = Field(
+        32, ge=1, description="images per no-grad scoring forward (candidates × photos, cut into chunks)")
 
 
 class AttackConfig(_Strict):
@@ -127,6 +139,12 @@ class AttackConfig(_Strict):
     outer_loops: int = Field(50, ge=1, description="ASPL/SimAC outer loops")
     surrogate_steps: int = Field(3, ge=0, description="ASPL: training steps per phase")
     adv_steps: int = Field(6, ge=1, description="ASPL: PGD steps per outer loop")
+    fsmg_batch_size: int = Field(
+        2, ge=1, description="FSMG: instance images per DreamBooth step (plus as many class images), shuffled by "
+        "the seeded generator, as Anti-DreamBooth's fsmg.py trains (batch 2, shuffle=True)")
+    image_batch_size: int = Field(
+        8, ge=1, description="photos per forward + backward in a PGD step; gradients accumulate over these "
+        "micro-batches, so peak memory does not grow with the group size (results do not depend on it)")
     surrogate: SurrogateConfig = SurrogateConfig()
     simac: SimACConfig = SimACConfig()
 

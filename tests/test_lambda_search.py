@@ -5,9 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capray.attack.cap import InProcessEvaluator, fast_search, reference_search
+from capray.attack.cap import CandidateScorer, InProcessEvaluator, fast_search, reference_search
+from capray.attack.group import GroupLayout
 from capray.attack.pgd import sign_step
 from capray.attack.randomness import NoiseDraw
+
+SIDE = 10  # two synthetic 3×10×10 "photos" already at model resolution (the resize is the identity)
+LAYOUT = GroupLayout(((3, SIDE, SIDE), (3, SIDE, SIDE)))
 
 
 def synthetic(seed: int, p: int = 600):
@@ -16,22 +20,26 @@ def synthetic(seed: int, p: int = 600):
     x = (x0 + 0.02 * torch.randn(p, generator=gen)).clamp(-1, 1)
     g_re = torch.randn(p, generator=gen, dtype=torch.float64).float()
     g_c = (torch.randn(p, generator=gen) * 0.05)
-    weights = torch.randn(p, generator=gen)
+    weights = torch.randn(p // 2, generator=gen)
     draw = NoiseDraw(torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, 1, 1), torch.zeros(2, 1, 1, 1))
 
-    def loss_fn(cands: torch.Tensor, _draw) -> torch.Tensor:  # 2 "photos" of p/2 values each
-        per = torch.sin(3 * cands) * weights + cands.pow(2)
-        return per.view(-1, 2, p // 2).sum(-1).view(-1)
+    def loss_fn(images: torch.Tensor, rows: NoiseDraw) -> torch.Tensor:  # per image; the draw shifts it
+        flat = images.reshape(images.shape[0], -1)
+        return (torch.sin(3 * flat) * weights + flat.pow(2)).sum(-1) + rows.noise.reshape(len(flat), -1).sum(-1)
 
     return x0, x, g_re, g_c, loss_fn, draw
+
+
+def shared_scorer(loss_fn, draw, image_batch_size: int) -> CandidateScorer:
+    return CandidateScorer(InProcessEvaluator(loss_fn, LAYOUT, SIDE, image_batch_size), lambda r: [draw], shared=True)
 
 
 def test_fast_equals_reference_on_synthetic_losses():
     for seed in range(5):
         x0, x, g_re, g_c, loss_fn, draw = synthetic(seed)
-        ev = InProcessEvaluator(loss_fn, n_images=2, batch_size=7)
-        ref = reference_search(x, x0, lambda xx, r: g_re - r * g_c, range(0, 101), 0.005, 0.05, ev, draw)
-        fast = fast_search(x, x0, g_re, g_c, range(0, 101), 0.005, 0.05, ev, draw, batch_size=7)
+        ev = shared_scorer(loss_fn, draw, 7)
+        ref = reference_search(x, x0, lambda xx, r: g_re - r * g_c, range(0, 101), 0.005, 0.05, ev)
+        fast = fast_search(x, x0, g_re, g_c, range(0, 101), 0.005, 0.05, ev, batch_size=7)
         assert fast.ratio == ref.ratio
         assert torch.equal(fast.next_x, ref.next_x)
         assert fast.best_loss == ref.best_loss
@@ -45,16 +53,51 @@ def test_fast_equals_reference_on_synthetic_losses():
 
 def test_fast_search_scores_each_distinct_candidate_once():
     x0, x, g_re, g_c, loss_fn, draw = synthetic(11)
-    ev = InProcessEvaluator(loss_fn, n_images=2, batch_size=4)
-    fast = fast_search(x, x0, g_re, g_c, range(0, 51), 0.005, 0.05, ev, draw, batch_size=4)
-    assert ev.forward_passes == -(-fast.distinct // 4)
+    ev = shared_scorer(loss_fn, draw, 8)  # 8 images = 4 candidates of 2 photos per forward
+    fast = fast_search(x, x0, g_re, g_c, range(0, 51), 0.005, 0.05, ev, batch_size=4)
+    assert ev.evaluator.forward_passes == -(-fast.distinct // 4)
+
+
+def test_scoring_batches_by_images_and_results_do_not_depend_on_the_chunk():
+    """Chunks of 3 images cut candidates in half; the scores are those of whole-candidate scoring."""
+    x0, x, g_re, g_c, loss_fn, draw = synthetic(12)
+    cands = torch.stack([sign_step(x, x0, g_re - r * g_c, 0.005, 0.05) for r in range(7)])
+    whole = InProcessEvaluator(loss_fn, LAYOUT, SIDE, 14)(cands, draw)
+    chunked = InProcessEvaluator(loss_fn, LAYOUT, SIDE, 3)
+    torch.testing.assert_close(chunked(cands, draw), whole, rtol=0, atol=1e-4)
+    assert chunked.forward_passes == -(-14 // 3)
+    by_hand = torch.stack([loss_fn(c.view(2, 3, SIDE, SIDE), draw).sum() for c in cands])
+    torch.testing.assert_close(whole, by_hand, rtol=0, atol=1e-4)
 
 
 def test_all_candidates_identical_gives_lambda_zero():
     x0, x, g_re, _, loss_fn, draw = synthetic(3)
-    ev = InProcessEvaluator(loss_fn, n_images=2, batch_size=8)
-    fast = fast_search(x, x0, g_re, torch.zeros_like(g_re), range(0, 101), 0.005, 0.05, ev, draw, batch_size=8)
+    ev = shared_scorer(loss_fn, draw, 16)
+    fast = fast_search(x, x0, g_re, torch.zeros_like(g_re), range(0, 101), 0.005, 0.05, ev, batch_size=8)
     assert fast.ratio == 0 and fast.distinct == 1
+
+
+def per_ratio_scorer(loss_fn, k: int) -> CandidateScorer:
+    """`independent`-style: every candidate scored on its own draws (K of them, averaged)."""
+    def draws(r: int) -> list[NoiseDraw]:
+        gens = [torch.Generator().manual_seed(1000 * r + j) for j in range(k)]
+        return [NoiseDraw(torch.zeros(2, dtype=torch.long), torch.randn(2, 1, 1, 1, generator=g),
+                          torch.zeros(2, 1, 1, 1)) for g in gens]
+
+    return CandidateScorer(InProcessEvaluator(loss_fn, LAYOUT, SIDE, 6), draws, shared=False)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_fast_equals_reference_with_per_candidate_draws(k):
+    """Identical candidates score differently on their own draws: the fast search scores every r."""
+    for seed in range(3):
+        x0, x, g_re, g_c, loss_fn, _ = synthetic(seed)
+        scorer = per_ratio_scorer(loss_fn, k)
+        ref = reference_search(x, x0, lambda xx, r: g_re - r * g_c, range(0, 41), 0.005, 0.05, scorer)
+        fast = fast_search(x, x0, g_re, g_c, range(0, 41), 0.005, 0.05, scorer, batch_size=8)
+        assert fast.ratio == ref.ratio and torch.equal(fast.next_x, ref.next_x)
+        assert fast.distinct == ref.distinct
+        assert sorted(fast.losses) == list(range(41)) and fast.losses == ref.losses
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,15 @@ Two searches choose the same λ given the same randomness:
   identical candidates form contiguous runs of r; each run is scored once (its first r, which is also
   the one Algorithm 1's strict `>` keeps), and the scored candidates are batched on the batch
   dimension through a `CandidateEvaluator`.
+
+Which randomness a candidate is scored on (`cap.score_draw`, built into a `CandidateScorer`) matters
+more than anything else here. On the draw the gradients were taken on, the first-order gain
+α·⟨∇L_re, sign(∇L_re − r∇L_cons)⟩ is largest at r = 0, so λ collapses to ≈ 0 and CAP silently becomes
+its baseline ('gradient', kept for comparison). The default 'fresh' scores every candidate on new
+draws of the same step, independent of the gradient's and shared by all candidates (common random
+numbers: the comparison between candidates stays fair). 'independent' gives each candidate its own
+draws, as a literal Algorithm 1 does; identical candidates then score differently, so nothing is
+deduplicated. Both searches take the same scorer, so they choose the same λ under every option.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from capray.attack.randomness import NoiseDraw
 class CandidateEvaluator(Protocol):
     """Scores candidate groups: flat candidates (M, P) → Σ over photos of L_re, shape (M,).
 
-    All candidates of one call are scored under the same `draw` (common random numbers). An
+    All candidates of one call are scored under the same `draw` (N rows: common random numbers). An
     implementation may shard the M candidates across devices or actors; it must not change results.
     """
 
@@ -51,20 +60,51 @@ class EvaluationContext:
 
 
 class InProcessEvaluator:
-    """Scores candidates in this process, `batch_size` candidates (× N photos) per forward pass."""
+    """Scores candidates in this process, `image_batch_size` images per no-grad forward.
 
-    def __init__(self, loss_fn: Callable[[torch.Tensor, NoiseDraw], torch.Tensor], n_images: int, batch_size: int):
-        self.loss_fn, self.n_images, self.batch_size = loss_fn, n_images, batch_size
+    The M candidates × N photos are one candidate-major list of images, cut into chunks of images
+    (not of candidates), so a forward's memory is set by the chunk, whatever N and M are.
+    `image_loss(images (B, 3, r, r), draw with B rows)` → per-image L_re, shape (B,).
+    """
+
+    def __init__(self, image_loss: Callable[[torch.Tensor, NoiseDraw], torch.Tensor], layout: Any,
+                 resolution: int, image_batch_size: int):
+        self.image_loss, self.layout, self.resolution = image_loss, layout, resolution
+        self.image_batch_size = image_batch_size
         self.forward_passes = 0
 
     @torch.no_grad()
     def __call__(self, candidates: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
-        scores = []
-        for chunk in candidates.split(self.batch_size):
-            per_image = self.loss_fn(chunk, draw.repeat(chunk.shape[0]))
-            scores.append(per_image.view(chunk.shape[0], self.n_images).sum(dim=1))
+        n = self.layout.n
+        rows = candidates.shape[0] * n
+        per_image = []
+        for start in range(0, rows, self.image_batch_size):
+            stop = min(start + self.image_batch_size, rows)
+            images = self.layout.model_rows(candidates, start, stop, self.resolution)
+            per_image.append(self.image_loss(images, draw.select(torch.arange(start, stop) % n)))
             self.forward_passes += 1
-        return torch.cat(scores)
+        return torch.cat(per_image).view(candidates.shape[0], n).sum(dim=1)
+
+
+@dataclass
+class CandidateScorer:
+    """How λ candidates are scored (`cap.score_draw`): which draws, and whether candidates share them.
+
+    `draws_for(r)` gives the draws candidate r is scored on; its score is the mean over them. When
+    `shared`, every candidate gets the same draws (common random numbers), so identical candidates
+    have identical scores and the fast search may score each distinct one once, batched.
+    """
+
+    evaluator: CandidateEvaluator
+    draws_for: Callable[[int], list[NoiseDraw]]
+    shared: bool
+
+    def __call__(self, candidates: torch.Tensor, ratios: list[int]) -> torch.Tensor:
+        if self.shared:
+            draws = self.draws_for(ratios[0])
+            return torch.stack([self.evaluator(candidates, d) for d in draws]).mean(dim=0)
+        return torch.cat([torch.stack([self.evaluator(c.unsqueeze(0), d) for d in self.draws_for(r)]).mean(dim=0)
+                          for c, r in zip(candidates, ratios)])
 
 
 @dataclass
@@ -73,7 +113,7 @@ class SearchResult:
     next_x: torch.Tensor
     best_loss: float
     distinct: int
-    losses: dict[int, float] = field(default_factory=dict)  # first r of each distinct run → L_re
+    losses: dict[int, float] = field(default_factory=dict)  # scored r → L_re (first r of each run when shared)
 
 
 def fast_search(
@@ -84,20 +124,24 @@ def fast_search(
     ratios: range,
     alpha: float,
     eps: float,
-    evaluator: CandidateEvaluator,
-    draw: NoiseDraw,
+    scorer: CandidateScorer,
     batch_size: int,
 ) -> SearchResult:
-    """Exact λ search with one backward per loss term, deduplicated and batched candidate scoring."""
+    """Exact λ search with one backward per loss term and batched candidate scoring.
+
+    With shared draws each run of identical candidates is scored once; with per-candidate draws
+    (`independent`) every r is scored, because identical candidates then get different scores.
+    """
     best_ratio, best_loss, best_x = 0, 0.0, None
     losses: dict[int, float] = {}
     pending_r: list[int] = []
     pending_x: list[torch.Tensor] = []
     previous: torch.Tensor | None = None
+    distinct = 0
 
     def flush() -> None:
         nonlocal best_ratio, best_loss, best_x
-        scores = evaluator(torch.stack(pending_x), draw).tolist()
+        scores = scorer(torch.stack(pending_x), list(pending_r)).tolist()
         for r, cand, score in zip(pending_r, pending_x, scores):
             losses[r] = score
             if score > best_loss:  # strict: ties keep the smaller r, as Algorithm 1 does
@@ -107,9 +151,11 @@ def fast_search(
 
     for r in ratios:
         cand = sign_step(x, x0, grad_re - r * grad_cons, alpha, eps)
-        if previous is not None and torch.equal(cand, previous):
-            continue
+        repeat = previous is not None and torch.equal(cand, previous)
+        distinct += not repeat
         previous = cand
+        if repeat and scorer.shared:
+            continue
         pending_r.append(r)
         pending_x.append(cand)
         if len(pending_x) == batch_size:
@@ -118,7 +164,7 @@ def fast_search(
         flush()
     if best_x is None:  # every score ≤ 0: Algorithm 1 keeps λ = 0
         best_x = sign_step(x, x0, grad_re, alpha, eps)
-    return SearchResult(best_ratio, best_x, best_loss, len(losses), losses)
+    return SearchResult(best_ratio, best_x, best_loss, distinct, losses)
 
 
 def reference_search(
@@ -128,8 +174,7 @@ def reference_search(
     ratios: range,
     alpha: float,
     eps: float,
-    evaluator: CandidateEvaluator,
-    draw: NoiseDraw,
+    scorer: CandidateScorer,
 ) -> SearchResult:
     """Algorithm 1, lines 8–18, literally: a fresh forward/backward of L_re − r·L_cons for every r."""
     best_ratio, best_loss, distinct = 0, 0.0, 0
@@ -139,7 +184,7 @@ def reference_search(
         cand = sign_step(x, x0, combined_grad(x, float(r)), alpha, eps)
         distinct += previous is None or not torch.equal(cand, previous)
         previous = cand
-        score = float(evaluator(cand.unsqueeze(0), draw)[0])
+        score = float(scorer(cand.unsqueeze(0), [r])[0])
         losses[r] = score
         if score > best_loss:
             best_ratio, best_loss = r, score
@@ -147,10 +192,9 @@ def reference_search(
     return SearchResult(best_ratio, next_x, best_loss, distinct, losses)
 
 
-def make_evaluator(loss_fn: Callable[[torch.Tensor, NoiseDraw], torch.Tensor], n_images: int,
-                   batch_size: int, factory: Callable[..., Any] | None = None,
-                   context: EvaluationContext | None = None) -> CandidateEvaluator:
-    """The default in-process batched evaluator, or whatever `factory` builds (e.g. sharded over actors)."""
+def make_evaluator(image_loss: Callable[[torch.Tensor, NoiseDraw], torch.Tensor], context: EvaluationContext,
+                   image_batch_size: int, factory: Callable[..., Any] | None = None) -> CandidateEvaluator:
+    """The default in-process evaluator, or whatever `factory` builds (e.g. sharded over actors)."""
     if factory is not None:
-        return factory(loss_fn=loss_fn, n_images=n_images, batch_size=batch_size, context=context)
-    return InProcessEvaluator(loss_fn, n_images, batch_size)
+        return factory(loss_fn=image_loss, n_images=context.layout.n, batch_size=image_batch_size, context=context)
+    return InProcessEvaluator(image_loss, context.layout, context.resolution, image_batch_size)

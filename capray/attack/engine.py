@@ -15,13 +15,15 @@ import torch
 
 from capray.attack import cap as cap_search
 from capray.attack.group import GroupLayout
-from capray.attack.losses import FeatureTap, consistency_loss, feature_interference, reconstruction_loss
+from capray.attack.losses import (FeatureTap, consistency_part, feature_interference, reconstruction_loss,
+                                  style_stats)
 from capray.attack.metrics import image_metrics
 from capray.attack.pgd import sign_step
 from capray.attack.randomness import NoiseDraw, draw_noise
 from capray.attack.simac import select_timesteps
-from capray.attack.surrogate import Surrogate, autocast_for, latent_shape_for, ensure_class_images, train_surrogate
-from capray.config import CaprayConfig, ModelConfig
+from capray.attack.surrogate import Surrogate, autocast_for, latent_shape_for, train_surrogate
+from capray.config import CaprayConfig, ModelConfig, SurrogateConfig
+from capray.models.class_images import ensure_class_images
 from capray.models.sd import DiffusionParts, encode_prompt, load_diffusion
 from capray.models.style import StyleFeatures, load_style_network
 
@@ -98,15 +100,36 @@ def _validate(images: list[torch.Tensor]) -> None:
             raise ValueError(f"photo {i}: values must be finite and in [-1, 1]")
 
 
+@dataclass
+class Phase:
+    """What one PGD phase attacks: the network, its prompt embedding, SimAC's feature tap and starting point."""
+
+    net: Surrogate
+    cond: torch.Tensor
+    evaluator: cap_search.CandidateEvaluator
+    tap: FeatureTap | None = None  # SimAC: decoder features of the perturbed vs the phase's starting photos
+    start: torch.Tensor | None = None
+
+
+@dataclass
+class Gradients:
+    """One PGD step's gradients w.r.t. the flat group and its scalar losses: all a λ search keeps."""
+
+    attack: torch.Tensor
+    consistency: torch.Tensor | None
+    loss_re: float
+    loss_cons: float | None
+
+
 class GroupAttack:
     """State for protecting one group: the flat perturbed group, its origin, and the step record."""
 
     def __init__(self, models: Models, config: CaprayConfig, identity: str, images: list[torch.Tensor],
                  references: list[torch.Tensor] | None, evaluator_factory: Callable[..., Any] | None):
-        self.m, self.cfg, self.identity = models, config, identity
+        self.models, self.cfg, self.identity = models, config, identity
         self.on_step: Callable[[int, int], None] | None = None  # progress (steps done, total) for front doors
         self.parts = models.parts
-        self.res = config.model.resolution
+        self.resolution = config.model.resolution
         self.layout = GroupLayout.of(images)
         device = self.parts.device
         work = self.parts.master_dtype
@@ -114,8 +137,9 @@ class GroupAttack:
         self.x = self.x0.clone()
         ref_list = references if references else images
         ref_layout = GroupLayout.of(ref_list)
-        self.references = ref_layout.to_model(ref_layout.flatten([r.to(work) for r in ref_list]).to(device), self.res)
-        self.latent_shape = latent_shape_for(self.parts, self.res)
+        self.references = ref_layout.to_model(ref_layout.flatten([r.to(work) for r in ref_list]).to(device),
+                                              self.resolution)
+        self.latent_shape = latent_shape_for(self.parts, self.resolution)
         self.evaluator_factory = evaluator_factory
         a, c = config.attack, config.cap
         self.k_hat = int(round(c.start_fraction * a.total_pgd_steps))
@@ -123,140 +147,218 @@ class GroupAttack:
         self.steps: list[StepRecord] = []
         self.notes: list[str] = []
         self.timings = {"surrogate_s": 0.0, "pgd_s": 0.0, "search_s": 0.0, "select_s": 0.0}
-        self.pools: list[torch.Tensor] | None = None
+        self.pools: list[torch.Tensor] | None = None  # SimAC's per-photo timestep pools
         if c.enabled and self.layout.n < 2:
             self.notes.append("CAP skipped: a one-photo group has no cross-image consistency to optimise "
                               "(the loss is identically 0); the baseline attack ran alone")
 
-    # -- losses --------------------------------------------------------------------------------
-    def draw_for_step(self, k: int) -> NoiseDraw:
-        return draw_noise(self.layout.n, self.latent_shape, self.cfg.seed, self.identity, "pgd", k,
+    # -- randomness ------------------------------------------------------------------------------
+    def draw(self, *purpose: object) -> NoiseDraw:
+        """One draw for the whole group, seeded by (seed, identity, *purpose)."""
+        return draw_noise(self.layout.n, self.latent_shape, self.cfg.seed, self.identity, *purpose,
                           num_train_timesteps=self.parts.scheduler.config.num_train_timesteps,
                           timestep_pools=self.pools)
 
-    def consistency(self, model_in: torch.Tensor) -> torch.Tensor:
+    def draw_for_step(self, k: int) -> NoiseDraw:
+        """The draw PGD step k takes its gradients on."""
+        return self.draw("pgd", k)
+
+    def scorer(self, phase: Phase, k: int, gradient_draw: NoiseDraw) -> cap_search.CandidateScorer:
+        """How step k's λ candidates are scored (`cap.score_draw`, `cap.score_draws`)."""
         c = self.cfg.cap
-        return consistency_loss(self.m.style, model_in, kind=c.loss, normalization=c.gram_normalization)
+        if c.score_draw == "gradient":
+            return cap_search.CandidateScorer(phase.evaluator, lambda r: [gradient_draw], shared=True)
+        if c.score_draw == "fresh":
+            draws = [self.draw("score", k, j) for j in range(c.score_draws)]
+            return cap_search.CandidateScorer(phase.evaluator, lambda r: draws, shared=True)
+        return cap_search.CandidateScorer(
+            phase.evaluator, lambda r: [self.draw("score", k, "ratio", r, j) for j in range(c.score_draws)],
+            shared=False)
 
-    def _attack_losses(self, net: Surrogate, cond: torch.Tensor, x: torch.Tensor, draw: NoiseDraw,
-                       clean_feats: list[torch.Tensor] | None, tap: FeatureTap | None):
-        """(L_re, the method's attack loss, model input) for flat x, differentiable w.r.t. x."""
-        model_in = self.layout.to_model(x, self.res)
+    # -- losses, over micro-batches of photos -----------------------------------------------------
+    def style_stats(self, model_in: torch.Tensor) -> list[torch.Tensor]:
+        c = self.cfg.cap
+        return style_stats(self.models.style, model_in, kind=c.loss, normalization=c.gram_normalization)
+
+    def photo_batches(self):
+        return self.layout.batches(self.cfg.attack.image_batch_size)
+
+    @torch.no_grad()
+    def mean_style(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """S̄: the group's mean style statistics at x, accumulated over micro-batches."""
+        sums: list[torch.Tensor] | None = None
+        for batch in self.photo_batches():
+            stats = [s.sum(dim=0) for s in self.style_stats(batch.layout.to_model(x[batch.flat], self.resolution))]
+            sums = stats if sums is None else [a + b for a, b in zip(sums, stats)]
+        return [s / self.layout.n for s in sums]
+
+    @torch.no_grad()
+    def consistency(self, x: torch.Tensor) -> float:
+        """L_cons of the flat group x (CAP Eq. 14–15)."""
+        means = self.mean_style(x)
+        return float(sum(consistency_part(self.style_stats(b.layout.to_model(x[b.flat], self.resolution)), means,
+                                          self.layout.n) for b in self.photo_batches()))
+
+    def attack_losses(self, phase: Phase, model_in: torch.Tensor, draw: NoiseDraw,
+                      batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_re, the method's attack loss) of one micro-batch of photos, differentiable w.r.t. model_in."""
         with autocast_for(self.parts):
-            if tap is not None:
-                tap.capture()
-            l_re = reconstruction_loss(self.parts, net.unet, cond, model_in, draw).sum()
-            attack = l_re
-            if tap is not None:
-                feat = feature_interference(tap.release(), clean_feats)
-                s = self.cfg.attack.simac
-                attack = attack + s.feature_weight * (feat.detach() if s.feature_detach else feat)
-        return l_re, attack, model_in
+            if phase.tap is None:
+                l_re = reconstruction_loss(self.parts, phase.net.unet, phase.cond, model_in, draw).sum()
+                return l_re, l_re
+            with torch.no_grad():  # SimAC: the phase's starting photos under the same draw
+                phase.tap.capture()
+                start = batch.layout.to_model(phase.start[batch.flat], self.resolution)
+                reconstruction_loss(self.parts, phase.net.unet, phase.cond, start, draw)
+                clean = phase.tap.release()
+            phase.tap.capture()
+            l_re = reconstruction_loss(self.parts, phase.net.unet, phase.cond, model_in, draw).sum()
+            s = self.cfg.attack.simac
+            feat = feature_interference(phase.tap.release(), clean, share=(batch.stop - batch.start) / self.layout.n)
+            return l_re, l_re + s.feature_weight * (feat.detach() if s.feature_detach else feat)
 
-    # -- one PGD phase --------------------------------------------------------------------------
-    def pgd_phase(self, net: Surrogate, steps: int, simac_features: bool = False) -> None:
-        a, c = self.cfg.attack, self.cfg.cap
-        t0 = time.perf_counter()
+    def gradients(self, phase: Phase, x: torch.Tensor, draw: NoiseDraw, *, consistency: bool,
+                  combined_ratio: float | None = None) -> Gradients:
+        """∇ of the attack loss (and of L_cons) w.r.t. flat x, accumulated over micro-batches of photos.
+
+        Each micro-batch's graph is freed by its own backward, so only gradients and scalars outlive
+        it. With `combined_ratio` r, one backward of (attack − r·L_cons) per micro-batch instead
+        (Algorithm 1's combined loss, for the reference search).
+        """
+        grad_attack = torch.zeros_like(x)
+        grad_cons = torch.zeros_like(x) if consistency and combined_ratio is None else None
+        means = self.mean_style(x) if consistency else None
+        loss_re, loss_cons = 0.0, 0.0
+        for batch in self.photo_batches():
+            xs = x[batch.flat].detach().requires_grad_(True)
+            model_in = batch.layout.to_model(xs, self.resolution)
+            l_re, attack = self.attack_losses(phase, model_in, draw.rows(batch.start, batch.stop), batch)
+            loss_re += l_re.item()
+            if combined_ratio is not None:
+                l_cons = consistency_part(self.style_stats(model_in), means, self.layout.n)
+                loss_cons += l_cons.item()
+                (grad_attack[batch.flat],) = torch.autograd.grad(attack - combined_ratio * l_cons, xs)
+                continue
+            (grad_attack[batch.flat],) = torch.autograd.grad(attack, xs)
+            if grad_cons is not None:
+                model_in = batch.layout.to_model(xs, self.resolution)
+                l_cons = consistency_part(self.style_stats(model_in), means, self.layout.n)
+                loss_cons += l_cons.item()
+                (grad_cons[batch.flat],) = torch.autograd.grad(l_cons, xs)
+        return Gradients(grad_attack, grad_cons, loss_re, loss_cons if consistency else None)
+
+    # -- one PGD phase ----------------------------------------------------------------------------
+    def start_phase(self, net: Surrogate, simac_features: bool = False) -> Phase:
+        a = self.cfg.attack
         if self.parts.device.type == "cuda" and not self.cfg.model.gradient_checkpointing:
             net = net.compute_copy(self.parts.dtype)  # speed; the memory-saving profile skips the extra copy
         with torch.no_grad():
             cond = encode_prompt(self.parts, a.instance_prompt, text_encoder=net.text_encoder)
-        tap = FeatureTap(net.unet) if simac_features else None
-        x_phase_start = self.x.detach().clone()
 
-        def candidate_loss(candidates: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
+        def image_loss(images: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
             with autocast_for(self.parts):
-                return reconstruction_loss(self.parts, net.unet, cond, self.layout.to_model(candidates, self.res), draw)
+                return reconstruction_loss(self.parts, net.unet, cond, images, draw)
 
-        evaluator = cap_search.make_evaluator(
-            candidate_loss, self.layout.n, c.candidate_batch_size, self.evaluator_factory,
-            cap_search.EvaluationContext(net.unet, cond, self.layout, self.res))
+        context = cap_search.EvaluationContext(net.unet, cond, self.layout, self.resolution)
+        evaluator = cap_search.make_evaluator(image_loss, context, self.cfg.cap.score_image_batch_size,
+                                              self.evaluator_factory)
+        tap = FeatureTap(net.unet) if simac_features else None
+        return Phase(net, cond, evaluator, tap, self.x.detach().clone() if tap else None)
+
+    def pgd_phase(self, net: Surrogate, steps: int, simac_features: bool = False) -> None:
+        t0 = time.perf_counter()
+        phase = self.start_phase(net, simac_features)
         try:
             for _ in range(steps):
-                k = len(self.steps)
-                draw = self.draw_for_step(k)
-                clean_feats = None
-                if tap is not None:  # SimAC: features of the phase's starting point under the same draw
-                    with torch.no_grad():
-                        tap.capture()
-                        candidate_loss(x_phase_start.unsqueeze(0), draw)
-                        clean_feats = tap.release()
-                self.pgd_step(net, cond, draw, k, evaluator, clean_feats, tap)
+                self.pgd_step(phase)
                 if self.on_step is not None:
                     self.on_step(len(self.steps), self.cfg.attack.total_pgd_steps)
         finally:
-            if tap is not None:
-                tap.remove()
+            if phase.tap is not None:
+                phase.tap.remove()
         self.timings["pgd_s"] += time.perf_counter() - t0
 
-    def pgd_step(self, net, cond, draw, k, evaluator, clean_feats, tap) -> None:
+    def pgd_step(self, phase: Phase) -> None:
+        """One PGD step: plain, static-ratio CAP, or CAP with the λ search; appends its record."""
         a, c = self.cfg.attack, self.cfg.cap
-        xr = self.x.detach().requires_grad_(True)
-        l_re, attack, model_in = self._attack_losses(net, cond, xr, draw, clean_feats, tap)
-        record = StepRecord(step=k, loss_re=l_re.item())
-        if not (self.cap_on and k >= self.k_hat):
-            (grad,) = torch.autograd.grad(attack, xr)
-            self.x = sign_step(self.x, self.x0, grad, a.alpha, a.eps).detach()
-            self.steps.append(record)
-            return
-        l_cons = self.consistency(model_in)
-        record.loss_cons = l_cons.item()
-        if c.ratio_mode == "static":
-            (grad,) = torch.autograd.grad(attack - c.static_ratio * l_cons, xr)
-            self.x = sign_step(self.x, self.x0, grad, a.alpha, a.eps).detach()
+        k = len(self.steps)
+        draw = self.draw_for_step(k)
+        with_cap = self.cap_on and k >= self.k_hat
+        grads = self.gradients(phase, self.x, draw, consistency=with_cap)
+        record = StepRecord(step=k, loss_re=grads.loss_re, loss_cons=grads.loss_cons)
+        if not with_cap:
+            self.x = sign_step(self.x, self.x0, grads.attack, a.alpha, a.eps)
+        elif c.ratio_mode == "static":
+            self.x = sign_step(self.x, self.x0, grads.attack - c.static_ratio * grads.consistency, a.alpha, a.eps)
             record.ratio = c.static_ratio
-            self.steps.append(record)
-            return
-        t0 = time.perf_counter()
-        ratios = range(0, c.ratio_max + 1)
-        if c.search == "fast":
-            grad_re, grad_cons = torch.autograd.grad(attack, xr, retain_graph=True)[0], torch.autograd.grad(l_cons, xr)[0]
-            result = cap_search.fast_search(self.x.detach(), self.x0, grad_re, grad_cons, ratios, a.alpha, a.eps,
-                                            evaluator, draw, c.candidate_batch_size)
         else:
-            del l_re, attack, model_in, l_cons
-
-            def combined_grad(x: torch.Tensor, r: float) -> torch.Tensor:
-                xg = x.detach().requires_grad_(True)
-                _, attack_r, model_in_r = self._attack_losses(net, cond, xg, draw, clean_feats, tap)
-                return torch.autograd.grad(attack_r - r * self.consistency(model_in_r), xg)[0]
-
-            result = cap_search.reference_search(self.x.detach(), self.x0, combined_grad, ratios, a.alpha, a.eps,
-                                                 evaluator, draw)
-        self.timings["search_s"] += time.perf_counter() - t0
-        self.x = result.next_x.detach()
-        record.ratio, record.distinct = result.ratio, result.distinct
+            t0 = time.perf_counter()
+            result = self.search_ratio(phase, k, draw, grads)
+            self.timings["search_s"] += time.perf_counter() - t0
+            self.x = result.next_x
+            record.ratio, record.distinct = result.ratio, result.distinct
+        self.x = self.x.detach()
         self.steps.append(record)
+
+    def search_ratio(self, phase: Phase, k: int, draw: NoiseDraw, grads: Gradients) -> cap_search.SearchResult:
+        a, c = self.cfg.attack, self.cfg.cap
+        ratios = range(0, c.ratio_max + 1)
+        scorer = self.scorer(phase, k, draw)
+        x = self.x.detach()
+        if c.search == "fast":
+            return cap_search.fast_search(x, self.x0, grads.attack, grads.consistency, ratios, a.alpha, a.eps,
+                                          scorer, c.candidate_batch_size)
+
+        def combined_grad(x_r: torch.Tensor, r: float) -> torch.Tensor:
+            return self.gradients(phase, x_r, draw, consistency=True, combined_ratio=r).attack
+
+        return cap_search.reference_search(x, self.x0, combined_grad, ratios, a.alpha, a.eps, scorer)
 
     # -- recipes ----------------------------------------------------------------------------------
     def train(self, net: Surrogate, images: torch.Tensor, class_images: torch.Tensor | None, steps: int,
-              tag: tuple[Any, ...]) -> None:
+              tag: tuple[Any, ...], surrogate: SurrogateConfig | None = None, shuffle: bool = False) -> None:
         t0 = time.perf_counter()
         a = self.cfg.attack
-        train_surrogate(net, self.parts, images, class_images, a.surrogate, a.instance_prompt, steps,
-                        (self.cfg.seed, self.identity, "train", *tag))
+        train_surrogate(net, self.parts, images, class_images, surrogate or a.surrogate, a.instance_prompt, steps,
+                        (self.cfg.seed, self.identity, "train", *tag), shuffle=shuffle)
         self.timings["surrogate_s"] += time.perf_counter() - t0
 
     def model_view(self) -> torch.Tensor:
-        return self.layout.to_model(self.x, self.res).detach()
+        return self.layout.to_model(self.x, self.resolution).detach()
 
-    def run(self) -> None:
+    def new_surrogate(self, parts: DiffusionParts | None = None) -> Surrogate:
+        return Surrogate.from_parts(parts or self.parts, self.cfg.attack.surrogate.master_weights)
+
+    def class_images(self) -> torch.Tensor | None:
         a = self.cfg.attack
         needs_class = a.surrogate.prior_preservation and (a.method != "fsmg" or not a.fsmg_model)
-        class_images = ensure_class_images(self.parts, a.surrogate, self.res) if needs_class else None
-        if a.method == "fsmg":
-            if a.fsmg_model:
-                tuned = load_diffusion(replace_model(self.cfg.model, a.fsmg_model))
-                net = Surrogate.from_parts(tuned)
-            else:
-                net = Surrogate.from_parts(self.parts)
-                self.train(net, self.references, class_images, a.fsmg_train_steps, ("fsmg",))
-            self.pgd_phase(net, a.pgd_steps)
-            return
+        return ensure_class_images(self.parts, a.surrogate, self.resolution) if needs_class else None
+
+    def run(self) -> None:
+        self._fsmg() if self.cfg.attack.method == "fsmg" else self._aspl()
+
+    def _fsmg(self) -> None:
+        """Anti-DreamBooth FSMG: DreamBooth on the clean references (batch 2 + 2 class images, shuffled),
+        then PGD against that frozen model."""
+        a = self.cfg.attack
+        if a.fsmg_model:
+            net = self.new_surrogate(load_diffusion(self.cfg.model.model_copy(update={"sd": a.fsmg_model})))
+        else:
+            net = self.new_surrogate()
+            fsmg_training = a.surrogate.model_copy(update={"batch_size": a.fsmg_batch_size})
+            self.train(net, self.references, self.class_images(), a.fsmg_train_steps, ("fsmg",),
+                       surrogate=fsmg_training, shuffle=True)
+        self.pgd_phase(net, a.pgd_steps)
+
+    def _aspl(self) -> None:
+        """ASPL (and SimAC on top of it): every outer loop, f_sur = copy(f) trains on the clean references,
+        PGD attacks f_sur, then f trains on the perturbed photos."""
+        a = self.cfg.attack
+        class_images = self.class_images()
         if a.method == "simac":
             self.select_simac_timesteps()
         offload = a.surrogate.offload_main
-        main = Surrogate.from_parts(self.parts)
+        main = self.new_surrogate()
         work = main.copy()  # the device copy that trains and that PGD attacks
         if offload:
             main.to("cpu")
@@ -270,19 +372,24 @@ class GroupAttack:
             else:
                 self.train(main, self.model_view(), class_images, a.surrogate_steps, ("perturbed", i))
 
+    def surrogate_mode(self) -> str:
+        """Which weights the surrogate trained, for the manifest."""
+        if self.cfg.attack.surrogate.master_weights == "model":
+            return f"{self.cfg.model.dtype}-weights"
+        return {torch.float32: "fp32-master", torch.float64: "fp64-master"}[self.parts.master_dtype]
+
     def select_simac_timesteps(self) -> None:
         t0 = time.perf_counter()
         a = self.cfg.attack
         base = Surrogate(self.parts.unet, self.parts.text_encoder)
         with torch.no_grad():
             cond = encode_prompt(self.parts, a.instance_prompt)
-        sizes = self.layout.sizes()
-        images = [part.view(shape) for part, shape in zip(self.x0.split(sizes), self.layout.shapes)]
+        images = self.layout.unflatten(self.x0)
 
         def image_loss(x: torch.Tensor, i: int, t: int) -> torch.Tensor:
             draw = draw_noise(1, self.latent_shape, self.cfg.seed, self.identity, "simac-select", i, t,
                               fixed_timestep=t)
-            model_in = GroupLayout.of([x]).to_model(x.reshape(-1), self.res)
+            model_in = GroupLayout.of([x]).to_model(x.reshape(-1), self.resolution)
             with autocast_for(self.parts):
                 return reconstruction_loss(self.parts, base.unet, cond, model_in, draw).sum()
 
@@ -290,10 +397,6 @@ class GroupAttack:
                                       self.parts.scheduler.config.num_train_timesteps,
                                       (self.cfg.seed, self.identity, "simac-select"))
         self.timings["select_s"] += time.perf_counter() - t0
-
-
-def replace_model(cfg: ModelConfig, sd: str) -> ModelConfig:
-    return cfg.model_copy(update={"sd": sd})
 
 
 def protect_group(
@@ -325,11 +428,9 @@ def protect_group(
     start = time.perf_counter()
     attack = GroupAttack(models, config, identity, photos, refs, evaluator_factory)
     attack.on_step = progress
-    with torch.no_grad():
-        before = float(attack.consistency(attack.model_view())) if attack.layout.n >= 2 else 0.0
+    before = attack.consistency(attack.x) if attack.layout.n >= 2 else 0.0
     attack.run()
-    with torch.no_grad():
-        after = float(attack.consistency(attack.model_view())) if attack.layout.n >= 2 else 0.0
+    after = attack.consistency(attack.x) if attack.layout.n >= 2 else 0.0
     if models.device.type == "cuda":
         torch.cuda.synchronize()
     attack.timings["total_s"] = time.perf_counter() - start
@@ -338,5 +439,5 @@ def protect_group(
     return ProtectResult(
         images=protected, steps=attack.steps, metrics=metrics, timings=attack.timings,
         method=config.attack.method, cap_enabled=attack.cap_on, consistency_before=before,
-        consistency_after=after, surrogate_mode="fp32-master", notes=attack.notes,
+        consistency_after=after, surrogate_mode=attack.surrogate_mode(), notes=attack.notes,
     )

@@ -10,22 +10,45 @@ construction single tensor operations whatever the photo sizes are.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 
+@lru_cache(maxsize=64)
+def _resize_matrix(src: int, dst: int) -> torch.Tensor:
+    """The (dst, src) matrix of 1-D antialiased bilinear resampling, read off `F.interpolate` on the identity."""
+    eye = torch.eye(src, dtype=torch.float64).view(1, 1, src, src)
+    return F.interpolate(eye, size=(dst, src), mode="bilinear", antialias=True, align_corners=False)[0, 0]
+
+
 def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(B,3,H,W) → (B,3,size,size): antialiased bilinear resize of the shorter side, then center crop."""
+    """(B,3,H,W) → (B,3,size,size): antialiased bilinear resize of the shorter side, then center crop.
+
+    The resize is separable, so it runs as two matrix products with `F.interpolate`'s own weights
+    (only the rows the crop keeps): same values up to rounding, but its backward is a matmul, which is
+    deterministic on CUDA where interpolate's backward (atomic adds) is not.
+    """
     h, w = image.shape[-2:]
     if (h, w) == (size, size):
         return image
     scale = size / min(h, w)
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    if (new_h, new_w) != (h, w):
-        image = F.interpolate(image, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return image[..., top: top + size, left: left + size]
+    rows = _resize_matrix(h, new_h)[top: top + size].to(image)
+    cols = _resize_matrix(w, new_w)[left: left + size].to(image)
+    return rows @ image @ cols.T
+
+
+@dataclass(frozen=True)
+class PhotoBatch:
+    """Photos start..stop-1 of a group: their span in the flat vector and their own layout."""
+
+    start: int
+    stop: int
+    flat: slice
+    layout: "GroupLayout"
 
 
 @dataclass(frozen=True)
@@ -52,6 +75,31 @@ class GroupLayout:
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [part.view(shape) for part, shape in zip(flat.split(self.sizes(), dim=-1), self.shapes)]
+
+    def batches(self, size: int) -> list[PhotoBatch]:
+        """The group cut into micro-batches of at most `size` photos, in order."""
+        offsets = [0]
+        for s in self.sizes():
+            offsets.append(offsets[-1] + s)
+        return [PhotoBatch(i, min(i + size, self.n), slice(offsets[i], offsets[min(i + size, self.n)]),
+                           GroupLayout(self.shapes[i: i + size])) for i in range(0, self.n, size)]
+
+    def model_rows(self, candidates: torch.Tensor, start: int, stop: int, resolution: int) -> torch.Tensor:
+        """Rows start..stop-1 of the candidate-major image list of (M, P) candidates, at model resolution.
+
+        Row q is photo q mod N of candidate q div N; only those rows are resized, so scoring memory is
+        set by stop − start, not by M·N.
+        """
+        if self.uniform:
+            images = candidates.reshape(-1, *self.shapes[0])[start:stop]
+            return resize_center_crop(images, resolution)
+        sizes = self.sizes()
+        out = []
+        for q in range(start, stop):
+            m, i = divmod(q, self.n)
+            offset = sum(sizes[:i])
+            out.append(resize_center_crop(candidates[m, offset: offset + sizes[i]].view(1, *self.shapes[i]), resolution))
+        return torch.cat(out)
 
     def to_model(self, flat: torch.Tensor, resolution: int) -> torch.Tensor:
         """Flat group (P,) or candidates (M, P) → model input (N, 3, r, r) or (M·N, 3, r, r)."""

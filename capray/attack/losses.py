@@ -65,6 +65,21 @@ def consistency_from_stats(stats: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+def style_stats(
+    style_net: Any,
+    images: torch.Tensor,
+    *,
+    kind: Literal["style", "content"] = "style",
+    normalization: Literal["elements", "none"] = "elements",
+) -> list[torch.Tensor]:
+    """Per-image statistics S the consistency loss compares, one (B, …) tensor per layer."""
+    feats = style_net(images)
+    if kind == "style":
+        return [gram(f, normalization) for f in feats]
+    # ablation: pull raw feature maps (content) toward the group mean
+    return [_at_least_fp32(f) / (f[0].numel() if normalization == "elements" else 1) for f in feats]
+
+
 def consistency_loss(
     style_net: Any,
     images: torch.Tensor,
@@ -73,12 +88,19 @@ def consistency_loss(
     normalization: Literal["elements", "none"] = "elements",
 ) -> torch.Tensor:
     """CAP's cross-image loss on the model-resolution group (N, 3, r, r)."""
-    feats = style_net(images)
-    if kind == "style":
-        stats = [gram(f, normalization) for f in feats]
-    else:  # ablation: pull raw feature maps (content) toward the group mean
-        stats = [_at_least_fp32(f) / (f[0].numel() if normalization == "elements" else 1) for f in feats]
-    return consistency_from_stats(stats)
+    return consistency_from_stats(style_stats(style_net, images, kind=kind, normalization=normalization))
+
+
+def consistency_part(stats: list[torch.Tensor], means: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """A micro-batch's share (1/N)·Σ_{i in batch} ‖Sᵢ − S̄‖² of the consistency loss, S̄ held fixed.
+
+    The shares sum to the loss, and their gradients sum to its gradient: ∂L/∂Sᵢ = (2/N)(Sᵢ − S̄)
+    because the deviations from the mean sum to zero, so S̄ may be computed beforehand without grad.
+    """
+    total = stats[0].new_zeros(())
+    for s, mean in zip(stats, means):
+        total = total + (s - mean).pow(2).flatten(1).sum(dim=1).sum() / group_size
+    return total
 
 
 class FeatureTap:
@@ -108,6 +130,10 @@ class FeatureTap:
             handle.remove()
 
 
-def feature_interference(perturbed: list[torch.Tensor], clean: list[torch.Tensor]) -> torch.Tensor:
-    """SimAC's feature loss: MSE between perturbed and clean decoder features, summed over ResNets."""
-    return sum(torch.nn.functional.mse_loss(p.float(), c.float().detach()) for p, c in zip(perturbed, clean))
+def feature_interference(perturbed: list[torch.Tensor], clean: list[torch.Tensor], share: float = 1.0) -> torch.Tensor:
+    """SimAC's feature loss: MSE between perturbed and clean decoder features, summed over ResNets.
+
+    `share` = micro-batch size / group size, so that micro-batch losses add up to the group's MSE.
+    """
+    return sum(torch.nn.functional.mse_loss(_at_least_fp32(p), _at_least_fp32(c).detach()) * share
+               for p, c in zip(perturbed, clean))

@@ -30,10 +30,9 @@ class NoiseDraw:
     noise: torch.Tensor  # (N, C, h, w)
     vae_noise: torch.Tensor  # (N, C, h, w)
 
-    def repeat(self, times: int) -> "NoiseDraw":
-        """The same draw for each of `times` candidates (candidate-major order)."""
-        return NoiseDraw(self.timesteps.repeat(times), self.noise.repeat(times, 1, 1, 1),
-                         self.vae_noise.repeat(times, 1, 1, 1))
+    def select(self, index: torch.Tensor) -> "NoiseDraw":
+        """The given rows, e.g. `arange(q0, q1) % N` for a chunk of candidate-major scoring rows."""
+        return NoiseDraw(self.timesteps[index], self.noise[index], self.vae_noise[index])
 
     def rows(self, start: int, stop: int) -> "NoiseDraw":
         """Rows start..stop-1 (e.g. the instance vs class halves of a training batch)."""

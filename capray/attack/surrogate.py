@@ -1,25 +1,21 @@
-"""DreamBooth surrogate training (FSMG once, ASPL/SimAC every outer loop) and the class-image cache.
+"""DreamBooth surrogate training (FSMG once, ASPL/SimAC every outer loop).
 
-Weights are trained in fp32 ("fp32 master weights"): Anti-DreamBooth casts the surrogate to bf16 and
-steps it at lr 5e-7, which is below bf16's resolution for most weights, so it barely moves. On CUDA
-the forward runs under autocast in the configured dtype.
+Weights are trained in fp32 by default (`surrogate.master_weights: fp32`), copied from fp32 weights
+as stored on disk, never from the bf16 compute copy: Anti-DreamBooth casts the surrogate to bf16 and
+steps it at lr 5e-7, which is below bf16's resolution for most weights, so it barely moves
+(`master_weights: model` reproduces that). On CUDA the forward runs under autocast in the model dtype.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from capray.attack.losses import reconstruction_loss
-from capray.attack.metrics import from_uint8
 from capray.attack.randomness import cpu_generator, draw_noise
 from capray.config import SurrogateConfig
 from capray.models.sd import encode_prompt
@@ -27,15 +23,20 @@ from capray.models.sd import encode_prompt
 
 @dataclass
 class Surrogate:
-    """A trainable (UNet, text encoder) pair in fp32."""
+    """A trainable (UNet, text encoder) pair, fp32 unless `master_weights: model`."""
 
     unet: Any
     text_encoder: Any
 
     @classmethod
-    def from_parts(cls, parts: Any) -> "Surrogate":
-        unet = copy.deepcopy(parts.unet).to(parts.master_dtype).requires_grad_(False)
-        text = copy.deepcopy(parts.text_encoder).to(parts.master_dtype).requires_grad_(False)
+    def from_parts(cls, parts: Any, master_weights: str = "fp32") -> "Surrogate":
+        """A fresh trainable copy: of the weights as loaded from disk (`parts.master`, never upcast
+        from the compute dtype), or of the compute weights themselves with `master_weights: model`."""
+        if master_weights == "model":
+            source, dtype = (parts.unet, parts.text_encoder), parts.dtype
+        else:
+            source, dtype = parts.master or (parts.unet, parts.text_encoder), parts.master_dtype
+        unet, text = (copy.deepcopy(m).to(parts.device, dtype).requires_grad_(False) for m in source)
         return cls(unet, text)
 
     def copy(self) -> "Surrogate":
@@ -84,13 +85,16 @@ def train_surrogate(
     *,
     trainable: list[torch.nn.Parameter] | None = None,
     learning_rate: float | None = None,
+    shuffle: bool = False,
 ) -> Surrogate:
     """`steps` DreamBooth steps on model-resolution images (N, 3, r, r), in place; returns `surrogate`.
 
     A fresh AdamW per call, as Anti-DreamBooth's `train_one_epoch` does. Instance images are cycled
     through in order (Anti-DB's step counter restarts each call and only ever sees images 0–2).
     `trainable` restricts training to those parameters (e.g. LoRA adapters); default: the UNet, plus
-    the text encoder when `cfg.train_text_encoder`.
+    the text encoder when `cfg.train_text_encoder`. `shuffle`: batches come from seeded random
+    permutations of the dataset, as a shuffled DataLoader gives them (Anti-DreamBooth's FSMG and
+    DreamBooth scripts), instead of in order.
     """
     if steps <= 0:
         return surrogate
@@ -108,12 +112,13 @@ def train_surrogate(
     inst = instance_images.detach()
     latent_shape = latent_shape_for(parts, inst.shape[-1])
     use_prior = cfg.prior_preservation and class_images is not None and len(class_images) > 0
+    n_class = len(class_images) if use_prior else 0
+    order = example_order(len(inst), n_class, steps * cfg.batch_size, seed_parts if shuffle else None)
     for step in range(steps):
-        idx = [(step * cfg.batch_size + j) % len(inst) for j in range(cfg.batch_size)]
-        batch = inst[idx]
+        example = order[step * cfg.batch_size: (step + 1) * cfg.batch_size]
+        batch = inst[example % len(inst)]
         if use_prior:
-            cidx = [(step * cfg.batch_size + j) % len(class_images) for j in range(cfg.batch_size)]
-            batch = torch.cat([batch, class_images[cidx].to(batch)])
+            batch = torch.cat([batch, class_images[example % n_class].to(batch)])
         draw = draw_noise(len(batch), latent_shape, *seed_parts, step)
         with autocast_for(parts):
             cond_inst = encode_prompt(parts, instance_prompt, text_encoder=text)
@@ -136,56 +141,18 @@ def train_surrogate(
     return surrogate
 
 
+def example_order(n_instance: int, n_class: int, count: int, shuffle_seed: tuple[Any, ...] | None) -> torch.Tensor:
+    """The first `count` dataset indices a DreamBooth run visits; example i pairs instance i mod
+    n_instance with class image i mod n_class (Anti-DreamBooth's dataset, of length the larger of the
+    two). In order without a seed; otherwise epoch after epoch of seeded permutations."""
+    length = max(n_instance, n_class)
+    if shuffle_seed is None:
+        return torch.arange(count) % length
+    gen = cpu_generator(*shuffle_seed, "shuffle")
+    epochs = -(-count // length)
+    return torch.cat([torch.randperm(length, generator=gen) for _ in range(epochs)])[:count]
+
+
 def latent_shape_for(parts: Any, resolution: int) -> tuple[int, int, int]:
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     return (parts.vae.config.latent_channels, resolution // factor, resolution // factor)
-
-
-# -- class images (prior preservation) --------------------------------------------------------
-
-def class_image_dir(parts: Any, cfg: SurrogateConfig, resolution: int) -> Path:
-    key = hashlib.sha256(f"{parts.model_id}|{cfg.class_prompt}|{resolution}|{cfg.class_sample_steps}".encode()).hexdigest()[:12]
-    base = Path(cfg.class_images_dir or os.environ.get("CAPRAY_CACHE", Path.home() / ".cache" / "capray"))
-    return base / "class-images" / key
-
-
-def ensure_class_images(parts: Any, cfg: SurrogateConfig, resolution: int) -> torch.Tensor | None:
-    """Generate the class images once per (base model, prompt, resolution) and cache them as PNGs.
-
-    Returns (K, 3, r, r) in [-1, 1] on the model's device, or None without prior preservation.
-    """
-    if not cfg.prior_preservation or cfg.num_class_images == 0:
-        return None
-    import fcntl
-
-    from PIL import Image
-
-    folder = class_image_dir(parts, cfg, resolution)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        have = sorted(folder.glob("class_*.png"))
-        if len(have) < cfg.num_class_images:
-            _generate_class_images(parts, cfg, resolution, folder, start=len(have))
-        files = sorted(folder.glob("class_*.png"))[: cfg.num_class_images]
-    batch = torch.stack([from_uint8(np.asarray(Image.open(f).convert("RGB"))) for f in files])
-    return batch.to(parts.device)
-
-
-@torch.no_grad()
-def _generate_class_images(parts: Any, cfg: SurrogateConfig, resolution: int, folder: Path, start: int) -> None:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=DDIMScheduler.from_config(parts.scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    for i in range(start, cfg.num_class_images):
-        gen = torch.Generator(parts.device.type).manual_seed(int(cpu_generator("class", i).initial_seed() % (2**31)))
-        image = pipe(cfg.class_prompt, height=resolution, width=resolution, num_inference_steps=cfg.class_sample_steps,
-                     guidance_scale=cfg.class_guidance_scale, generator=gen).images[0]
-        tmp = folder / f".class_{i:05d}.png.tmp"
-        image.save(tmp, format="PNG")
-        tmp.rename(folder / f"class_{i:05d}.png")

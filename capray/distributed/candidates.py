@@ -58,11 +58,11 @@ class CandidateWorker:
 
         parts = self.models.parts
 
-        def loss(cands: torch.Tensor, rep: NoiseDraw) -> torch.Tensor:
+        def image_loss(images: torch.Tensor, rows: NoiseDraw) -> torch.Tensor:
             with autocast_for(parts):
-                return reconstruction_loss(parts, self.unet, self.cond, self.layout.to_model(cands, self.resolution), rep)
+                return reconstruction_loss(parts, self.unet, self.cond, images, rows)
 
-        evaluator = InProcessEvaluator(loss, self.layout.n, self.batch_size)
+        evaluator = InProcessEvaluator(image_loss, self.layout, self.resolution, self.batch_size * self.layout.n)
         return evaluator(torch.from_numpy(candidates).to(parts.device), draw).cpu().numpy()
 
 

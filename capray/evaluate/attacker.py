@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from capray.attack.randomness import derive_seed
-from capray.attack.surrogate import Surrogate, ensure_class_images, train_surrogate
+from capray.attack.surrogate import Surrogate, train_surrogate
+from capray.models.class_images import ensure_class_images
 from capray.config import CaprayConfig, EvaluateConfig, SurrogateConfig
 
 

@@ -67,7 +67,7 @@ def evaluate_identity(task: IdentityTask, cfg: CaprayConfig) -> dict[str, Any]:
         result["reference_faces"] = n_ref
         result["clean_photos"] = sorted(clean)
 
-        from capray.attack.surrogate import ensure_class_images
+        from capray.models.class_images import ensure_class_images
         from capray.evaluate.attacker import attacker_surrogate_config
         from capray.models.sd import load_diffusion
 

@@ -1,18 +1,25 @@
-"""Where model weights live on this machine, and whether a place holds a copy that loads offline.
+"""Where model weights and capray's own built things live, and whether a place holds a copy that loads offline.
 
 One definition of "a usable SD-format directory" and of the Hugging Face / torch cache locations,
 shared by the preflight (before Ray starts), `capray models fetch` and `capray models list`.
 Paths are read from the environment at call time (HF_HOME, HF_HUB_CACHE, TORCH_HOME), as a fresh
 worker process would see them, so `--cache DIR` and tests can point elsewhere.
+
+capray's own cache (the tiny model, class images) has one rule too: an explicit directory wins, else
+`$CAPRAY_CACHE`, else `~/.cache/capray`. Workers of one cluster share it through the environment, so
+the expensive things are built once per machine, under a file lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 # The parts `capray.models.sd.load_diffusion` loads, and the files each needs.
 WEIGHTS_SUFFIXES = (".safetensors", ".bin")
@@ -124,3 +131,17 @@ def reachable(url: str, timeout: float = 5.0) -> Reachability:
         return Reachability(True)
     except (urllib.error.URLError, OSError) as exc:
         return Reachability(False, f"cannot reach {url.split('/')[2]}: {getattr(exc, 'reason', exc)}")
+
+
+def cache_root(explicit: str | os.PathLike | None = None) -> Path:
+    """capray's own cache: the tiny model, class images."""
+    return Path(explicit or os.environ.get("CAPRAY_CACHE") or Path.home() / ".cache" / "capray")
+
+
+@contextmanager
+def exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive file lock: concurrent actors on one machine build a cached thing once."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

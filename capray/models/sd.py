@@ -6,6 +6,8 @@ directory, or the tiny random model (``"tiny"``), so the tests exercise the real
 
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,8 @@ class DiffusionParts:
     model_id: str
     device: torch.device
     dtype: torch.dtype
+    master: tuple[Any, Any] | None = None  # (UNet, text encoder) as loaded in fp32, on the host; None when
+    # the compute weights already are fp32 or wider (they are then the master weights themselves)
 
     @property
     def master_dtype(self) -> torch.dtype:
@@ -49,26 +53,52 @@ class DiffusionParts:
         return torch.promote_types(self.dtype, torch.float32)
 
 
+def enable_deterministic_mode() -> None:
+    """Same pixels on a GPU: deterministic kernels (an error where none exists), cuDNN without autotuning,
+    and the fixed cuBLAS workspace that deterministic cuBLAS needs. Process-wide; the cuBLAS variable only
+    takes effect if set before the first CUDA call, hence here, before the model touches the device."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        import warnings
+
+        warnings.warn("model.deterministic: CUDA was initialised before capray could set CUBLAS_WORKSPACE_CONFIG; "
+                      "set it in the environment (:4096:8) for deterministic cuBLAS", stacklevel=2)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def load_diffusion(cfg: ModelConfig, *, path: str | None = None) -> DiffusionParts:
-    """Load UNet, VAE, text encoder, tokenizer and DDPM scheduler; freeze them (PGD needs input grads only)."""
+    """Load UNet, VAE, text encoder, tokenizer and DDPM scheduler; freeze them (PGD needs input grads only).
+
+    Below fp32 (bf16/fp16) the UNet and text encoder are read from disk in fp32 and kept on the host as
+    the surrogate's master weights; the device gets a compute copy cast from them.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    if cfg.deterministic:
+        enable_deterministic_mode()
     source = path or resolve_model_path(cfg)
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
+    master_dtype = torch.promote_types(dtype, torch.float32)
     kw: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=master_dtype, **kw)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=master_dtype, **kw)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
     except OSError as exc:  # no hub access and no local copy: say so plainly
         raise RuntimeError(
             f"cannot load diffusion model {source!r}: {exc}. Point model.sd at a local SD-format "
             "directory, or use 'tiny' for the built-in tiny random model."
         ) from exc
+    master = None
+    if master_dtype != dtype:
+        master = (unet.requires_grad_(False).eval(), text_encoder.requires_grad_(False).eval())
+        unet, text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False).eval().to(device=device, dtype=dtype)
     if cfg.gradient_checkpointing:
@@ -77,7 +107,7 @@ def load_diffusion(cfg: ModelConfig, *, path: str | None = None) -> DiffusionPar
     if device.type == "cuda":  # NHWC convolutions are the fast path for cuDNN on tensor cores
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
-    return DiffusionParts(unet, vae, text_encoder, tokenizer, scheduler, source, device, dtype)
+    return DiffusionParts(unet, vae, text_encoder, tokenizer, scheduler, source, device, dtype, master)
 
 
 def encode_prompt(parts: DiffusionParts, prompt: str, text_encoder: Any | None = None) -> torch.Tensor:

@@ -119,20 +119,17 @@ def build_tiny_model(path: str | Path, *, seed: int = TINY_SEED) -> Path:
 
 
 def default_tiny_dir(cache_dir: str | None = None) -> Path:
-    import os
+    from capray.models.cache import cache_root
 
-    base = Path(cache_dir or os.environ.get("CAPRAY_CACHE", Path.home() / ".cache" / "capray"))
-    return base / "tiny-sd"
+    return cache_root(cache_dir) / "tiny-sd"
 
 
 def ensure_tiny_model(cache_dir: str | None = None) -> Path:
     """Build the tiny model on first use; later calls reuse it (a file lock keeps actors from racing)."""
-    import fcntl
+    from capray.models.cache import exclusive
 
     target = default_tiny_dir(cache_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".tiny-sd.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(target.parent / ".tiny-sd.lock"):
         if not (target / "model_index.json").exists():
             tmp = target.with_name(target.name + ".tmp")
             build_tiny_model(tmp)
