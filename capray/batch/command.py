@@ -56,7 +56,6 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
     from capray.cluster import connect_ray
     from capray.io.storage import normalize_uri
 
-    cfg = embedded_cpu_fallback(cfg, address)
     output_uri = normalize_uri(output_uri)
     created_dir = "://" not in output_uri and not os.path.exists(output_uri)
     held = lease.acquire(output_uri, cfg.batch.lease_ttl_s, cfg.batch.storage_options, force=force_unlock,
@@ -70,7 +69,9 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
             if created_dir:  # a refused run writes nothing
                 shutil.rmtree(output_uri, ignore_errors=True)
             raise
-        started = connect_ray(address) if plan.pending else False  # nothing left to do: no cluster needed
+        if plan.pending:  # nothing left to do: no cluster needed
+            cfg = embedded_cpu_fallback(cfg, address)  # after the preflight: a refused run says one line
+            started = connect_ray(address)
         write_run_file(plan, cfg, {"notes": cfg.model.notes})
         return run_job(plan, cfg, show_progress=show_progress, **job_kwargs)
     except KeyboardInterrupt:

@@ -93,20 +93,24 @@ TUNABLE = {
     "attack.simac.max_select_iters", "attack.simac.samples_per_iter", "attack.simac.delta_t",
     "attack.simac.keep_timesteps", "attack.simac.feature_weight", "attack.simac.feature_detach",
     "cap.enabled", "cap.start_fraction", "cap.ratio_max", "cap.ratio_mode", "cap.static_ratio", "cap.loss",
-    "cap.gram_normalization", "cap.search", "cap.candidate_batch_size",
+    "cap.gram_normalization", "cap.search", "cap.candidate_batch_size", "cap.score_draw", "cap.score_draws",
+    "attack.fsmg_batch_size",
 }
 SERVER_ONLY = {  # server paths, memory layout, and the class-image cache (changing it means generating images)
     "attack.fsmg_model", "attack.surrogate.master_weights", "attack.surrogate.class_prompt",
     "attack.surrogate.num_class_images", "attack.surrogate.class_sample_steps",
     "attack.surrogate.class_guidance_scale", "attack.surrogate.class_images_dir", "attack.surrogate.offload_main",
+    "attack.image_batch_size", "cap.score_image_batch_size",  # device memory per forward: the replica's to size
 }
 CEILINGS = (  # cost (time or memory) grows with the value: a request may lower it, not raise it
     "attack.fsmg_train_steps", "attack.surrogate_steps", "attack.surrogate.batch_size",
     "attack.simac.max_select_iters", "attack.simac.samples_per_iter", "cap.ratio_max", "cap.candidate_batch_size",
+    "cap.score_draws", "attack.fsmg_batch_size",
 )
 FLOORS = ("cap.start_fraction",)  # CAP searches λ from k̂ = start_fraction·K on: lowering it searches more steps
 ORDERED = {  # choices from cheap to expensive: a request may pick the server's or a cheaper one
     "cap.search": ["fast", "reference"],  # reference: every candidate's gradient, ≈100× the scoring work
+    "cap.score_draw": ["gradient", "fresh", "independent"],  # independent: no two candidates share a score
     "cap.ratio_mode": ["static", "dynamic"],
     "cap.enabled": [False, True],
     "attack.surrogate.prior_preservation": [False, True],
