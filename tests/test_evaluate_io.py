@@ -59,9 +59,10 @@ def test_exif_rotated_jpeg_is_read_upright_and_pairs_with_its_protected_copy(tmp
 
 
 def test_photos_pair_by_protects_output_names(tmp_path):
-    """Protect writes `my photo.jpg` as `my_photo-<sha256[:8]>.png` and identity `bob smith` to a hashed folder."""
-    def h(text: str) -> str:
-        return hashlib.sha256(text.encode()).hexdigest()[:8]
+    """Protect writes `my photo.jpg` as `my_photo-<sha256[:8]>.png` and identity `bob smith` to
+    `bob_smith-<sha256[:16]>/` (folder hashes are longer: millions of identities must not collide)."""
+    def h(text: str, n: int = 8) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:n]
 
     rgb = np.full((16, 16, 3), 128, np.uint8)
     clean_dir = tmp_path / "clean" / "bob smith"
@@ -74,7 +75,7 @@ def test_photos_pair_by_protects_output_names(tmp_path):
         f"a-{h(uri['a.jpg'])}": uri["a.jpg"], f"a-{h(uri['a.png'])}": uri["a.png"],
         f"my_photo-{h('my photo')}": str((clean_dir / "my photo.jpg").resolve())}
 
-    prot_dir = tmp_path / "prot" / f"bob_smith-{h('bob smith')}"
+    prot_dir = tmp_path / "prot" / f"bob_smith-{h('bob smith', 16)}"
     prot_dir.mkdir(parents=True)
     Image.fromarray(noisy(rgb)).save(prot_dir / f"my_photo-{h('my photo')}.png")
     clean_src, prot_src = plan_sources(tmp_path / "clean", [tmp_path / "prot"], [])
