@@ -59,7 +59,7 @@ def test_exif_rotated_jpeg_is_read_upright_and_pairs_with_its_protected_copy(tmp
 
 
 def test_photos_pair_by_protects_output_names(tmp_path):
-    """Protect writes `my photo.jpg` as `my_photo-<sha256[:8]>.png` and identity `bob smith` to
+    """Protect writes `my photo.jpg` as `my_photo-<sha256[:16]>.png` (a colliding stem gets `-<sha256(uri)[:8]>`) and `bob smith` to
     `bob_smith-<sha256[:16]>/` (folder hashes are longer: millions of identities must not collide)."""
     def h(text: str, n: int = 8) -> str:
         return hashlib.sha256(text.encode()).hexdigest()[:n]
@@ -73,11 +73,11 @@ def test_photos_pair_by_protects_output_names(tmp_path):
     uri = {n: str((clean_dir / n).resolve()) for n in ("a.jpg", "a.png")}
     assert list_photos(clean_dir) == {  # the stem collision is resolved from the URI, as protect does
         f"a-{h(uri['a.jpg'])}": uri["a.jpg"], f"a-{h(uri['a.png'])}": uri["a.png"],
-        f"my_photo-{h('my photo')}": str((clean_dir / "my photo.jpg").resolve())}
+        f"my_photo-{h('my photo', 16)}": str((clean_dir / "my photo.jpg").resolve())}
 
     prot_dir = tmp_path / "prot" / f"bob_smith-{h('bob smith', 16)}"
     prot_dir.mkdir(parents=True)
-    Image.fromarray(noisy(rgb)).save(prot_dir / f"my_photo-{h('my photo')}.png")
+    Image.fromarray(noisy(rgb)).save(prot_dir / f"my_photo-{h('my photo', 16)}.png")
     clean_src, prot_src = plan_sources(tmp_path / "clean", [tmp_path / "prot"], [])
     clean, _ = load_photo_set(clean_src, "bob smith", EvalFiles())
     prot, _ = load_photo_set(prot_src, "bob smith", EvalFiles())
