@@ -18,7 +18,7 @@ import numpy as np
 
 from capray.evaluate.files import EvalFiles
 from capray.evaluate.transforms import Transform
-from capray.io.naming import RESERVED, output_stems, safe_name
+from capray.io.naming import RESERVED, is_safe, output_stems, safe_name
 from capray.io.storage import join, normalize_uri, overlaps
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -91,15 +91,19 @@ def list_identities(root: str | Path, files: EvalFiles | None = None) -> list[st
     return [n for n in names if n not in RESERVED and not n.startswith(".")]
 
 
-def list_photos(folder: str | Path, files: EvalFiles | None = None) -> dict[str, str]:
+def list_photos(folder: str | Path, files: EvalFiles | None = None, *, protected: bool = False) -> dict[str, str]:
     """{pairing key: URI} of the image files in `folder` (by suffix), in key order.
 
-    The key is protect's output stem for the file, computed over the same listing protect makes:
-    protect writes `my photo.jpg` as `my_photo-<hash>.png` (and `a.jpg`/`a.png` under distinct stems),
-    so a clean photo's key is its protected copy's file stem, which that copy keeps as its own key.
+    A clean photo's key is protect's output stem for it, computed over the same listing protect makes:
+    protect writes `my photo.jpg` as `my_photo-<hash>.png` (and `a.jpg`/`a.png` under distinct stems).
+    A protected photo whose stem is already safe keeps it as its key: protect named it (and renaming
+    it again would hash it a second time, since names ending like a hash never pass through unchanged);
+    a hand-made protected folder with unsafe names is keyed like a clean one.
     """
     uris = (files or EvalFiles()).list_files(str(folder))
-    pairs = [(k, u) for k, u in zip(output_stems(uris), uris)
+    own = [posixpath.splitext(posixpath.basename(u))[0] for u in uris]
+    stems = [o if protected and is_safe(o) else k for o, k in zip(own, output_stems(uris))]
+    pairs = [(k, u) for k, u in zip(stems, uris)
              if posixpath.splitext(u)[1].lower() in IMAGE_SUFFIXES]
     return dict(sorted(pairs))
 
@@ -108,7 +112,7 @@ def load_photo_set(source: Source, identity: str, files: EvalFiles) -> tuple[dic
     """{pairing key: upright RGB} of one source's photos of `identity`; unreadable files become error lines."""
     found: dict[str, str] = {}
     for folder in identity_folders(source, identity):
-        found = list_photos(folder, files)
+        found = list_photos(folder, files, protected=source.protected)
         if found:
             break
     photos, errors = {}, []

@@ -51,6 +51,11 @@ def safe_name(name: str) -> str:
     return cleaned if keep else f"{cleaned}-{short_hash(name, NAME_HASH_CHARS)}"
 
 
+def is_safe(name: str) -> bool:
+    """`name` is already made of safe characters (e.g. a name `safe_name` produced, hashed or not)."""
+    return bool(name) and not _UNSAFE.search(name) and not name.startswith(".")
+
+
 def rejected_name(name: str) -> str:
     """Where a rejected identity's manifest row is stored (never used as an output folder)."""
     return f"_rejected-{short_hash(str(name), 16)}"
