@@ -15,6 +15,7 @@ COMMANDS = {
     "evaluate": ("capray.evaluate.command", "play the attacker: DreamBooth on protected photos, metrics, report"),
     "serve": ("capray.serve.command", "run the online protection endpoint (Ray Serve)"),
     "models": ("capray.models.command", "model utilities (build the tiny random SD model)"),
+    "manifest": ("capray.batch.manifest_command", "manifest maintenance: `capray manifest compact OUT`"),
     "demo": ("capray.batch.demo", "protect the bundled sample identities end to end and summarise"),
 }
 

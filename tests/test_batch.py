@@ -111,7 +111,8 @@ def test_every_identity_has_exactly_one_row_with_expected_status(corpus_run):
     rows = rows_by_identity(corpus_run["out"])
     assert {i: r["status"] for i, r in rows.items()} == corpus_run["expected"]
     s = corpus_run["summary"]
-    assert (s.ok, s.failed, s.unfinished, s.exit_code) == (6, 5, 0, 1)
+    assert (s.ok, s.failed, s.failed_input, s.unfinished, s.exit_code) == (6, 5, 5, 0, 0)  # input failures only
+    assert all(r["failure_class"] == ("input" if r["status"] == "failed" else None) for r in rows.values())
     assert "cut.png" in rows["broken"]["error"] and "good.png" not in rows["broken"]["error"]
     assert "zero.png: empty file" in rows["empty"]["error"]
     assert "notes.png: not a recognised image" in rows["text"]["error"]

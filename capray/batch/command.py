@@ -1,7 +1,9 @@
 """`capray protect INPUT OUTPUT`: protect every identity under INPUT on Ray, resumably.
 
-Exit codes: 0 every identity ok; 1 some identities failed (see OUT/manifest/); 2 usage or
-configuration error (nothing was written).
+Exit codes (README "Exit codes"): 0 nothing left that a rerun could fix (every identity ok, or
+failed for its input: see OUT/manifest/); 1 some identities failed transiently or did not finish (a
+rerun retries them); 2 usage or configuration error (nothing was written); 3 only with
+`batch.fail_on_input_errors`: identities failed for their input and nothing else is wrong.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT_FAILED = 0, 1, 2, 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +48,7 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
     from capray.cluster import connect_ray
 
     plan = make_plan(input_uri, output_uri, cfg)
-    started = connect_ray(address) if plan.pending else False  # nothing left to do: no cluster needed
+    started = connect_ray(address)  # listing and the done-check run on the cluster too
     try:
         write_run_file(plan, cfg)
         return run_job(plan, cfg, show_progress=show_progress, **job_kwargs)
@@ -76,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"capray protect: the job stopped: {type(exc).__name__}: {exc}\n"
               "identities already committed are kept; rerun with the same OUTPUT to resume", file=sys.stderr)
         return EXIT_FAILED
-    print(f"capray protect: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already ok, "
+    for error in summary.source_errors:
+        print(f"capray protect: input not fully read: {error}", file=sys.stderr)
+    print(f"capray protect: {summary.ok} ok, {summary.failed} failed ({summary.failed_input} for their input), "
+          f"{summary.skipped} already ok, {summary.skipped_input} failed before for unchanged input, "
           f"{summary.unfinished} unfinished of {summary.total} identities; manifest in "
           f"{summary.output}/manifest/", file=sys.stderr)
     return summary.exit_code
