@@ -39,7 +39,7 @@ def _write_bucket(group: pa.Table, output: str, generation: str, storage_options
     rows = manifest.latest_rows(group.drop_columns(["_bucket"]).cast(manifest.SCHEMA))
     buf = io.BytesIO()
     pq.write_table(rows, buf)
-    uri = join(output, manifest.MANIFEST_DIR, manifest.compacted_name(generation, bucket))
+    uri = join(output, manifest.MANIFEST_DIR, manifest.compacted_name(generation, bucket, rows.num_rows))
     fs, path = get_fs(uri, storage_options)
     write_bytes_atomic(fs, path, buf.getvalue())
     return pa.table({"file": [path], "rows": [rows.num_rows]}, schema=RESULT_SCHEMA)
@@ -59,20 +59,41 @@ def compact(output: str, cfg) -> Compaction:
     files = manifest.manifest_files(fs, path)
     if not files:
         return Compaction(0, 0, 0)
-    ds = ray.data.read_parquet(files, filesystem=manifest.arrow_fs(fs), schema=manifest.SCHEMA,
-                               override_num_blocks=min(len(files), 64))
-    rows = ds.count()  # from the Parquet footers
+    rows = _count_rows(fs, files)  # before de-duplication: an upper bound
     buckets = max(1, math.ceil(rows / cfg.batch.manifest_rows_per_file))
     generation = uuid.uuid4().hex[:12]
-    written = (ds.map_batches(_add_bucket, batch_format="pyarrow", fn_kwargs={"buckets": buckets})
-               .groupby("_bucket")
-               .map_groups(_write_bucket, batch_format="pyarrow",
-                           fn_kwargs={"output": output, "generation": generation, "storage_options": so}))
-    new_files = {row["file"] for row in written.iter_rows()}
-    kept = 0
+    if buckets == 1:  # one output file: a single task reads everything (bounded by rows_per_file rows)
+        task = ray.remote(num_cpus=cfg.batch.cpus_per_io_task)(_compact_all)
+        new_files = {ray.get(task.remote(files, output, generation, so))}
+    else:
+        ds = ray.data.read_parquet(files, filesystem=manifest.arrow_fs(fs), schema=manifest.SCHEMA,
+                                   override_num_blocks=min(len(files), 64))
+        written = (ds.map_batches(_add_bucket, batch_format="pyarrow", fn_kwargs={"buckets": buckets})
+                   .groupby("_bucket", num_partitions=buckets)
+                   .map_groups(_write_bucket, batch_format="pyarrow",
+                               fn_kwargs={"output": output, "generation": generation, "storage_options": so}))
+        new_files = {row["file"] for row in written.iter_rows()}
     for old in files:
         if old not in new_files:
             fs.rm_file(old)
-    after = manifest.manifest_files(fs, path)
-    kept = sum(1 for f in after if f in new_files)
-    return Compaction(len(files), kept, rows)
+    return Compaction(len(files), len(manifest.manifest_files(fs, path)), rows)
+
+
+def _count_rows(fs: Any, files: list[str]) -> int:
+    """Rows in all files: from their names where they carry it, else from the Parquet footer."""
+    import pyarrow.dataset as pads
+
+    counts = [manifest.rows_in(f) for f in files]
+    unnamed = [f for f, n in zip(files, counts) if n is None]
+    footer = pads.dataset(unnamed, format="parquet", filesystem=manifest.arrow_fs(fs)).count_rows() if unnamed else 0
+    return sum(n for n in counts if n is not None) + footer
+
+
+def _compact_all(files: list[str], output: str, generation: str, storage_options: dict[str, Any]) -> str:
+    import pyarrow.dataset as pads
+
+    fs, _ = manifest.manifest_path(output, storage_options)
+    table = pads.dataset(files, schema=manifest.SCHEMA, format="parquet", filesystem=manifest.arrow_fs(fs)).to_table()
+    result = _write_bucket(table.append_column("_bucket", pa.array([0] * table.num_rows, pa.int32())),
+                           output, generation, storage_options)
+    return result.column("file")[0].as_py()

@@ -115,9 +115,17 @@ def manifest_path(output: str, storage_options: dict[str, Any] | None = None) ->
 
 
 def part_name(run_id: str, identities: list[str]) -> str:
-    """Deterministic for one commit of one run: a retried commit task overwrites its own file."""
+    """Deterministic for one commit of one run: a retried commit task overwrites its own file.
+    The row count is in the name, so compaction sizes its buckets without opening a file."""
     digest = hashlib.sha256("\x00".join([run_id, *identities]).encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{PART_PREFIX}{digest[:24]}.parquet"
+    return f"{PART_PREFIX}{digest[:24]}-n{len(identities)}.parquet"
+
+
+def rows_in(file_name: str) -> int | None:
+    """The row count a commit or compacted file's name carries (None for other files)."""
+    stem = posixpath.basename(file_name).rsplit(".", 1)[0]
+    count = stem.rsplit("-n", 1)[-1] if "-n" in stem else ""
+    return int(count) if count.isdigit() else None
 
 
 def write_records(output: str, run_id: str, rows: list[ManifestRow], storage_options: dict[str, Any] | None) -> str:
@@ -188,8 +196,8 @@ def bucket_of(identity: str, buckets: int) -> int:
     return int.from_bytes(digest, "big") % max(1, buckets)
 
 
-def compacted_name(generation: str, bucket: int) -> str:
-    return f"{COMPACT_PREFIX}{generation}-{bucket:05d}.parquet"
+def compacted_name(generation: str, bucket: int, rows: int) -> str:
+    return f"{COMPACT_PREFIX}{generation}-{bucket:05d}-n{rows}.parquet"
 
 
 def state_of(row: ManifestRow, published: list[tuple[str, str]]) -> IdentityState:
