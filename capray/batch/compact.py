@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from capray.io import manifest
 from capray.io.storage import get_fs, join, write_bytes_atomic
 
+DELETE_CHUNK = 1000
 RESULT_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64())])
 
 
@@ -73,10 +74,20 @@ def compact(output: str, cfg) -> Compaction:
                    .map_groups(_write_bucket, batch_format="pyarrow",
                                fn_kwargs={"output": output, "generation": generation, "storage_options": so}))
         new_files = {row["file"] for row in written.iter_rows()}
-    for old in files:
-        if old not in new_files:
-            fs.rm_file(old)
+    stale = [f for f in files if f not in new_files]
+    delete = ray.remote(num_cpus=cfg.batch.cpus_per_io_task)(_delete)
+    ray.get([delete.remote(stale[i:i + DELETE_CHUNK], output, so) for i in range(0, len(stale), DELETE_CHUNK)])
     return Compaction(len(files), len(manifest.manifest_files(fs, path)), rows)
+
+
+def _delete(files: list[str], output: str, storage_options: dict[str, Any]) -> None:
+    """Delete superseded files (in a task: one request each, so not on the driver)."""
+    fs, _ = manifest.manifest_path(output, storage_options)
+    for f in files:
+        try:
+            fs.rm_file(f)
+        except FileNotFoundError:
+            pass
 
 
 def _count_rows(fs: Any, files: list[str]) -> int:

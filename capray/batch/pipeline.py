@@ -71,7 +71,7 @@ def build_dataset(plan: Plan, cfg: CaprayConfig, tally, actor_cls: type = Protec
     ds = candidates(plan, cfg, tally)
     ds = ds.map_batches(check_batch, batch_size=b.listing_batch, batch_format="pyarrow", num_cpus=b.cpus_per_io_task,
                         fn_kwargs={"config_json": config_json, "plan_info": plan_info(plan), "tally": tally})
-    ds = ds.repartition(target_num_rows_per_block=1)  # spread the groups over the actors
+    ds = ds.repartition(target_num_rows_per_block=b.groups_per_batch)  # one block per actor call: spread over actors
     ds = ds.map_batches(decode_batch, batch_size=1, fn_kwargs={"config_json": config_json}, **io_args)
     # --- actor pool (issue 11's lines, moved here as they were) ---
     gpus = b.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
