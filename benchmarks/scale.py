@@ -47,18 +47,13 @@ from capray.batch.stages import ProtectActor  # noqa: E402
 class PassThroughActor(ProtectActor):
     """The engine stand-in: no models, the photos come back unchanged with a minimal record."""
 
-    def __init__(self, config_json: str | None = None):
-        from capray.batch.stages import config_from
+    def load_models(self):
+        return None
 
-        self.cfg = config_from(config_json or self.CONFIG_JSON)
-
-    def protect(self, row):
+    def run_engine(self, rgbs, identity):
         from capray.attack.api import ProtectionRecord, RunInfo
 
-        if row.get("error"):
-            return row
-        record = ProtectionRecord(**RunInfo.of(self.cfg).run_fields())
-        return dict(row, record=record.model_dump_json(), attempts=1)
+        return rgbs, ProtectionRecord(**RunInfo.of(self.cfg).run_fields())
 
 
 def png(rng, size: int = 12) -> bytes:

@@ -119,14 +119,21 @@ class ProtectActor:
     CONFIG_JSON: str | None = None  # set on the subclass the pipeline builds
 
     def __init__(self, config_json: str | None = None):
+        self.cfg = config_from(config_json or self.CONFIG_JSON)
+        self.models = self.load_models()
+
+    def load_models(self):
         from capray import load_models
 
-        self.cfg = config_from(config_json or self.CONFIG_JSON)
-        self.models = load_models(self.cfg.model)
+        return load_models(self.cfg.model)
 
-    def protect(self, row: dict[str, Any]) -> dict[str, Any]:
+    def run_engine(self, rgbs: list[np.ndarray], identity: str):
+        """The engine call: (protected arrays, ProtectionRecord). Benchmarks and tests put a stand-in here."""
         from capray.attack.api import protect_arrays
 
+        return protect_arrays(rgbs, self.cfg, identity, self.models)
+
+    def protect(self, row: dict[str, Any]) -> dict[str, Any]:
         if row.get("error"):
             return row
         rgbs = [np.frombuffer(p, dtype=np.uint8).reshape(h, w, 3).copy()  # writable: torch wants to own it
@@ -135,7 +142,7 @@ class ProtectActor:
         while True:
             attempts += 1
             try:
-                protected, record = protect_arrays(rgbs, self.cfg, row["identity"], self.models)
+                protected, record = self.run_engine(rgbs, row["identity"])
                 return dict(row, pixels=[a.tobytes() for a in protected], record=record.model_dump_json(),
                             attempts=attempts)
             except ValueError as exc:  # the engine's verdict on the group itself: retrying cannot help
