@@ -46,6 +46,14 @@ def _write_bucket(group: pa.Table, output: str, generation: str, storage_options
     return pa.table({"file": [path], "rows": [rows.num_rows]}, schema=RESULT_SCHEMA)
 
 
+def _read_files(batch: pa.Table, output: str, storage_options: dict[str, Any]) -> pa.Table:
+    import pyarrow.dataset as pads
+
+    fs, _ = manifest.manifest_path(output, storage_options)
+    files = batch.column("file").to_pylist()
+    return pads.dataset(files, schema=manifest.SCHEMA, format="parquet", filesystem=manifest.arrow_fs(fs)).to_table()
+
+
 def _add_bucket(batch: pa.Table, buckets: int) -> pa.Table:
     idents = batch.column("identity").to_pylist()
     return batch.append_column("_bucket", pa.array([manifest.bucket_of(i or "", buckets) for i in idents], pa.int32()))
@@ -67,8 +75,10 @@ def compact(output: str, cfg) -> Compaction:
         task = ray.remote(num_cpus=cfg.batch.cpus_per_io_task)(_compact_all)
         new_files = {ray.get(task.remote(files, output, generation, so))}
     else:
-        ds = ray.data.read_parquet(files, filesystem=manifest.arrow_fs(fs), schema=manifest.SCHEMA,
-                                   override_num_blocks=min(len(files), 64))
+        # Files are read in tasks: Ray's `read_parquet` would stat every file from the driver.
+        ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=min(len(files), 64))
+        ds = ds.map_batches(_read_files, batch_format="pyarrow", num_cpus=cfg.batch.cpus_per_io_task,
+                            fn_kwargs={"output": output, "storage_options": so})
         written = (ds.map_batches(_add_bucket, batch_format="pyarrow", fn_kwargs={"buckets": buckets})
                    .groupby("_bucket", num_partitions=buckets)
                    .map_groups(_write_bucket, batch_format="pyarrow",
@@ -101,10 +111,7 @@ def _count_rows(fs: Any, files: list[str]) -> int:
 
 
 def _compact_all(files: list[str], output: str, generation: str, storage_options: dict[str, Any]) -> str:
-    import pyarrow.dataset as pads
-
-    fs, _ = manifest.manifest_path(output, storage_options)
-    table = pads.dataset(files, schema=manifest.SCHEMA, format="parquet", filesystem=manifest.arrow_fs(fs)).to_table()
+    table = _read_files(pa.table({"file": files}), output, storage_options)
     result = _write_bucket(table.append_column("_bucket", pa.array([0] * table.num_rows, pa.int32())),
                            output, generation, storage_options)
     return result.column("file")[0].as_py()

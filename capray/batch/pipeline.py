@@ -69,7 +69,10 @@ def build_dataset(plan: Plan, cfg: CaprayConfig, tally, actor_cls: type = Protec
     config_json = cfg.model_dump_json()
     io_args = {"batch_format": "pyarrow", "num_cpus": b.cpus_per_io_task, "udf_modifying_row_count": False}
     ds = candidates(plan, cfg, tally)
+    # Listing runs ahead of the GPUs anyway; bounding its tasks keeps CPU slots for decode/write/commit,
+    # so the first commit does not wait for the library to be listed.
     ds = ds.map_batches(check_batch, batch_size=b.listing_batch, batch_format="pyarrow", num_cpus=b.cpus_per_io_task,
+                        compute=ray.data.TaskPoolStrategy(size=b.listing_tasks),
                         fn_kwargs={"config_json": config_json, "plan_info": plan_info(plan), "tally": tally})
     ds = ds.repartition(target_num_rows_per_block=b.groups_per_batch)  # one block per actor call: spread over actors
     ds = ds.map_batches(decode_batch, batch_size=1, fn_kwargs={"config_json": config_json}, **io_args)
