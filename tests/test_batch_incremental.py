@@ -17,7 +17,6 @@ from PIL import Image
 
 from capray.batch.stages import ProtectActor
 from capray.config import load_config
-from capray.io import manifest
 
 pytestmark = pytest.mark.ray
 

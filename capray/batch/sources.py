@@ -15,7 +15,6 @@ Driver cost per 1,000 identities: nothing but one tally call per listing batch.
 
 from __future__ import annotations
 
-import posixpath
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -196,5 +195,4 @@ def check_batch(batch: pa.Table, config_json: str, plan_info: dict[str, Any], ta
 
 
 def plan_info(plan) -> dict[str, Any]:
-    return {"input": plan.input, "output": plan.output, "resuming": plan.resuming,
-            "input_name": posixpath.basename(plan.input)}
+    return {"input": plan.input, "output": plan.output, "resuming": plan.resuming}
