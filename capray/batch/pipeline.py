@@ -29,6 +29,11 @@ from capray.config import CaprayConfig
 from capray.io.storage import get_fs, join, write_bytes_atomic
 
 TALLY_POLL_S = 2.0
+# Ray Data merges a task's small output blocks up to `target_max_block_size` (128 MiB) before passing
+# them on, so with the default a whole library's names (~30 B each) would leave the listing task as one
+# block and be checked as one: nothing would reach the GPUs until everything was listed. Small blocks
+# keep the stream moving; blocks of decoded photos are bigger anyway and are cut at identity rows.
+STREAM_BLOCK_BYTES = 128 * 1024
 
 
 @dataclass
@@ -65,6 +70,16 @@ def build_dataset(plan: Plan, cfg: CaprayConfig, tally, actor_cls: type = Protec
     ctx.enable_progress_bars = False  # our own one-line display counts identities, not blocks
     ctx.print_on_execution_start = False  # the plan is in the docs; keep the console to our progress line
     ctx.max_errored_blocks = -1  # a broken block must not take the other identities down; counted below
+    default_block_bytes, ctx.target_max_block_size = ctx.target_max_block_size, STREAM_BLOCK_BYTES
+    try:
+        return _stages(plan, cfg, tally, actor_cls)
+    finally:  # the dataset keeps its own copy of the context; compaction's shuffle wants the default
+        ctx.target_max_block_size = default_block_bytes
+
+
+def _stages(plan: Plan, cfg: CaprayConfig, tally, actor_cls: type):
+    import ray
+
     b = cfg.batch
     config_json = cfg.model_dump_json()
     io_args = {"batch_format": "pyarrow", "num_cpus": b.cpus_per_io_task, "udf_modifying_row_count": False}
