@@ -39,7 +39,10 @@ def config(outer_loops: int, adv_steps: int):
     from capray.config import load_config
 
     return load_config(preset="smoke", overrides={"attack": {"outer_loops": outer_loops, "adv_steps": adv_steps},
-                                                  "batch": {"num_actors": 1, "cpus_per_actor": 1.0}})
+                                                  "batch": {"num_actors": 1, "cpus_per_actor": 1.0,
+                                                            # one identity per commit, so results arrive
+                                                            # one by one and the steady rate is measurable
+                                                            "records_per_commit": 1}})
 
 
 def in_process(src: Path, out: Path, cfg) -> tuple[float, list[float]]:

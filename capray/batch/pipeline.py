@@ -15,6 +15,7 @@ is compacted (`capray/batch/compact.py`).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ TALLY_POLL_S = 2.0
 # block and be checked as one: nothing would reach the GPUs until everything was listed. Small blocks
 # keep the stream moving; blocks of decoded photos are bigger anyway and are cut at identity rows.
 STREAM_BLOCK_BYTES = 128 * 1024
+# A small library gives the listing stage fewer input blocks than `batch.listing_tasks`: expected, not news.
+warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(check_batch\)'")
 
 
 @dataclass
