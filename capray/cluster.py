@@ -23,3 +23,9 @@ def connect_ray(address: str | None) -> bool:
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), object_store_memory=1024**3,
                  include_dashboard=False, log_to_driver=False)
     return True
+
+
+# Ray's own head-node resource: its train state actor pins itself to the head the same way.
+ON_HEAD_NODE = {"resources": {"node:__internal_head__": 0.001}}
+"""Options for the job's small bookkeeping actors (tally, attempt ledger): the head node lives as long
+as the cluster does, while any worker node (even the one a driver attached to) may be removed."""

@@ -64,3 +64,38 @@ def faces_dir() -> Path:
     if not FACES.exists():
         pytest.skip("shared sample faces not present")
     return FACES
+
+
+class MotoS3:
+    """A moto S3 server on 127.0.0.1 (as s3fs's own tests run one): fsspec options and buckets on demand."""
+
+    def __init__(self, endpoint: str):
+        self.options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing-secret",
+                        "client_kwargs": {"region_name": "us-east-1"}}
+
+    def bucket(self, name: str) -> dict:
+        """Create bucket `name` (once) and return the fsspec options that reach it."""
+        import botocore.session
+
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.options["endpoint_url"], region_name="us-east-1",
+            aws_access_key_id=self.options["key"], aws_secret_access_key=self.options["secret"])
+        if name not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+            client.create_bucket(Bucket=name)
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # a fresh client per test module sees the new bucket
+        return dict(self.options)
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    import logging
+
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield MotoS3(f"http://{host}:{port}")
+    server.stop()

@@ -601,39 +601,20 @@ def test_a_manifest_row_outside_the_prefix_fails_its_identity_only(tmp_path):
 
 
 @pytest.mark.s3
-def test_on_s3_the_lease_is_a_conditional_create_and_retries_are_configured(tmp_path):
-    import logging
+def test_on_s3_the_lease_is_a_conditional_create_and_retries_are_configured(moto_s3):
+    from capray.batch.lease import LEASE_FILE, LeaseHeld, _create, acquire
+    from capray.io.storage import S3_RETRIES, get_fs
 
-    moto_server = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        import s3fs
-
-        from capray.batch.lease import LEASE_FILE, LeaseHeld, _create, acquire
-        from capray.io.storage import S3_RETRIES, get_fs
-
-        host, port = server.get_host_and_port()
-        options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
-                   "client_kwargs": {"region_name": "us-east-1"}}
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs, _ = get_fs("s3://leases/out", options)
-        import botocore.session
-
-        botocore.session.get_session().create_client(
-            "s3", endpoint_url=options["endpoint_url"], region_name="us-east-1", aws_access_key_id="testing",
-            aws_secret_access_key="testing").create_bucket(Bucket="leases")
-        assert fs.config_kwargs["retries"] == S3_RETRIES  # botocore's retry mode reaches the client
-        assert _create(fs, f"leases/race/{LEASE_FILE}", {"job_id": "a"})
-        assert not _create(fs, f"leases/race/{LEASE_FILE}", {"job_id": "b"})  # If-None-Match: * refused it
-        held = acquire("s3://leases/out", 60, options)
-        with pytest.raises(LeaseHeld, match=held.job_id):
-            acquire("s3://leases/out", 60, options)
-        held.release()
-        assert not fs.exists(f"leases/out/{LEASE_FILE}")
-    finally:
-        server.stop()
+    options = moto_s3.bucket("leases")
+    fs, _ = get_fs("s3://leases/out", options)
+    assert fs.config_kwargs["retries"] == S3_RETRIES  # botocore's retry mode reaches the client
+    assert _create(fs, f"leases/race/{LEASE_FILE}", {"job_id": "a"})
+    assert not _create(fs, f"leases/race/{LEASE_FILE}", {"job_id": "b"})  # If-None-Match: * refused it
+    held = acquire("s3://leases/out", 60, options)
+    with pytest.raises(LeaseHeld, match=held.job_id):
+        acquire("s3://leases/out", 60, options)
+    held.release()
+    assert not fs.exists(f"leases/out/{LEASE_FILE}")
 
 
 def test_force_unlock_takes_a_held_output_over_and_the_old_holder_finds_out(tmp_path, capsys):

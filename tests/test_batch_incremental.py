@@ -151,13 +151,14 @@ def test_manifest_split_over_files_and_an_unsorted_file_reported(ray_cluster, tm
     exports.mkdir()
     for name, body in lines.items():
         (exports / name).write_text("identity,uri\n" + "\n".join(body) + "\n")
-    summary = run(exports / "part-*.csv", out)
+    cfg = config(allowed_input_prefixes=[str(photos)])  # the photos live beside the exports, not under them
+    summary = run(exports / "part-*.csv", out, cfg)
     assert (summary.ok, summary.failed, summary.total, summary.exit_code) == (4, 0, 4, 0)
     r = rows(out)
     assert sorted(r) == ["ann", "bob", "cat", "dan"] and all(len(v["output_uris"]) == 2 for v in r.values())
 
     (exports / "part-2.csv").write_text(f"identity,uri\nzed,{photos}/ann/0.png\neve,{photos}/bob/0.png\n")
-    again = run(exports / "part-*.csv", out)
+    again = run(exports / "part-*.csv", out, cfg)
     assert (again.ok, again.skipped, again.exit_code) == (0, 4, 1)
     assert len(again.source_errors) == 1 and "part-2.csv is not sorted by identity" in again.source_errors[0]
     assert "zed" not in rows(out) and "eve" not in rows(out)

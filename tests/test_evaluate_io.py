@@ -117,28 +117,12 @@ def test_results_json_config_masks_storage_secrets(smoke_config):
 # -- evaluating an s3:// output of `capray protect` --------------------------------------------------
 
 @pytest.fixture(scope="module")
-def s3():
-    """A local moto S3 server (as tests/test_s3.py), without Ray: evaluate runs in-process here."""
-    moto_server = pytest.importorskip("moto.server")
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing-secret",
-               "client_kwargs": {"region_name": "us-east-1"}}
+def s3(moto_s3):
+    """A bucket on the session's moto S3 server, without Ray: evaluate runs in-process here."""
     import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(**options)
-    import botocore.session
-
-    botocore.session.get_session().create_client(
-        "s3", endpoint_url=options["endpoint_url"], region_name="us-east-1", aws_access_key_id=options["key"],
-        aws_secret_access_key=options["secret"]).create_bucket(Bucket="evalbucket")
-    yield fs, options
-    server.stop()
+    options = moto_s3.bucket("evalbucket")
+    return s3fs.S3FileSystem(**options), options
 
 
 def _png(rgb: np.ndarray) -> bytes:

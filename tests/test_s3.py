@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -16,27 +15,12 @@ pytestmark = [pytest.mark.s3, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
-def s3(ray_cluster):
-    moto_server = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing-secret",
-               "client_kwargs": {"region_name": "us-east-1"}}
+def s3(ray_cluster, moto_s3):
     import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(**options)
-    import botocore.session
-
-    client = botocore.session.get_session().create_client(
-        "s3", endpoint_url=options["endpoint_url"], region_name="us-east-1",
-        aws_access_key_id=options["key"], aws_secret_access_key=options["secret"])
-    for bucket in ("photos", "protected"):
-        client.create_bucket(Bucket=bucket)
-    yield fs, options
-    server.stop()
+    moto_s3.bucket("photos")
+    options = moto_s3.bucket("protected")
+    return s3fs.S3FileSystem(**options), options
 
 
 def cfg(options):

@@ -237,27 +237,9 @@ async def _until_settled(runner, job_id, timeout=10.0):
 
 
 @pytest.fixture(scope="module")
-def s3_store():
-    """A bucket on a moto S3 server on 127.0.0.1: (store URI, fsspec options)."""
-    import logging
-
-    moto_server = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing-secret",
-               "client_kwargs": {"region_name": "us-east-1"}}
-    import s3fs
-
-    import botocore.session
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    botocore.session.get_session().create_client(
-        "s3", endpoint_url=options["endpoint_url"], region_name="us-east-1", aws_access_key_id=options["key"],
-        aws_secret_access_key=options["secret"]).create_bucket(Bucket="capray-jobs")
-    yield "s3://capray-jobs/serve", options
-    server.stop()
+def s3_store(moto_s3):
+    """A bucket on the session's moto S3 server: (store URI, fsspec options)."""
+    return "s3://capray-jobs/serve", moto_s3.bucket("capray-jobs")
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])

@@ -4,7 +4,7 @@ Ray Data's actor pool restarts a dead actor and re-runs its task without limit (
 `max_task_retries=-1`, its defaults, which capray keeps so that node losses and preemptions heal). A
 group that segfaults, exhausts host memory or calls `os._exit` would therefore take down actor after
 actor forever. So every attempt is counted in a small ledger actor that outlives the protect actors
-(one per job, pinned to the driver's node, no CPU): each attempt begins with `begin(identity)`, and a
+(one per job, pinned to the head node, no CPU): each attempt begins with `begin(identity)`, and a
 group whose count is past `1 + batch.group_retries` is recorded `failed` without running again. An
 actor that ends itself on purpose (a group past `batch.group_timeout_s`, or a sick device) records why
 first, so the retried task can say it. Finished groups are dropped: the ledger holds only groups in flight.
@@ -83,11 +83,11 @@ class LedgerClient:
 def job_ledger() -> Iterator[str]:
     """Start the job's ledger actor on this (the driver's) node; yields its name, kills it afterwards."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from capray.cluster import ON_HEAD_NODE
 
     name = f"capray-attempts-{uuid.uuid4().hex[:12]}"
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-    handle = ray.remote(AttemptLedger).options(name=name, num_cpus=0, scheduling_strategy=here).remote()
+    handle = ray.remote(AttemptLedger).options(name=name, num_cpus=0, **ON_HEAD_NODE).remote()
     ray.get(handle.in_flight.remote())  # started before any actor looks for it
     try:
         yield name

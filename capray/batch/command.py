@@ -74,7 +74,7 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
             raise
         cfg = embedded_cpu_fallback(cfg, address)  # after the preflight: a refused run says one line
         started = connect_ray(address)  # listing and the done-check run on the cluster too
-        write_run_file(plan, cfg, {"notes": cfg.model.notes})
+        write_run_file(plan, cfg)
         return run_job(plan, cfg, show_progress=show_progress, **job_kwargs)
     except KeyboardInterrupt:
         if held.lost:

@@ -72,7 +72,9 @@ def compact(output: str, cfg) -> Compaction:
     buckets = max(1, math.ceil(rows / cfg.batch.manifest_rows_per_file))
     generation = uuid.uuid4().hex[:12]
     if buckets == 1:  # one output file: a single task reads everything (bounded by rows_per_file rows)
-        task = ray.remote(num_cpus=cfg.batch.cpus_per_io_task)(_compact_all)
+        # idempotent (a retry rewrites the same generation's file): Ray retries it on any error
+        task = ray.remote(num_cpus=cfg.batch.cpus_per_io_task, max_retries=cfg.batch.io_retries,
+                          retry_exceptions=True)(_compact_all)
         new_files = {ray.get(task.remote(files, output, generation, so))}
     else:
         # Files are read in tasks: Ray's `read_parquet` would stat every file from the driver.
@@ -85,7 +87,8 @@ def compact(output: str, cfg) -> Compaction:
                                fn_kwargs={"output": output, "generation": generation, "storage_options": so}))
         new_files = {row["file"] for row in written.iter_rows()}
     stale = [f for f in files if f not in new_files]
-    delete = ray.remote(num_cpus=cfg.batch.cpus_per_io_task)(_delete)
+    delete = ray.remote(num_cpus=cfg.batch.cpus_per_io_task, max_retries=cfg.batch.io_retries,
+                        retry_exceptions=True)(_delete)
     ray.get([delete.remote(stale[i:i + DELETE_CHUNK], output, so) for i in range(0, len(stale), DELETE_CHUNK)])
     return Compaction(len(files), len(manifest.manifest_files(fs, path)), rows)
 

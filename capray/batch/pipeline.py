@@ -14,6 +14,7 @@ is compacted (`capray/batch/compact.py`).
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -164,7 +165,13 @@ def run_job(plan: Plan, cfg: CaprayConfig, *, actor_cls: type = ProtectActor,
     metrics.remaining.set(summary.unfinished)
     fs, path = get_fs(join(plan.output, "metrics.prom"), cfg.batch.storage_options)
     write_bytes_atomic(fs, path, metrics.text())
-    compaction = compact(plan.output, cfg) if cfg.batch.compact_at_end and (progress.ok or progress.failed) else None
+    compaction = None
+    if cfg.batch.compact_at_end and (progress.ok or progress.failed):
+        try:
+            compaction = compact(plan.output, cfg)
+        except Exception as exc:  # every row is committed already: compaction only tidies the files
+            print(f"capray protect: compacting the manifest failed ({type(exc).__name__}: {exc}); the rows are "
+                  f"all there, run `capray manifest compact {plan.output}` to compact them", file=sys.stderr)
     write_run_file(plan, cfg, {"totals": {
         "identities": summary.total, "ok": summary.ok, "failed": summary.failed, "failed_input": failed_input,
         "skipped_ok": summary.skipped, "skipped_input": summary.skipped_input, "unfinished": summary.unfinished,

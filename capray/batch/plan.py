@@ -102,7 +102,7 @@ def write_run_file(plan: Plan, cfg: CaprayConfig, extra: dict[str, Any] | None =
     body = {
         "capray_version": __version__, "ray_version": ray.__version__, "config_hash": cfg.config_hash(),
         "input": plan.input, "input_kind": plan.kind, "output": plan.output, "run_id": plan.run_id,
-        "started_at": plan.started_at, "config": effective,
+        "started_at": plan.started_at, "config": effective, "notes": cfg.model.notes,
         **(extra or {}),
     }
     uri = join(plan.output, RUN_FILE)

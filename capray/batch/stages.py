@@ -378,6 +378,8 @@ def commit_rows(written: list[dict[str, Any]], cfg, output: str, run_id: str) ->
         try:
             manifest.write_state(output, w["safe"], manifest.state_of(row, [tuple(p) for p in w["published"]]), so)
         except Exception as exc:
+            if is_transient(exc):  # the whole commit task re-runs; its records file is overwritten, not duplicated
+                raise TransientStorageError(f"saving the state of {row.identity!r}: {short_error(exc)}") from exc
             traceback.print_exc()
             return f"saving its committed state failed: {short_error(exc)}"
         return None

@@ -36,7 +36,9 @@ class Tally:
 def start_tally():
     import ray
 
-    return ray.remote(num_cpus=0)(Tally).remote()
+    from capray.cluster import ON_HEAD_NODE
+
+    return ray.remote(num_cpus=0)(Tally).options(**ON_HEAD_NODE).remote()
 
 
 def report(tally, **counts: Any) -> None:
