@@ -30,12 +30,13 @@ def _exact_config(method: str, mode: str = "always"):
     return load_config(preset="smoke", overrides={
         "model": {"dtype": "fp64"}, "attack": {"method": method},
         "cap": {"ratio_max": 12, "start_fraction": 0.0, "candidate_batch_size": 6, "score_image_batch_size": 6},
-        "sharding": {"mode": mode, "actors": 2, "gpus_per_actor": 0, "cpus_per_actor": 0.25, "torch_threads": 1}})
+        "sharding": {"mode": mode, "actors": 2, "gpus_per_actor": 0, "cpus_per_actor": 0.25,
+                     "torch_threads": 1}})
 
 
 @pytest.fixture
 def one_thread():
-    """Peers run 1 torch thread (sharding.torch_threads); CPU kernels' bits depend on the thread count."""
+    """The runner on the peers' thread setup: CPU kernels' last bits depend on it (Ray gives 1 below 1 CPU)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -5,7 +5,9 @@ candidates are scored, not which λ wins. `PooledEvaluator` (one per PGD phase) 
 into contiguous shards in r order, cut only between the local evaluator's image chunks: the runner
 scores the first shard itself, borrowed `CandidateWorker`s score the rest under the same common random
 draw. Every image is scored by the same code (`InProcessEvaluator`), on the same weights, in the same
-chunk as local scoring would put it, so sharded == local bit for bit. A call that is one chunk
+chunk as local scoring would put it, so sharded == local bit for bit. (On a CPU, kernels' last bits
+also depend on the thread setup: give the runner and the scoring actors the same one, as Ray does for
+equal `num_cpus`, or pin `sharding.torch_threads`. On a GPU only the device model matters.) A call that is one chunk
 (M·N ≤ `cap.score_image_batch_size`) is not split: raise `cap.candidate_batch_size` to give peers work.
 
 Peer state: the phase's UNet weights and prompt embedding go into the object store once per phase,
