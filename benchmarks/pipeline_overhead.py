@@ -39,7 +39,10 @@ def config(outer_loops: int, adv_steps: int):
     from capray.config import load_config
 
     return load_config(preset="smoke", overrides={"attack": {"outer_loops": outer_loops, "adv_steps": adv_steps},
-                                                  "batch": {"num_actors": 1, "cpus_per_actor": 1.0}})
+                                                  "batch": {"num_actors": 1, "cpus_per_actor": 1.0,
+                                                            # one identity per commit, so results arrive
+                                                            # one by one and the steady rate is measurable
+                                                            "records_per_commit": 1}})
 
 
 def in_process(src: Path, out: Path, cfg) -> tuple[float, list[float]]:
@@ -47,7 +50,10 @@ def in_process(src: Path, out: Path, cfg) -> tuple[float, list[float]]:
     import torch
 
     from capray.batch.plan import make_plan, write_run_file
-    from capray.batch.stages import ProtectActor, decode_group, write_group
+    from capray.batch.sources import check_identity, plan_info
+    from capray.batch.stages import ProtectActor, commit_rows, decode_group, write_group
+    from capray.io.discover import iter_identity_names
+    from capray.io.storage import get_fs
 
     torch.set_num_threads(max(1, int(cfg.batch.cpus_per_actor)))
     plan = make_plan(str(src), str(out), cfg)
@@ -56,9 +62,13 @@ def in_process(src: Path, out: Path, cfg) -> tuple[float, list[float]]:
     actor = ProtectActor(cfg.model_dump_json())
     load_s = time.perf_counter() - t0
     times = []
-    for row in plan.pending:
-        write_group(actor.protect(decode_group(row, cfg)), cfg, plan.output)
-        times.append(time.perf_counter())
+    fs, root = get_fs(plan.input)
+    for names, _ in iter_identity_names(fs, root):
+        for name in sorted(names):
+            row = check_identity({"identity": name, "uris": None}, cfg, plan_info(plan))
+            written = write_group(actor.protect(decode_group(row, cfg)), cfg, plan.output)
+            commit_rows([written], cfg, plan.output, plan.run_id)
+            times.append(time.perf_counter())
     return load_s, times
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from capray.config import CaprayConfig
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT_FAILED = 0, 1, 2, 3  # 3: see `capray protect`'s exit codes
 
 COMMANDS = {
     "protect": ("capray.batch.command", "protect photos of many identities on Ray (the main job)"),
@@ -23,6 +23,7 @@ COMMANDS = {
     "serve": ("capray.serve.command", "run the online protection endpoint (Ray Serve)"),
     "models": ("capray.models.command", "fetch the real model weights for offline use, list the cache, "
                                         "build the tiny random SD model"),
+    "manifest": ("capray.batch.manifest_command", "manifest maintenance: `capray manifest compact OUT`"),
     "demo": ("capray.batch.demo", "protect the bundled sample identities end to end and summarise"),
 }
 

@@ -181,6 +181,14 @@ class BatchConfig(_Strict):
     metrics_port: int | None = Field(None, description="serve Prometheus metrics from the driver on this port")
     actor_resources: dict[str, float] = Field(default_factory=dict,
                                               description="custom Ray resources per actor, e.g. {'protect': 1}")
+    # scale (issue 10): streaming listing, done-check, batched commits, compaction, failure classes
+    listing_batch: int = Field(256, ge=1, description="identities per listing/done-check task")
+    listing_threads: int = Field(16, ge=1, description="concurrent LIST/HEAD/GET requests per listing task")
+    listing_tasks: int = Field(4, ge=1, description="listing/done-check tasks at once")
+    records_per_commit: int = Field(64, ge=1, description="identities committed per manifest Parquet file")
+    manifest_rows_per_file: int = Field(10_000, ge=1, description="rows per file after compaction")
+    compact_at_end: bool = Field(True, description="compact OUT/manifest at the end of every run")
+    fail_on_input_errors: bool = Field(False, description="exit 3 (not 0) when identities failed for their input")
 
 
 class ServeConfig(_Strict):

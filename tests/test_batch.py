@@ -111,7 +111,8 @@ def test_every_identity_has_exactly_one_row_with_expected_status(corpus_run):
     rows = rows_by_identity(corpus_run["out"])
     assert {i: r["status"] for i, r in rows.items()} == corpus_run["expected"]
     s = corpus_run["summary"]
-    assert (s.ok, s.failed, s.unfinished, s.exit_code) == (6, 5, 0, 1)
+    assert (s.ok, s.failed, s.failed_input, s.unfinished, s.exit_code) == (6, 5, 5, 0, 0)  # input failures only
+    assert all(r["failure_class"] == ("input" if r["status"] == "failed" else None) for r in rows.values())
     assert "cut.png" in rows["broken"]["error"] and "good.png" not in rows["broken"]["error"]
     assert "zero.png: empty file" in rows["empty"]["error"]
     assert "notes.png: not a recognised image" in rows["text"]["error"]
@@ -158,22 +159,19 @@ def test_inputs_untouched_and_nothing_outside_output(corpus_run):
     assert "capray_identities_total{status=\"ok\"} 6.0" in (corpus_run["out"] / "metrics.prom").read_text()
 
 
-def test_rerun_skips_ok_identities_and_keeps_one_row_each(corpus_run):
+def test_rerun_skips_done_identities_and_keeps_one_row_each(corpus_run):
+    """Unchanged input: ok identities and input failures are both skipped; nothing is rewritten."""
     from capray.batch.command import protect
 
     out = corpus_run["out"]
-    parts = {p.name: p.stat().st_mtime_ns for p in (out / "manifest").iterdir()}
-    pngs = tree_digest(out)
+    before = {str(p): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.json"
+              and p.name != "metrics.prom"}
     summary = protect(str(corpus_run["src"]), str(out), cheap_config(), show_progress=False)
-    assert (summary.skipped, summary.ok, summary.failed) == (6, 0, 5)
-    rows = rows_by_identity(out)
-    assert len(rows) == 11
-    after = {p.name: p.stat().st_mtime_ns for p in (out / "manifest").iterdir()}
-    for row in rows.values():
-        name = f"{row['safe_name']}.parquet"
-        assert (after[name] == parts[name]) == (row["status"] == "ok")  # only failed ones were redone
-    assert {k: v for k, v in tree_digest(out).items() if k.endswith(".png")} == \
-        {k: v for k, v in pngs.items() if k.endswith(".png")}
+    assert (summary.skipped, summary.skipped_input, summary.ok, summary.failed, summary.exit_code) == (6, 5, 0, 0, 0)
+    assert len(rows_by_identity(out)) == 11
+    after = {str(p): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.json"
+             and p.name != "metrics.prom"}
+    assert after == before  # PNGs, commit files and states untouched
 
 
 def test_same_config_and_seed_give_same_png_bytes_as_the_in_process_engine(corpus_run, tiny_models, tmp_path):

@@ -17,8 +17,8 @@ from PIL import Image
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-SETS = ["--preset", "smoke", "--set", "attack.outer_loops=1", "--set", "attack.adv_steps=2",
-        "--set", "batch.cpus_per_actor=0.25"]
+SETS = ["--preset", "smoke", "--set", "model.sd=tiny", "--set", "attack.outer_loops=1", "--set", "attack.adv_steps=2",
+        "--set", "batch.cpus_per_actor=0.25", "--set", "batch.records_per_commit=2"]
 CLI = ("import argparse, sys; from capray.batch import command; p = argparse.ArgumentParser(); "
        "command.add_arguments(p); sys.exit(command.run(p.parse_args(sys.argv[1:])))")
 
@@ -40,9 +40,9 @@ def env(capray_cache) -> dict[str, str]:
 
 
 def check_complete(out: Path, names: list[str], photos: int) -> None:
-    from capray.io.manifest import read_manifest
+    import pyarrow.parquet as pq
 
-    rows = read_manifest(str(out)).to_pylist()
+    rows = pq.read_table(out / "manifest").to_pylist()  # compacted: the folder as any reader sees it
     assert sorted(r["identity"] for r in rows) == sorted(names), "missing or duplicated identities"
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
     for r in rows:
@@ -61,30 +61,35 @@ def test_driver_sigkill_then_rerun_finishes_each_identity_exactly_once(tiny_mode
     proc = subprocess.Popen(cmd, env=env(capray_cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=False)
     deadline = time.time() + 240
-    manifest = out / "manifest"
+    manifest, states = out / "manifest", out / "manifest" / "_state"
+
+    def committed() -> int:
+        return len(list(states.glob("*.json"))) if states.exists() else 0
+
     while time.time() < deadline and proc.poll() is None:
-        if manifest.exists() and len([p for p in manifest.iterdir() if p.suffix == ".parquet"]) >= 2:
+        if committed() >= 2:  # at least one batched commit (2 identities per record file) is in
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    committed = len([p for p in manifest.iterdir() if p.suffix == ".parquet"])
-    assert 2 <= committed < 6
-    # right after the kill: whatever carries a final name is whole (PNGs decode, parts read)
+    done = committed()
+    assert 2 <= done < 6
+    # right after the kill: whatever carries a final name is whole (PNGs decode, record files read)
     import pyarrow.parquet as pq
 
     for png in out.rglob("*.png"):
         Image.open(png).load()
-    for part in manifest.glob("*.parquet"):
-        assert pq.read_table(part).num_rows == 1
+    parts = list(manifest.glob("part-*.parquet"))
+    assert parts and all(1 <= pq.read_table(p).num_rows <= 2 for p in parts)
+    assert sum(pq.read_table(p).num_rows for p in parts) >= done  # every state follows its record file
     time.sleep(2)  # let Ray's reaper take down the orphaned local cluster
     rerun = subprocess.run(cmd, env=env(capray_cache), capture_output=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
     import re
 
     skipped = int(re.search(r"(\d+) already ok", rerun.stderr.decode()).group(1))
-    assert committed <= skipped < 6, "the rerun must skip every identity committed before the kill"
+    assert done <= skipped < 6, "the rerun must skip every identity committed before the kill"
     check_complete(out, names, 2)
 
 

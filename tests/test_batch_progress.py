@@ -17,7 +17,18 @@ def test_progress_counts_and_eta():
     assert (p.ok, p.failed, p.remaining) == (1, 1, 6)
     assert p.eta_seconds() is not None and p.eta_seconds() >= 0
     last = stream.getvalue().strip().splitlines()[-1]
-    assert "1 ok, 1 failed, 6 remaining of 10 (+2 already ok)" in last and "ETA" in last
+    assert "1 ok, 1 failed, 6 remaining of 10 (+2 already done)" in last and "ETA" in last
+
+
+def test_progress_while_listing_has_no_total_then_counts_from_the_workers():
+    stream = io.StringIO()
+    p = Progress(stream=stream, interval=0.0)
+    p.update("ok")
+    assert p.remaining is None and p.eta_seconds() is None
+    p.listed({"listed": 40, "skipped_ok": 5, "skipped_input": 2})
+    assert "1 ok, 0 failed, 40 listed so far (+7 already done)" in p.line() and "ETA ?" in p.line()
+    p.listed({"listed": 50, "skipped_ok": 5, "skipped_input": 2}, final=True)
+    assert p.remaining == 50 - 7 - 1 and p.eta_seconds() is not None
 
 
 def test_metrics_count_statuses_rates_and_lambdas():

@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from capray.io import manifest
-from capray.io.discover import discover
 from capray.io.images import BadImage, decode_image, encode_png
 from capray.io.naming import identity_problem, output_stems, safe_name
 from capray.io.storage import get_fs, inside, overlaps, redact, write_bytes_atomic
@@ -176,60 +175,138 @@ def test_redact_hides_secrets():
                  "client_kwargs": {"aws_session_token": "***"}}
 
 
-# -- discovery -------------------------------------------------------------------------------------
+# -- discovery ---------------------------------------------------------------------------------------
 
 def test_folder_discovery(tmp_path):
+    from capray.io.discover import iter_identity_names, list_photos
+
     (tmp_path / "bob").mkdir()
     (tmp_path / "alice").mkdir()
-    (tmp_path / "alice" / "2.png").write_bytes(b"x")
+    (tmp_path / "alice" / "2.png").write_bytes(b"xx")
     (tmp_path / "alice" / "1.png").write_bytes(b"x")
     (tmp_path / "alice" / ".DS_Store").write_bytes(b"x")
     (tmp_path / "alice" / "nested").mkdir()
     (tmp_path / "README.txt").write_text("x")
     (tmp_path / ".git").mkdir()
-    found = discover(str(tmp_path))
-    assert [(g.identity, [os.path.basename(u) for u in g.uris]) for g in found.groups] == [
-        ("alice", ["1.png", "2.png"]), ("bob", [])]
-    assert sorted(os.path.basename(u) for u in found.ignored) == ["README.txt", "nested"]
+    fs, root = get_fs(str(tmp_path))
+    pages = list(iter_identity_names(fs, root))
+    assert sorted(n for names, _ in pages for n in names) == ["alice", "bob"]
+    assert [os.path.basename(u) for _, ignored in pages for u in ignored] == ["README.txt"]
+    alice = list_photos(fs, root, "alice")
+    assert [os.path.basename(u) for u in alice.uris] == ["1.png", "2.png"]
+    assert [p.size for p in alice.photos] == [1, 2] and all(p.version for p in alice.photos)
+    assert [os.path.basename(u) for u in alice.ignored] == ["nested"]
+    assert list_photos(fs, root, "bob").photos == []
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
-def test_manifest_discovery(tmp_path, fmt):
-    rows = [{"identity": "b", "uri": "p/2.png"}, {"identity": "a", "uri": "/abs/1.png"},
-            {"identity": "b", "uri": "p/1.png"}, {"identity": "b", "uri": "p/1.png"},
-            {"identity": "c", "uri": "s3://bucket/c.png"}]
-    path = tmp_path / f"m.{fmt}"
+def test_root_listing_streams_in_pages(tmp_path, monkeypatch):
+    from capray.io import discover as disc
+
+    monkeypatch.setattr(disc, "PAGE_SIZE", 3)
+    for i in range(7):
+        (tmp_path / f"id{i}").mkdir()
+    fs, root = get_fs(str(tmp_path))
+    pages = [names for names, _ in disc.iter_identity_names(fs, root)]
+    assert [len(p) for p in pages] == [3, 3, 1] and sorted(sum(pages, [])) == [f"id{i}" for i in range(7)]
+
+
+def test_fingerprint_changes_exactly_when_the_input_does():
+    from capray.io.discover import Photo, fingerprint
+
+    base = [Photo("/a/1.png", 10, "t1"), Photo("/a/2.png", 20, "t2")]
+    assert fingerprint(base) == fingerprint(list(reversed(base)))  # order of listing does not matter
+    for changed in ([*base, Photo("/a/3.png", 5, "t3")], base[:1], [base[0], Photo("/a/2.png", 21, "t2")],
+                    [base[0], Photo("/a/2.png", 20, "t9")]):
+        assert fingerprint(changed) != fingerprint(base)
+
+
+def write_manifest(path, rows, fmt):
     if fmt == "csv":
         path.write_text("identity,uri\n" + "".join(f"{r['identity']},{r['uri']}\n" for r in rows))
     elif fmt == "jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    found = discover(str(path))
-    assert found.kind == "manifest"
-    assert [(g.identity, g.uris) for g in found.groups] == [
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)  # groups span row groups
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_manifest_groups(tmp_path, fmt):
+    from capray.io.discover import iter_manifest_groups
+
+    rows = [{"identity": "a", "uri": "/abs/1.png"}, {"identity": "b", "uri": "p/2.png"},
+            {"identity": "b", "uri": "p/1.png"}, {"identity": "b", "uri": "p/1.png"},
+            {"identity": "c", "uri": "s3://bucket/c.png"}]
+    path = tmp_path / f"m.{fmt}"
+    write_manifest(path, rows, fmt)
+    fs, p = get_fs(str(path))
+    groups = list(iter_manifest_groups(fs, p))
+    assert [(g.identity, g.uris) for g in groups] == [
         ("a", ["/abs/1.png"]), ("b", [str(tmp_path / "p/1.png"), str(tmp_path / "p/2.png")]),
         ("c", ["s3://bucket/c.png"])]
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_unsorted_manifest_is_refused_not_misgrouped(tmp_path, fmt):
+    from capray.io.discover import iter_manifest_groups
+
+    rows = [{"identity": "a", "uri": "/1.png"}, {"identity": "b", "uri": "/2.png"}, {"identity": "a", "uri": "/3.png"}]
+    path = tmp_path / f"m.{fmt}"
+    write_manifest(path, rows, fmt)
+    fs, p = get_fs(str(path))
+    with pytest.raises(ValueError, match=r"not sorted by identity: row 3 has 'a' after 'b'"):
+        next(iter_manifest_groups(fs, p))
+
+
 def test_manifest_without_required_columns_is_refused(tmp_path):
+    from capray.io.discover import iter_manifest_groups
+
     (tmp_path / "m.csv").write_text("person,path\na,b\n")
+    fs, p = get_fs(str(tmp_path / "m.csv"))
     with pytest.raises(ValueError, match="identity"):
-        discover(str(tmp_path / "m.csv"))
+        list(iter_manifest_groups(fs, p))
+
+
+def test_manifest_glob_names_every_part(tmp_path):
+    from capray.io.discover import manifest_files
+
+    for name in ("part-1.csv", "part-0.csv", "other.txt"):
+        (tmp_path / name).write_text("identity,uri\n")
+    fs, p = get_fs(str(tmp_path / "part-*.csv"))
+    assert [os.path.basename(f) for f in manifest_files(fs, p)] == ["part-0.csv", "part-1.csv"]
 
 
 # -- manifest ----------------------------------------------------------------------------------------
 
-def test_manifest_parts_overwrite_never_duplicate(tmp_path):
+def row(identity, status="ok", finished="2026-01-01T00:00:00.000001", **kw):
+    return manifest.ManifestRow(identity=identity, safe_name=identity, status=status, finished_at=finished,
+                                method="aspl", config_hash="h", model_id="tiny", seed=0, cap_enabled=True, **kw)
+
+
+def test_batched_records_read_as_one_row_per_identity_the_latest(tmp_path):
     out = str(tmp_path)
-    manifest.write_part(out, "a", {"identity": "a", "status": "failed", "error": "x"}, None)
-    manifest.write_part(out, "b", {"identity": "b", "status": "ok", "linf_255": [3.0]}, None)
-    assert manifest.done_identities(out) == {"b"}
-    manifest.write_part(out, "a", {"identity": "a", "status": "ok"}, None)
+    manifest.write_records(out, "run1", [row("a", "failed", error="x", failure_class="transient"), row("b")], None)
+    manifest.write_records(out, "run2", [row("a", finished="2026-01-02T00:00:00.000001")], None)
+    files = sorted(p.name for p in (tmp_path / "manifest").iterdir() if p.suffix == ".parquet")
+    assert len(files) == 2 and all(manifest.rows_in(f) in (1, 2) for f in files)
     table = manifest.read_manifest(out)
     assert table.schema == manifest.SCHEMA
-    assert sorted(table.column("identity").to_pylist()) == ["a", "b"]
-    assert manifest.done_identities(out) == {"a", "b"}
+    assert {r["identity"]: r["status"] for r in table.to_pylist()} == {"a": "ok", "b": "ok"}
+    # the same commit retried overwrites its own file
+    manifest.write_records(out, "run2", [row("a", finished="2026-01-02T00:00:00.000001")], None)
+    assert len([p for p in (tmp_path / "manifest").iterdir() if p.suffix == ".parquet"]) == 2
+
+
+def test_state_decides_what_is_done(tmp_path):
+    out = str(tmp_path)
+    assert manifest.read_state(out, "a", None) is None
+    manifest.write_state(out, "a", manifest.state_of(row("a", input_fingerprint="f1"), [("s", "u")]), None)
+    state = manifest.read_state(out, "a", None)
+    assert state.is_done("f1") and not state.is_done("f2") and state.published == [("s", "u")]
+    failed = manifest.state_of(row("b", "failed", input_fingerprint="f1", failure_class="input"), [])
+    transient = manifest.state_of(row("c", "failed", input_fingerprint="f1", failure_class="transient"), [])
+    assert failed.is_done("f1") and not failed.is_done("f2") and not transient.is_done("f1")
+    manifest.write_records(out, "run", [row("a")], None)
+    assert pq.read_table(tmp_path / "manifest").num_rows == 1  # readers skip the `_state` folder
 
 
 def test_every_record_field_is_a_manifest_column_and_in_the_serve_response():
@@ -245,20 +322,20 @@ def test_every_record_field_is_a_manifest_column_and_in_the_serve_response():
     assert manifest.SCHEMA.field("cap_enabled").type == pa.bool_()
 
 
-def test_a_record_round_trips_through_a_manifest_part(tmp_path):
+def test_a_record_round_trips_through_a_commit_file(tmp_path):
     from capray.attack.api import ProtectionRecord
 
     record = ProtectionRecord(method="aspl", config_hash="h", model_id="tiny", seed=3, cap_enabled=True,
                               lambda_schedule=[None, 4.0], linf_255=[3.0, 2.0], psnr=[None, 41.5], notes=["n"])
-    row = manifest.ManifestRow(**record.model_dump(), identity="x y", safe_name="x_y", status="ok",
-                               input_uris=["a.png", "b.png"])
-    manifest.write_part(str(tmp_path), "x_y", row, None)
+    r = manifest.ManifestRow(**record.model_dump(), identity="x y", safe_name="x_y", status="ok",
+                             input_uris=["a.png", "b.png"], input_fingerprint="f", removed_output_uris=["o.png"])
+    manifest.write_records(str(tmp_path), "run", [r], None)
     (back,) = manifest.read_manifest(str(tmp_path)).to_pylist()
-    assert manifest.ManifestRow.model_validate(back) == row
+    assert manifest.ManifestRow.model_validate(back) == r
 
 
 def test_empty_output_has_empty_manifest(tmp_path):
-    assert manifest.read_manifest(str(tmp_path)).num_rows == 0 and manifest.done_identities(str(tmp_path)) == set()
+    assert manifest.read_manifest(str(tmp_path)).num_rows == 0
 
 
 # -- plan (usage errors before any work) ------------------------------------------------------------------
@@ -274,30 +351,28 @@ def test_plan_refuses_overlap_and_config_change(tmp_path, smoke_config):
     with pytest.raises(UsageError, match="overlaps"):
         make_plan(str(src / "alice"), str(src), smoke_config())
     assert not (src / "out").exists()
-    manifest_csv = tmp_path / "m.csv"
+    manifest_csv = src / "m.csv"
     manifest_csv.write_text(f"identity,uri\nalice,{src}/alice/1.png\n")
     with pytest.raises(UsageError, match="inside OUTPUT"):
         make_plan(str(manifest_csv), str(src), smoke_config())
     plan = make_plan(str(src), str(tmp_path / "out"), smoke_config())
-    assert [r["identity"] for r in plan.pending] == ["alice"]
+    assert (plan.kind, plan.resuming) == ("folder", False)
     write_run_file(plan, smoke_config())
     with pytest.raises(UsageError, match="same config"):
         make_plan(str(src), str(tmp_path / "out"), smoke_config(seed=7))
 
 
-def test_plan_rows_flag_rejected_empty_and_oversized_groups(tmp_path, smoke_config):
-    from capray.batch.plan import plan_rows
-    from capray.io.discover import Discovery, IdentityGroup
+def test_group_problems_are_input_failures(tmp_path):
+    from capray.batch.sources import group_problem
+    from capray.io.discover import Photo
 
-    found = Discovery([IdentityGroup("../evil", ["/a.png"]), IdentityGroup("none", []),
-                       IdentityGroup("many", [f"/{i}.png" for i in range(5)]), IdentityGroup("ok", ["/o.png"]),
-                       IdentityGroup("done", ["/d.png"])], "manifest", "/")
-    rows, skipped = plan_rows(found, smoke_config(batch={"max_photos_per_identity": 4}), {"done"})
-    problems = {r["identity"]: r["problem"] for r in rows}
-    assert skipped == 1 and set(problems) == {"../evil", "none", "many", "ok"}
-    assert "path separator" in problems["../evil"] and "no photos" in problems["none"]
-    assert "max_photos_per_identity=4" in problems["many"] and problems["ok"] is None
-    assert all("/" not in r["safe"] and not r["safe"].startswith(".") for r in rows)
+    out = str(tmp_path / "out")
+    photos = [Photo(f"/{i}.png") for i in range(5)]
+    assert "path separator" in group_problem("../evil", photos[:1], 4, out)
+    assert "no photos" in group_problem("none", [], 4, out)
+    assert "max_photos_per_identity=4" in group_problem("many", photos, 4, out)
+    assert "inside OUTPUT" in group_problem("loop", [Photo(f"{out}/loop/1.png")], 4, out)
+    assert group_problem("ok", photos[:1], 4, out) is None
 
 
 def test_cli_usage_errors_exit_2_before_any_work(tmp_path, capsys):

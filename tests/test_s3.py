@@ -59,7 +59,7 @@ def test_s3_folder_and_manifest_inputs_to_s3_output(s3):
     config = cfg(options)
 
     summary = protect("s3://photos/lib", "s3://protected/run1", config, show_progress=False)
-    assert (summary.ok, summary.failed, summary.exit_code) == (2, 1, 1)
+    assert (summary.ok, summary.failed, summary.failed_input, summary.exit_code) == (2, 1, 1, 0)
     rows = {r["identity"]: r for r in read_manifest("s3://protected/run1", options).to_pylist()}
     assert sorted(rows) == ["chelsea", "coffee", "junk"] and rows["junk"]["status"] == "failed"
     assert rows["coffee"]["output_uris"] == ["s3://protected/run1/coffee/coffee_1.png",
@@ -72,17 +72,30 @@ def test_s3_folder_and_manifest_inputs_to_s3_output(s3):
     assert run["config"]["batch"]["storage_options"]["secret"] == "***"
     assert "testing-secret" not in fs.cat("protected/run1/run.json").decode()
 
-    # rerun: everything ok is skipped, the bucket keeps one row per identity
+    assert fs.exists("protected/run1/manifest/_state/coffee.json")
+    files = [f for f in fs.ls("protected/run1/manifest") if f.endswith(".parquet")]
+    assert len(files) == 1 and "/compact-" in files[0]  # compacted at the end of the run
+
+    # rerun: nothing changed, so everything is skipped (the input failure too); one row per identity
     again = protect("s3://photos/lib", "s3://protected/run1", config, show_progress=False)
-    assert (again.skipped, again.ok, again.failed) == (2, 0, 1)
+    assert (again.skipped, again.skipped_input, again.ok, again.failed) == (2, 1, 0, 0)
     assert read_manifest("s3://protected/run1", options).num_rows == 3
+
 
     # a CSV manifest in the bucket, with relative and absolute URIs
     fs.pipe("photos/m/list.csv", b"identity,uri\ncoffee,../lib/coffee/coffee_1.png\n"
                                  b"coffee,s3://photos/lib/coffee/coffee_2.png\n")
     by_manifest = protect("s3://photos/m/list.csv", "s3://protected/run2", config, show_progress=False)
     assert (by_manifest.ok, by_manifest.failed) == (1, 0)
+    row = read_manifest("s3://protected/run2", options).to_pylist()[0]
+    assert row["input_fingerprint"] and row["num_photos"] == 2
     assert fs.cat("protected/run2/coffee/coffee_1.png") == fs.cat("protected/run1/coffee/coffee_1.png")
+
+    # a photo added on S3 (new key, new ETag): only that identity is redone
+    fs.pipe("photos/lib/coffee/coffee_3.png", (SAMPLES / "chelsea" / "chelsea_1.png").read_bytes())
+    grown = protect("s3://photos/lib", "s3://protected/run1", config, show_progress=False)
+    assert (grown.ok, grown.skipped, grown.skipped_input) == (1, 1, 1)
+    assert fs.exists("protected/run1/coffee/coffee_3.png")
 
 
 def test_overlapping_s3_output_is_refused(s3):

@@ -1,7 +1,10 @@
 """`capray protect INPUT OUTPUT`: protect every identity under INPUT on Ray, resumably.
 
-Exit codes: 0 every identity ok; 1 some identities failed (see OUT/manifest/); 2 usage or
-configuration error (nothing was written), or OUTPUT's lease is held by another live job.
+Exit codes (README "Exit codes"): 0 nothing left that a rerun could fix (every identity ok, or
+failed for its input: see OUT/manifest/); 1 some identities failed transiently or did not finish (a
+rerun retries them); 2 usage or configuration error (nothing was written), or OUTPUT's lease is held
+by another live job; 3 only with `batch.fail_on_input_errors`: identities failed for their input and
+nothing else is wrong.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import shutil
 import sys
 
-from capray.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE  # noqa: F401  (re-exported: the demo and tests use them)
+from capray.cli import EXIT_FAILED, EXIT_INPUT_FAILED, EXIT_OK, EXIT_USAGE  # noqa: F401  (re-exported)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,9 +72,8 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
             if created_dir:  # a refused run writes nothing
                 shutil.rmtree(output_uri, ignore_errors=True)
             raise
-        if plan.pending:  # nothing left to do: no cluster needed
-            cfg = embedded_cpu_fallback(cfg, address)  # after the preflight: a refused run says one line
-            started = connect_ray(address)
+        cfg = embedded_cpu_fallback(cfg, address)  # after the preflight: a refused run says one line
+        started = connect_ray(address)  # listing and the done-check run on the cluster too
         write_run_file(plan, cfg, {"notes": cfg.model.notes})
         return run_job(plan, cfg, show_progress=show_progress, **job_kwargs)
     except KeyboardInterrupt:
@@ -106,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
         report("protect", args, f"the job stopped: {type(exc).__name__}: {describe(exc)}; identities already "
                "committed are kept, rerun with the same OUTPUT to resume", exc)
         return EXIT_FAILED
-    print(f"capray protect: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already ok, "
+    for error in summary.source_errors:
+        print(f"capray protect: input not fully read: {error}", file=sys.stderr)
+    print(f"capray protect: {summary.ok} ok, {summary.failed} failed ({summary.failed_input} for their input), "
+          f"{summary.skipped} already ok, {summary.skipped_input} failed before for unchanged input, "
           f"{summary.unfinished} unfinished of {summary.total} identities; manifest in "
           f"{summary.output}/manifest/", file=sys.stderr)
     for note in cfg.model.notes:

@@ -1,10 +1,14 @@
-"""A one-line progress display: identities done / failed / remaining, rate and ETA."""
+"""A one-line progress display: identities done / failed / skipped / listed so far, rate and ETA.
+
+The library is listed while the job runs, so the total is known only once listing has finished;
+until then the line shows how many identities have been listed so far, and no ETA.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 
 def _clock(seconds: float) -> str:
@@ -15,9 +19,10 @@ def _clock(seconds: float) -> str:
 class Progress:
     """Counts results as they arrive; prints at most every `interval` seconds (and at the end)."""
 
-    def __init__(self, total: int, skipped: int = 0, stream: TextIO | None = None, interval: float = 2.0,
-                 enabled: bool = True):
-        self.total, self.skipped = total, skipped
+    def __init__(self, total: int | None = None, skipped: int = 0, stream: TextIO | None = None,
+                 interval: float = 2.0, enabled: bool = True):
+        self.total, self.skipped = total, skipped  # total None: still listing
+        self.listed_so_far = total or 0
         self.ok = self.failed = 0
         self.stream = stream or sys.stderr
         self.interval, self.enabled = interval, enabled
@@ -26,20 +31,32 @@ class Progress:
         self._printed: str | None = None
 
     @property
-    def remaining(self) -> int:
+    def remaining(self) -> int | None:
+        if self.total is None:
+            return None
         return self.total - self.skipped - self.ok - self.failed
 
+    def listed(self, counts: dict[str, Any], final: bool = False) -> None:
+        """Listing counts from the workers (`capray/batch/tally.py`); `final` once listing is over."""
+        self.listed_so_far = counts["listed"]
+        self.skipped = counts["skipped_ok"] + counts["skipped_input"]
+        if final:
+            self.total = counts["listed"]
+
     def eta_seconds(self) -> float | None:
-        finished = self.ok + self.failed
-        if not finished:
+        finished, remaining = self.ok + self.failed, self.remaining
+        if not finished or remaining is None:
             return None
-        return (time.monotonic() - self.start) / finished * self.remaining
+        return (time.monotonic() - self.start) / finished * remaining
 
     def line(self) -> str:
         eta = self.eta_seconds()
-        skipped = f" (+{self.skipped} already ok)" if self.skipped else ""
-        return (f"capray protect: {self.ok} ok, {self.failed} failed, {self.remaining} remaining of "
-                f"{self.total}{skipped} | elapsed {_clock(time.monotonic() - self.start)} | ETA "
+        skipped = f" (+{self.skipped} already done)" if self.skipped else ""
+        if self.total is None:
+            head = f"{self.ok} ok, {self.failed} failed, {self.listed_so_far} listed so far{skipped}"
+        else:
+            head = f"{self.ok} ok, {self.failed} failed, {self.remaining} remaining of {self.total}{skipped}"
+        return (f"capray protect: {head} | elapsed {_clock(time.monotonic() - self.start)} | ETA "
                 f"{_clock(eta) if eta is not None else '?'}")
 
     def update(self, status: str) -> None:
@@ -57,5 +74,5 @@ class Progress:
         print(self._printed, file=self.stream, flush=True)
 
     def finish(self) -> None:
-        if self.enabled and (self._printed is None or self.remaining or self.ok + self.failed == 0):
+        if self.enabled:
             self._print()

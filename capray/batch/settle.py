@@ -1,45 +1,30 @@
-"""No identity vanishes: after the stream ends, every pending identity that did not commit gets a row.
+"""No identity vanishes silently: what the driver says about identities that did not commit.
 
-An identity can fail to come back with a committed row in two ways: its manifest row could not be
-written (the write stage says so), or Ray Data dropped its block after every retry (a task that kept
-raising, a group whose actor kept dying past `max_task_retries`: `max_errored_blocks=-1` lets the
-other identities go on). The driver then writes a `failed` row for each such identity with the reason
-it knows. Only when even that write fails is the identity counted *unfinished*, and then it is named
-on stderr; a rerun with the same OUTPUT redoes it either way.
+An identity ends a run in one of three ways: skipped by the done-check, committed (its `ok` or
+`failed` row and its state written), or unfinished. Every stage turns an unexpected error into a
+`failed` row for that identity (`stages.guarded`), so unfinished means one of:
+- its commit itself failed (the manifest row or the state could not be written): the commit stage
+  says so and the driver names the identity here;
+- Ray Data dropped its block after every retry (a worker that kept dying outside a group, storage that
+  stayed down through `batch.io_retries`): the driver knows only the count (listed − skipped − committed),
+  since it never holds the list of identities.
+Either way a rerun with the same OUTPUT redoes it: its state was not committed.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
-from typing import Any
 
-DROPPED = "its pipeline task failed after every retry and Ray Data dropped it (the driver log has the error)"
 NAMED_ON_STDERR = 20
+NAMES_KEPT = 1000  # the summary keeps this many names; a storage outage could otherwise make millions
 
 
-def settle_missing(pending: Iterable[dict[str, Any]], committed: set[str], reasons: dict[str, str],
-                   cfg, output: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """Write `failed` rows for pending identities without a commit; returns (rows written, unfinished)."""
-    from capray.batch.stages import write_group
-
-    written, unfinished = [], []
-    for row in pending:
-        identity = row["identity"]
-        if identity in committed:
-            continue
-        reason = f"not finished: {reasons.get(identity, DROPPED)}; rerun to retry"
-        try:
-            summary = write_group(dict(row, error=reason), cfg, output)
-        except Exception as exc:
-            summary = {"committed": False, "error": f"{type(exc).__name__}: {exc}"}
-        if summary.get("committed"):
-            written.append(identity)
-        else:
-            unfinished.append((identity, f"{reason} (and its failed row could not be written: {summary['error']})"))
-    for identity, why in unfinished[:NAMED_ON_STDERR]:
-        print(f"capray protect: unfinished identity {identity!r}: {why}", file=sys.stderr)
-    if len(unfinished) > NAMED_ON_STDERR:
-        print(f"capray protect: … and {len(unfinished) - NAMED_ON_STDERR} more unfinished identities",
+def report_uncommitted(uncommitted: list[tuple[str, str]], total: int) -> list[str]:
+    """Name identities whose commit failed on stderr (the first few of `total`; the caller keeps at most
+    NAMES_KEPT) and return the names kept."""
+    for identity, why in uncommitted[:NAMED_ON_STDERR]:
+        print(f"capray protect: unfinished identity {identity!r}: not committed: {why}; rerun to retry",
               file=sys.stderr)
-    return written, unfinished
+    if total > NAMED_ON_STDERR:
+        print(f"capray protect: … and {total - NAMED_ON_STDERR} more identities not committed", file=sys.stderr)
+    return [identity for identity, _ in uncommitted[:NAMES_KEPT]]

@@ -1,38 +1,70 @@
-"""Find the identity groups of a job: a folder/prefix `ROOT/<identity>/<photos>` or a manifest file.
+"""Find the identities of a job, streamed: a folder/prefix `ROOT/<identity>/<photos>` or manifest file(s).
 
-A manifest is Parquet, CSV or JSON Lines with one row per photo and columns `identity`, `uri`;
-relative URIs are resolved against the manifest's own folder; a URI listed twice for one identity
-is used once. Groups come out sorted by identity,
-photos sorted by URI, so a job's plan is the same on every run. In a folder, hidden files
-(".DS_Store", "._x.jpg") and OS clutter ("Thumbs.db", "desktop.ini") are skipped; every other file
-is treated as a photo, so a non-image makes its identity fail with a message rather than vanish.
-Files directly under ROOT belong to no identity: they are listed in `ignored` (and in run.json).
+Nothing here builds a list of the whole library. The identity folders under ROOT come out page by
+page (`iter_identity_names`; on S3 one ListObjectsV2 page of 1,000 prefixes at a time), one
+identity's photos are listed on their own (`list_photos`, run inside a distributed task), and a
+manifest file is scanned in record batches (`iter_manifest_groups`).
+
+A manifest is Parquet, CSV or JSON Lines with one row per photo and columns `identity`, `uri`
+(optional `size` and `etag`/`version` spare a HEAD per photo when fingerprinting). The input may be
+one file or a glob of such files (`s3://b/export/part-*.parquet`, an export split in parts). Grouping streams, so it needs
+**each identity's rows in one file, and every file sorted by identity** (`ORDER BY identity`); a file
+that is not sorted is refused with an error naming the file and the first out-of-order row, before
+any of its groups are used. Relative URIs are resolved against the file's own folder; a URI listed
+twice for one identity is used once.
+
+In a folder, hidden files (".DS_Store", "._x.jpg") and OS clutter ("Thumbs.db", "desktop.ini") are
+skipped; every other file is treated as a photo, so a non-image makes its identity fail with a
+message rather than vanish. Files directly under ROOT, and sub-folders inside an identity, belong
+to no identity: they are reported as ignored.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from capray.io.storage import get_fs, is_local, normalize_uri
+from capray.io.storage import is_local, normalize_uri
 
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
 JUNK_NAMES = {"thumbs.db", "desktop.ini"}
+PAGE_SIZE = 1000  # S3's ListObjectsV2 page; also the unit the driver hands identity names on in
+SIZE_COLUMN, VERSION_COLUMNS = "size", ("etag", "e_tag", "version")
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One input photo as listed: its URI plus what tells a changed file from an unchanged one."""
+
+    uri: str
+    size: int | None = None
+    version: str | None = None  # ETag on object stores, mtime locally
+
+    def stamp(self) -> str:
+        return f"{self.uri}|{self.size if self.size is not None else ''}|{self.version or ''}"
 
 
 @dataclass
 class IdentityGroup:
     identity: str
-    uris: list[str]
-
-
-@dataclass
-class Discovery:
-    groups: list[IdentityGroup]
-    kind: str  # "folder" or "manifest"
-    root: str  # the folder, or the manifest's folder
+    photos: list[Photo]
     ignored: list[str] = field(default_factory=list)
+
+    @property
+    def uris(self) -> list[str]:
+        return [p.uri for p in self.photos]
+
+
+def fingerprint(photos: list[Photo]) -> str:
+    """A digest of an identity's input (URIs, sizes, versions): equal exactly when nothing changed."""
+    digest = hashlib.sha256()
+    for stamp in sorted(p.stamp() for p in photos):
+        digest.update(stamp.encode("utf-8", "surrogatepass") + b"\n")
+    return digest.hexdigest()[:32]
 
 
 def _is_junk(name: str) -> bool:
@@ -49,44 +81,108 @@ def _uri(fs: Any, path: str) -> str:
 
 
 def is_manifest(uri: str) -> bool:
-    return normalize_uri(uri).lower().endswith(MANIFEST_SUFFIXES)
+    """A manifest file or a glob of manifest files (by suffix); anything else is a folder/prefix."""
+    return str(uri).rstrip("/").lower().endswith(MANIFEST_SUFFIXES)
 
 
-def discover(uri: str, storage_options: dict[str, Any] | None = None) -> Discovery:
-    """Groups from a folder or a manifest; raises FileNotFoundError / ValueError for unusable input."""
-    uri = normalize_uri(uri)
-    fs, path = get_fs(uri, storage_options)
-    fs.invalidate_cache(path)  # a rerun must see the input as it is now, not a cached listing
-    if is_manifest(uri):
-        if not fs.isfile(path):
-            raise FileNotFoundError(f"manifest {uri} not found")
-        return _from_manifest(uri, fs, path)
-    if not fs.isdir(path):
-        raise FileNotFoundError(f"input {uri} is neither a folder/prefix nor a manifest "
-                                f"({', '.join(MANIFEST_SUFFIXES)})")
-    return _from_folder(uri, fs, path)
+def _version(entry: dict[str, Any]) -> str | None:
+    for key in ("ETag", "etag", "VersionId", "mtime", "LastModified", "last_modified", "created"):
+        if entry.get(key) is not None:
+            value = entry[key]
+            return str(value.isoformat() if hasattr(value, "isoformat") else value).strip('"')
+    return None
 
 
-def _from_folder(uri: str, fs: Any, path: str) -> Discovery:
-    groups, ignored = [], []
-    for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
+# -- folders ----------------------------------------------------------------------------------------
+
+def iter_children(fs: Any, path: str) -> Iterator[list[dict[str, Any]]]:
+    """Pages of a folder's direct entries ({"name", "type", ...}), streamed where the filesystem can.
+
+    s3fs: ListObjectsV2 pages (1,000 keys each) with no listings cache, so a 10M-prefix root never
+    sits in memory. Local disks: `os.scandir` in pages. Other filesystems: one `ls`.
+    """
+    if hasattr(fs, "_iterdir") and hasattr(fs, "split_path"):  # s3fs
+        yield from _iter_s3_pages(fs, path)
+    elif is_local(fs):
+        yield from _iter_local_pages(path)
+    else:
+        entries = fs.ls(path, detail=True)
+        for start in range(0, len(entries), PAGE_SIZE):
+            yield entries[start:start + PAGE_SIZE]
+
+
+def _iter_local_pages(path: str) -> Iterator[list[dict[str, Any]]]:
+    page: list[dict[str, Any]] = []
+    with os.scandir(path) as it:
+        for entry in it:
+            page.append({"name": entry.path, "type": "directory" if entry.is_dir() else "file"})
+            if len(page) == PAGE_SIZE:
+                yield page
+                page = []
+    if page:
+        yield page
+
+
+def _iter_s3_pages(fs: Any, path: str) -> Iterator[list[dict[str, Any]]]:
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(path)
+    pages = fs._iterdir(bucket, prefix=key.rstrip("/") + "/" if key else "")
+
+    async def next_page():
+        page = []
+        async for entry in pages:
+            page.append(entry)
+            if len(page) == PAGE_SIZE:
+                break
+        return page
+
+    while True:
+        page = sync(fs.loop, next_page)
+        if not page:
+            return
+        yield [dict(e, name=e["name"].rstrip("/")) for e in page]
+
+
+def iter_identity_names(fs: Any, root: str) -> Iterator[tuple[list[str], list[str]]]:
+    """(identity names, ignored entry URIs) page by page: identity folders under ROOT, junk skipped."""
+    for page in iter_children(fs, root):
+        names, ignored = [], []
+        for entry in page:
+            name = posixpath.basename(entry["name"].rstrip("/"))
+            if _is_junk(name):
+                continue
+            if entry["type"] == "directory":
+                names.append(name)
+            else:
+                ignored.append(_uri(fs, entry["name"]))
+        yield names, ignored
+
+
+def list_photos(fs: Any, root: str, identity: str) -> IdentityGroup:
+    """One identity folder's photos (sorted by URI) with size and version; sub-folders are ignored."""
+    photos, ignored = [], []
+    folder = posixpath.join(root, identity)
+    entries = fs.ls(folder, detail=True, refresh=True)
+    fs.invalidate_cache(folder)  # fsspec's listings cache would otherwise hold every identity a worker saw
+    for entry in entries:
         name = posixpath.basename(entry["name"].rstrip("/"))
         if _is_junk(name):
             continue
-        if entry["type"] != "directory":
+        if entry["type"] == "directory":
             ignored.append(_uri(fs, entry["name"]))
             continue
-        photos = []
-        for sub in sorted(fs.ls(entry["name"], detail=True), key=lambda e: e["name"]):
-            sub_name = posixpath.basename(sub["name"].rstrip("/"))
-            if _is_junk(sub_name):
-                continue
-            if sub["type"] == "directory":
-                ignored.append(_uri(fs, sub["name"]))
-                continue
-            photos.append(_uri(fs, sub["name"]))
-        groups.append(IdentityGroup(name, photos))
-    return Discovery(groups, "folder", uri, ignored)
+        photos.append(Photo(_uri(fs, entry["name"]), entry.get("size"), _version(entry)))
+    return IdentityGroup(identity, sorted(photos, key=lambda p: p.uri), ignored)
+
+
+# -- manifests --------------------------------------------------------------------------------------
+
+def manifest_files(fs: Any, path: str) -> list[str]:
+    """The manifest file, or every file a glob names (`s3://b/export/part-*.parquet`), sorted."""
+    if any(ch in path for ch in "*?["):
+        return sorted(f for f in fs.glob(path) if f.lower().endswith(MANIFEST_SUFFIXES))
+    return [path] if fs.isfile(path) else []
 
 
 def _resolve(base: str, relative: str) -> str:
@@ -97,40 +193,92 @@ def _resolve(base: str, relative: str) -> str:
     return posixpath.normpath(posixpath.join(base, relative))
 
 
-def _read_table(fs: Any, path: str):
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
+def _dataset(fs: Any, path: str):
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    from capray.io.manifest import arrow_fs
 
     lower = path.lower()
-    with fs.open(path, "rb") as fh:
-        if lower.endswith(".parquet"):
-            return pq.read_table(fh)
-        if lower.endswith(".csv"):
-            opts = pacsv.ConvertOptions(column_types={"identity": "string", "uri": "string"})
-            return pacsv.read_csv(fh, convert_options=opts)
-        return pajson.read_json(fh)
+    if lower.endswith(".parquet"):
+        fmt = "parquet"
+    elif lower.endswith(".csv"):
+        import pyarrow.csv as pacsv
+
+        fmt = pads.CsvFileFormat(convert_options=pacsv.ConvertOptions(
+            column_types={"identity": pa.string(), "uri": pa.string(), "etag": pa.string()}))
+    else:
+        fmt = "json"
+    return pads.dataset(path, format=fmt, filesystem=arrow_fs(fs))
 
 
-def _from_manifest(uri: str, fs: Any, path: str) -> Discovery:
+def _batches(fs: Any, path: str, uri: str, columns: list[str]):
     try:
-        table = _read_table(fs, path)
+        dataset = _dataset(fs, path)
     except Exception as exc:  # pyarrow raises several types for malformed files
         raise ValueError(f"could not read manifest {uri}: {exc}") from None
-    missing = {"identity", "uri"} - set(table.column_names)
+    names = dataset.schema.names
+    missing = {"identity", "uri"} - set(names)
     if missing:
         raise ValueError(f"manifest {uri} lacks column(s) {sorted(missing)}; needs 'identity' and 'uri'")
+    try:
+        yield from dataset.to_batches(columns=[c for c in columns if c in names])
+    except Exception as exc:
+        raise ValueError(f"could not read manifest {uri}: {exc}") from None
+
+
+def check_sorted(fs: Any, path: str, uri: str) -> None:
+    """Refuse a manifest file whose rows are not sorted by identity (streamed grouping needs it)."""
+    previous, row = None, 0
+    for batch in _batches(fs, path, uri, ["identity"]):
+        for ident in batch.column(0).to_pylist():
+            ident = "" if ident is None else str(ident)
+            if previous is not None and ident < previous:
+                raise ValueError(f"manifest {uri} is not sorted by identity: row {row + 1} has {ident!r} after "
+                                 f"{previous!r}; write it with ORDER BY identity (each identity in one file)")
+            previous, row = ident, row + 1
+
+
+def iter_manifest_groups(fs: Any, path: str) -> Iterator[IdentityGroup]:
+    """The identity groups of one manifest file, in file order, holding one group at a time."""
+    uri = _uri(fs, path)
+    check_sorted(fs, path, uri)
     base = posixpath.dirname(uri)
-    by_identity: dict[str, list[str]] = {}
-    for ident, photo in zip(table.column("identity").to_pylist(), table.column("uri").to_pylist()):
-        ident = "" if ident is None else str(ident)
-        if photo is None or str(photo).strip() == "":
-            by_identity.setdefault(ident, []).append("")
-            continue
-        photo = str(photo)
-        if "://" not in photo and not photo.startswith("/"):
-            photo = _resolve(base, photo)
-        by_identity.setdefault(ident, []).append(normalize_uri(photo))
-    groups = [IdentityGroup(k, sorted(set(v)))  # a photo listed twice is protected once
-              for k, v in sorted(by_identity.items())]
-    return Discovery(groups, "manifest", base)
+    current: str | None = None
+    photos: dict[str, Photo] = {}
+    for batch in _batches(fs, path, uri, ["identity", "uri", SIZE_COLUMN, *VERSION_COLUMNS]):
+        cols = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+        versions = next((cols[c] for c in VERSION_COLUMNS if c in cols), [None] * batch.num_rows)
+        sizes = cols.get(SIZE_COLUMN, [None] * batch.num_rows)
+        for ident, photo, size, version in zip(cols["identity"], cols["uri"], sizes, versions):
+            ident = "" if ident is None else str(ident)
+            if ident != current:
+                if current is not None:
+                    yield IdentityGroup(current, sorted(photos.values(), key=lambda p: p.uri))
+                current, photos = ident, {}
+            if photo is None or str(photo).strip() == "":
+                photos.setdefault("", Photo(""))
+                continue
+            photo = str(photo)
+            if "://" not in photo and not photo.startswith("/"):
+                photo = _resolve(base, photo)
+            photo = normalize_uri(photo)
+            photos[photo] = Photo(photo, int(size) if size is not None else None,
+                                  str(version).strip('"') if version is not None else None)
+    if current is not None:
+        yield IdentityGroup(current, sorted(photos.values(), key=lambda p: p.uri))
+
+
+def stat_photos(fs_for: Any, group: IdentityGroup) -> IdentityGroup:
+    """Fill in size/version of manifest photos that did not carry them (one HEAD each, in a worker)."""
+    photos = []
+    for photo in group.photos:
+        if photo.uri and photo.size is None and photo.version is None:
+            try:
+                fs, path = fs_for(photo.uri)
+                info = fs.info(path)
+                photo = Photo(photo.uri, info.get("size"), _version(info))
+            except (OSError, ValueError):
+                pass  # decode reports the unreadable file; the fingerprint keeps the bare URI
+        photos.append(photo)
+    return IdentityGroup(group.identity, photos, group.ignored)
