@@ -20,6 +20,7 @@ def _config(**sharding):
     # N = 3 photos, chunks of 6 images: 2 candidates per chunk, 6 per scoring call → 3 shard units
     return load_config(preset="smoke", overrides={
         "cap": {"start_fraction": 0.0, "candidate_batch_size": 6, "score_image_batch_size": 6},
+        "batch": {"gpus_per_actor": 0, "cpus_per_actor": 0.5},
         "serve": {"min_replicas": 1, "max_replicas": 1, "gpus_per_replica": 0, "cpus_per_replica": 0.5},
         "sharding": {**SHARDING, **sharding}})
 
@@ -87,3 +88,44 @@ def test_serve_protector_shards_over_the_pool_with_the_pixels_of_local_scoring(r
     assert record.lambda_schedule == local_record.lambda_schedule
     assert all(np.array_equal(a, b) for a, b in zip(protected, local))
     assert record.config_hash == _config(mode="off").config_hash()
+
+
+class CountsLoans:
+    """Mixin for the protect actor: after each group, writes how many actor-loans the job's pool has made."""
+
+    PATH = ""
+
+    def run_engine(self, rgbs, identity):
+        out = super().run_engine(rgbs, identity)
+        import ray
+
+        with open(self.PATH, "w") as fh:
+            fh.write(str(ray.get(self.scoring_pool.handle.stats.remote())["lent"]))
+        return out
+
+
+def test_capray_protect_shards_over_the_pool_with_the_pixels_of_local_scoring(ray_cluster, tiny_model_dir,
+                                                                             tmp_path):
+    import sys
+
+    from PIL import Image
+    from ray import cloudpickle
+
+    from capray.batch.command import protect
+    from capray.batch.stages import ProtectActor
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    src = tmp_path / "in" / "alice"
+    src.mkdir(parents=True)
+    for i, rgb in enumerate(_photos()):
+        Image.fromarray(rgb).save(src / f"p{i}.png")
+    loans = tmp_path / "loans"
+    counting = type("CountingActor", (CountsLoans, ProtectActor), {"PATH": str(loans)})
+    on, off = _config(), _config(mode="off")
+    assert protect(str(tmp_path / "in"), str(tmp_path / "on"), on, show_progress=False,
+                   actor_cls=counting).ok == 1
+    assert int(loans.read_text()) > 0  # the protect actor borrowed the scoring actor
+    assert protect(str(tmp_path / "in"), str(tmp_path / "off"), off, show_progress=False).ok == 1
+    for i in range(3):
+        assert (tmp_path / "on" / "alice" / f"p{i}.png").read_bytes() == \
+            (tmp_path / "off" / "alice" / f"p{i}.png").read_bytes()
