@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 import ray
@@ -174,11 +175,12 @@ class Placeholder:
         return os.getpid()
 
 
-def _pool(mode: str, actors: int = 2):
+def _pool(mode: str, actors: int = 2, shard_timeout_s: float = 300.0):
     from capray.config import ShardingConfig
     from capray.distributed.pool import ScoringPool
 
-    sharding = ShardingConfig(mode=mode, actors=actors, gpus_per_actor=0, cpus_per_actor=0.01)
+    sharding = ShardingConfig(mode=mode, actors=actors, gpus_per_actor=0, cpus_per_actor=0.01,
+                              shard_timeout_s=shard_timeout_s)
     pool = ScoringPool("{}", sharding.model_dump_json(), worker_cls=Placeholder)
     while pool.stats()["ready"] < actors:
         pass
@@ -197,6 +199,17 @@ def test_auto_lends_only_idle_actors_and_never_waits(ray_cluster):
         pool.give_back(lease_b, [i for i, _ in rest])  # died: retired and replaced
         assert pool.stats()["ready"] + pool.stats()["starting"] == 2
         assert rest[0][0] not in pool.workers
+    finally:
+        pool.shutdown()
+
+
+def test_a_lease_never_given_back_is_reclaimed(ray_cluster):
+    """A runner that died holding actors does not keep them from everyone else for ever."""
+    pool = _pool("auto", shard_timeout_s=0.2)
+    try:
+        assert len(pool.borrow(2)[1]) == 2 and pool.borrow(2) == (None, [])
+        time.sleep(0.5)  # > 2 × shard_timeout_s
+        assert len(pool.borrow(2)[1]) == 2
     finally:
         pool.shutdown()
 
