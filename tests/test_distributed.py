@@ -6,6 +6,7 @@ drop them when the phase ends, and a scoring actor that dies mid-step costs noth
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -227,3 +228,19 @@ def test_sharding_is_outside_the_config_hash(smoke_config):
     off = smoke_config()
     on = smoke_config(sharding={"mode": "always", "actors": 4})
     assert on.config_hash() == off.config_hash() and "sharding" not in on.engine_dict()
+
+
+@pytest.mark.parametrize("n,chunk,m,parts", [(3, 6, 7, 3), (4, 32, 101, 2), (4, 8, 48, 3), (5, 7, 40, 4)])
+def test_shards_are_cut_only_between_the_local_scoring_chunks(n, chunk, m, parts):
+    """Each shard starts on a chunk boundary of local scoring, so its images meet the same chunk companions."""
+    from types import SimpleNamespace
+
+    from capray.distributed.candidates import PooledEvaluator
+
+    context = SimpleNamespace(layout=SimpleNamespace(n=n))
+    shards = PooledEvaluator(None, context, None, chunk, 1.0).shards(m, parts)
+    assert shards[0][0] == 0 and shards[-1][1] == m
+    assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))  # contiguous, in r order
+    assert all(start * n % chunk == 0 for start, _ in shards)  # image row of each start: a chunk start
+    unit = math.lcm(n, chunk) // n  # candidates per whole number of chunks
+    assert len(shards) == min(parts, math.ceil(m / unit))
