@@ -11,6 +11,10 @@ threads, so one scorer is one core's worth of work and the comparison is fair on
    queue as Ray Data's actor pool does, with `sharding.mode=off` (no pool) and `auto` (the same
    runners, plus the pool, lent only when idle). The figure is groups per second, auto / off.
 
+The CPU capacity probe runs one group on one runner, then on two runners at once: 2 × t1 / t2 is how
+many cores two processes really get (2.0 on an idle machine), about the most the single-group speedup
+can reach on the machine at that moment.
+
 Per-phase weight transfer: the bytes of one phase's state (the tiny UNet here; SD 2.1's figure comes
 from `benchmarks/gpu_step.py` on a GPU) and the seconds to put it in the object store.
 
@@ -80,6 +84,24 @@ def wait_ready(pool_name: str, actors: int) -> None:
     pool = ray.get_actor(pool_name)
     while ray.get(pool.stats.remote())["ready"] < actors:
         time.sleep(0.2)
+
+
+def cpu_capacity(args, runners) -> float:
+    """Cores this benchmark really gets for two processes: 2 × (one runner alone) / (two at once).
+
+    2.0 on an idle machine; on a CPU shared with other work, about the most a 2-scorer speedup can reach.
+    """
+    import ray
+
+    if len(runners) < 2:
+        return float("nan")
+    cfg, rgbs = bench_config(args, "off").model_dump_json(), photos(args.photos, 0)
+    one = ray.get(runners[0].protect.remote(cfg, rgbs, "probe", None))[0]
+    two = max(s for s, _ in ray.get([r.protect.remote(cfg, rgbs, "probe", None) for r in runners[:2]]))
+    capacity = 2 * one / two
+    print(f"CPU capacity for two processes: {capacity:.2f} cores (2.00 on an idle machine; one noisy probe) — "
+          f"about the most a 2-scorer speedup can reach here")
+    return capacity
 
 
 def single_group(args, runner) -> tuple[float, float]:
@@ -188,11 +210,13 @@ def main() -> None:
         warm = bench_config(args, "off").model_dump_json()  # class images cached, kernels warm: not timed
         ray.get([r.protect.remote(warm, photos(args.photos, 99), "warm", None) for r in runners])
         transfer_cost(args)
+        capacity = cpu_capacity(args, runners)
         alone, shared = single_group(args, runners[0])
         off = bulk(args, runners, "off")
         auto = bulk(args, runners, "auto")
     finally:
         ray.shutdown()
+    print(f"single-group speedup {alone / shared:.3f}; two-process CPU capacity {capacity:.2f} cores")
     print(f"RESULT sharding single_group_speedup={alone / shared:.3f} bulk_auto_vs_off={auto / off:.3f} "
           f"actors={args.actors + 1}")
 
