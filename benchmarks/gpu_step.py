@@ -22,6 +22,8 @@ with CUDA events:
 * the peak memory of one CAP step for N = 4, 16 and 64 photos (`--memory-ns`): gradients accumulate
   over `attack.image_batch_size` photos and scoring runs `cap.score_image_batch_size` images per
   forward, so it should stay flat as N grows;
+* λ-candidate sharding's per-phase cost: bytes of the attacked UNet's state and the device→host /
+  host→device copies a scoring actor's phase state takes (`capray.distributed.candidates.PhaseState`);
 * `model.deterministic`: a PGD step with and without it (its cost) and two identical short runs in
   that mode, which must give identical pixels (the process's settings are restored afterwards).
 
@@ -446,6 +448,8 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
             net, parts, inst, klass, s, cfg.attack.instance_prompt, 1, ("bench",)))
     with attempt(out, "surrogate_copy"):
         out["ms"]["surrogate_copy"] = clock.ms(lambda: net.copy(), iters=max(1, clock.iters // 2), warmup=0)
+    with attempt(out, "phase transfer"):
+        out["phase_transfer"] = phase_transfer(parts, net, cond, attack.layout, res)
     with attempt(out, "memory by group size"):
         out["memory_by_n"] = memory_by_group_size(args, models, cfg, net)
     with attempt(out, "deterministic mode"):
@@ -453,6 +457,37 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
     del net, attack
     gc.collect()
     return out
+
+
+def phase_transfer(parts: Any, net: Any, cond: Any, layout: Any, res: int) -> dict[str, float]:
+    """What λ-candidate sharding ships per PGD phase (`capray.distributed.candidates.PhaseState`): the
+    attacked UNet's weights in the compute dtype, copied device→host once by the runner and host→device
+    once by each scoring actor (the object store in between: shared memory on one node, the network across)."""
+    import copy
+
+    import torch
+
+    from capray.attack.cap import EvaluationContext
+    from capray.distributed.candidates import PhaseState
+
+    def sync() -> None:
+        if parts.device.type == "cuda":
+            torch.cuda.synchronize(parts.device)
+
+    attacked = net.compute_copy(parts.dtype) if parts.device.type == "cuda" else net  # as start_phase does
+    sync()
+    t0 = time.perf_counter()
+    state = PhaseState.of(EvaluationContext(attacked.unet, cond, layout, res))
+    sync()
+    d2h = time.perf_counter() - t0
+    peer_unet = copy.deepcopy(attacked.unet)
+    sync()
+    t0 = time.perf_counter()
+    peer_unet.load_state_dict(state.unet_state)
+    sync()
+    h2d = time.perf_counter() - t0
+    del peer_unet, attacked
+    return {"gb": state.nbytes / 1e9, "d2h_ms": d2h * 1e3, "h2d_ms": h2d * 1e3}
 
 
 def memory_by_group_size(args: argparse.Namespace, models: Any, cfg: Any, net: Any) -> dict[int, dict[str, float]]:
@@ -661,6 +696,10 @@ def report(args: argparse.Namespace, cfg: Any, name: str, setup_s: float, peak_t
           + " + ".join(f"{k} {v:.2f}" for k, v in static.items() if k != "total") + " (before activations)")
     print(f"projection plan {json.dumps(plan)}: {identity_s:.1f} s per identity "
           f"({identity_flops / 1e15:.2f} PFLOP, {mfu:.1%} of peak)")
+    transfer = figures.get("phase_transfer")
+    if transfer:
+        print(f"sharding, per PGD phase: {transfer['gb']:.3f} GB of UNet weights; "
+              f"device→host {transfer['d2h_ms']:.1f} ms once, host→device {transfer['h2d_ms']:.1f} ms per scoring actor (+ the object store between nodes)")
     for n, v in figures.get("memory_by_n", {}).items():
         print(f"CAP step peak memory, N = {n:3d} photos (image_batch_size {cfg.attack.image_batch_size}): "
               f"{v['peak_gb']:.2f} GB  ({v['seconds']:.1f} s)")

@@ -281,6 +281,26 @@ class EvaluateConfig(_Strict):
     cpus_per_identity: float = Field(1.0, gt=0)
 
 
+class ShardingConfig(_Strict):
+    """Scoring one group's λ candidates on a pool of scoring actors as well as where the group runs.
+
+    Never changes pixels (sharded == local), so it is outside the config hash. 'auto' lends a group
+    runner only scoring actors that are idle at that moment and never waits for one; 'always' shares
+    every ready scoring actor between the runners, busy or not (lowest latency for a lone group).
+    """
+
+    mode: Literal["off", "auto", "always"] = Field(
+        "off", description="'off': score in the group runner; 'auto': also on scoring actors idle right now; "
+        "'always': on every ready scoring actor, busy or not")
+    actors: int = Field(2, ge=1, description="scoring actors in the pool (each holds SD + a phase's UNet)")
+    gpus_per_actor: float = Field(1.0, ge=0, description="GPUs each scoring actor requests (0 on CPU clusters)")
+    cpus_per_actor: float = Field(1.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1, description="pin torch threads per scoring actor (CPU runs)")
+    cache_phases: int = Field(2, ge=1, description="phase states (UNet weights) a scoring actor keeps")
+    shard_timeout_s: float = Field(300.0, gt=0, description="a shard not back in this long is re-scored locally "
+                                   "and its actor replaced")
+
+
 class CaprayConfig(_Strict):
     seed: int = 0
     model: ModelConfig = ModelConfig()
@@ -289,6 +309,7 @@ class CaprayConfig(_Strict):
     batch: BatchConfig = BatchConfig()
     serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    sharding: ShardingConfig = ShardingConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "CaprayConfig":
@@ -298,7 +319,7 @@ class CaprayConfig(_Strict):
 
     # -- identity of a run -------------------------------------------------------------------
     def engine_dict(self) -> dict[str, Any]:
-        """The parts that decide output pixels (batch/serve plumbing excluded)."""
+        """The parts that decide output pixels (batch/serve/sharding plumbing excluded)."""
         return {"seed": self.seed, "model": self.model.model_dump(), "attack": self.attack.model_dump(),
                 "cap": self.cap.model_dump()}
 

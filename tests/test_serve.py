@@ -407,7 +407,7 @@ def test_a_cancelled_protector_call_keeps_the_device_until_the_engine_really_sto
 
     release, started = threading.Event(), threading.Event()
 
-    def engine(rgbs, cfg, identity, models, progress):
+    def engine(rgbs, cfg, identity, models, progress, evaluator_factory=None):
         started.set()
         progress(1, 4)
         release.wait(10)
@@ -418,6 +418,7 @@ def test_a_cancelled_protector_call_keeps_the_device_until_the_engine_really_sto
     replica = Protector.func_or_class.__new__(Protector.func_or_class)
     replica.model_config, replica.stuck_after_s, replica.models = cfg.model, 0.05, None
     replica.device_lock, replica.busy_since = asyncio.Lock(), None
+    replica.sharding, replica.scoring_pool = cfg.sharding, None
 
     async def scenario():
         call = replica.protect([PHOTOS[0]], cfg.model_dump(mode="json"), "alice")

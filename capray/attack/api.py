@@ -67,15 +67,17 @@ def _finite_or_none(value: Any) -> float | None:
 
 
 def protect_arrays(rgbs: list[Any], cfg: Any, identity: str, models: Any,
-                   progress: Any = None) -> tuple[list[Any], ProtectionRecord]:
+                   progress: Any = None, evaluator_factory: Any = None) -> tuple[list[Any], ProtectionRecord]:
     """Protect one identity's (H, W, 3) uint8 photos; returns protected uint8 photos and the record.
 
-    `progress(done, total)`, if given, is called after every PGD step.
+    `progress(done, total)`, if given, is called after every PGD step. `evaluator_factory`: where λ
+    candidates are scored (None: in this process; `capray.distributed` shards them over actors).
     """
     from capray.attack.engine import protect_group
     from capray.attack.metrics import from_uint8, to_uint8
 
-    result = protect_group([from_uint8(a) for a in rgbs], cfg, identity=identity, models=models, progress=progress)
+    result = protect_group([from_uint8(a) for a in rgbs], cfg, identity=identity, models=models, progress=progress,
+                           evaluator_factory=evaluator_factory)
     protected = [to_uint8(t) for t in result.images]
     linf = [m["linf_255"] for m in result.metrics]
     record = ProtectionRecord(

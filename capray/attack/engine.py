@@ -276,6 +276,9 @@ class GroupAttack:
         finally:
             if phase.tap is not None:
                 phase.tap.remove()
+            close = getattr(phase.evaluator, "close", None)
+            if close is not None:  # e.g. scoring peers drop this phase's weights
+                close()
         self.timings["pgd_s"] += time.perf_counter() - t0
 
     def pgd_step(self, phase: Phase) -> None:

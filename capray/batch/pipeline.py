@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capray.batch.attempts import job_ledger
+from capray.distributed.pool import scoring_pool
 from capray.batch.metrics import JobMetrics
 from capray.batch.plan import Plan, write_run_file
 from capray.batch.progress import Progress
@@ -72,7 +73,8 @@ class JobSummary:
         return EXIT_OK
 
 
-def build_dataset(plan: Plan, cfg: CaprayConfig, tally, actor_cls: type = ProtectActor, ledger_name: str | None = None):
+def build_dataset(plan: Plan, cfg: CaprayConfig, tally, actor_cls: type = ProtectActor, ledger_name: str | None = None,
+                  pool_name: str | None = None):
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -81,12 +83,12 @@ def build_dataset(plan: Plan, cfg: CaprayConfig, tally, actor_cls: type = Protec
     ctx.max_errored_blocks = -1  # a broken block must not take the other identities down; counted below
     default_block_bytes, ctx.target_max_block_size = ctx.target_max_block_size, STREAM_BLOCK_BYTES
     try:
-        return _stages(plan, cfg, tally, actor_cls, ledger_name)
+        return _stages(plan, cfg, tally, actor_cls, ledger_name, pool_name)
     finally:  # the dataset keeps its own copy of the context; compaction's shuffle wants the default
         ctx.target_max_block_size = default_block_bytes
 
 
-def _stages(plan: Plan, cfg: CaprayConfig, tally, actor_cls: type, ledger_name: str | None):
+def _stages(plan: Plan, cfg: CaprayConfig, tally, actor_cls: type, ledger_name: str | None, pool_name: str | None):
     import ray
 
     b = cfg.batch
@@ -111,7 +113,8 @@ def _stages(plan: Plan, cfg: CaprayConfig, tally, actor_cls: type, ledger_name: 
     # the object store, and a restarted actor (max_restarts=-1) would need them there (ray#53727).
     # Ray Data's defaults (max_restarts=-1, max_task_retries=-1) stay: the job's attempt ledger bounds
     # each group's attempts (capray.batch.attempts), and node losses still heal.
-    configured = type(actor_cls.__name__, (actor_cls,), {"CONFIG_JSON": config_json, "LEDGER_NAME": ledger_name})
+    configured = type(actor_cls.__name__, (actor_cls,), {"CONFIG_JSON": config_json, "LEDGER_NAME": ledger_name,
+                                                         "SCORING_POOL": pool_name})
     ds = ds.map_batches(configured, batch_size=b.groups_per_batch, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=b.num_actors),
                         **actor_pool_args(b), udf_modifying_row_count=False)
@@ -135,8 +138,9 @@ def run_job(plan: Plan, cfg: CaprayConfig, *, actor_cls: type = ProtectActor,
     progress = Progress(enabled=show_progress)
     metrics = JobMetrics(cfg.cap.ratio_max, cfg.batch.metrics_port)
     failed_input, last_poll, uncommitted, n_uncommitted = 0, 0.0, [], 0
-    with job_ledger() as ledger_name:
-        for summary in build_dataset(plan, cfg, tally, actor_cls, ledger_name).iter_rows():
+    # The scoring pool (sharding on) belongs to this driver: protect actors borrow from it, never wait on it.
+    with job_ledger() as ledger_name, scoring_pool(cfg.model.model_dump_json(), cfg.sharding) as pool_name:
+        for summary in build_dataset(plan, cfg, tally, actor_cls, ledger_name, pool_name).iter_rows():
             if not summary["committed"]:  # no row or no state: named at the end, counted unfinished
                 n_uncommitted += 1
                 if len(uncommitted) < NAMES_KEPT:

@@ -23,13 +23,16 @@ def actor_pool_args(b: BatchConfig) -> dict[str, Any]:
 
 
 def embedded_cpu_fallback(cfg: CaprayConfig, address: str | None) -> CaprayConfig:
-    """`cfg` with `batch.gpus_per_actor=0` for the embedded local Ray on a machine without CUDA."""
-    if address or os.environ.get("RAY_ADDRESS") or cfg.batch.gpus_per_actor == 0:
+    """`cfg` with `batch.gpus_per_actor=0` (and the scoring actors' GPUs 0) for the embedded local Ray
+    on a machine without CUDA."""
+    scoring_gpus = cfg.sharding.gpus_per_actor if cfg.sharding.mode != "off" else 0
+    if address or os.environ.get("RAY_ADDRESS") or cfg.batch.gpus_per_actor == scoring_gpus == 0:
         return cfg
     import torch
 
     if torch.cuda.is_available():
         return cfg
-    print("capray protect: no CUDA device on this machine; the embedded local Ray runs the protect actors "
-          "on the CPU (batch.gpus_per_actor=0)", file=sys.stderr)
-    return cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"gpus_per_actor": 0.0})})
+    print("capray protect: no CUDA device on this machine; the embedded local Ray runs the protect (and "
+          "scoring) actors on the CPU (batch.gpus_per_actor=0, sharding.gpus_per_actor=0)", file=sys.stderr)
+    return cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"gpus_per_actor": 0.0}),
+                                  "sharding": cfg.sharding.model_copy(update={"gpus_per_actor": 0.0})})

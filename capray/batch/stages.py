@@ -166,13 +166,16 @@ class ProtectActor:
 
     CONFIG_JSON: str | None = None  # set on the subclass the pipeline builds
     LEDGER_NAME: str | None = None  # the job's attempt ledger (None: count within this actor)
+    SCORING_POOL: str | None = None  # the job's scoring-actor pool (None: sharding off)
 
     def __init__(self, config_json: str | None = None):
         from capray.batch.attempts import LedgerClient
+        from capray.distributed.pool import PoolClient
 
         self.cfg = config_from(config_json or self.CONFIG_JSON)
         self.models = self.load_models()
         self.ledger = LedgerClient(self.LEDGER_NAME)
+        self.scoring_pool = PoolClient.for_actor(self.SCORING_POOL) if self.SCORING_POOL else None
         self.consecutive_errors = 0
 
     def load_models(self):
@@ -182,8 +185,10 @@ class ProtectActor:
 
     def run_engine(self, rgbs: list[np.ndarray], identity: str):
         from capray.attack.api import protect_arrays
+        from capray.distributed.candidates import evaluator_factory_for
 
-        return protect_arrays(rgbs, self.cfg, identity, self.models)
+        return protect_arrays(rgbs, self.cfg, identity, self.models,
+                              evaluator_factory=evaluator_factory_for(self.cfg.sharding, self.scoring_pool))
 
     def end_process(self, reason: str) -> None:
         """Die so that Ray Data restarts this actor (a fresh process) and retries its group elsewhere."""

@@ -1,21 +1,33 @@
-"""Shard the λ-candidate evaluations of one PGD step across Ray actors.
+"""Score one PGD step's λ candidates on borrowed scoring actors as well as in the group runner.
 
 The search (capray.attack.cap) only sees the `CandidateEvaluator` interface, so sharding changes where
-candidates are scored, not which λ wins: each `CandidateWorker` holds its own copy of the models, gets
-the phase's surrogate weights and prompt embedding once per PGD phase (through the object store), and
-scores a contiguous slice of the candidates under the step's common random draw. Use it when one
-group's latency matters more than throughput (the online path); bulk jobs are better served by one
-group per GPU actor, which keeps every GPU busy without cross-actor traffic.
+candidates are scored, not which λ wins. `PooledEvaluator` (one per PGD phase) cuts each scoring call
+into contiguous shards in r order, cut only between the local evaluator's image chunks: the runner
+scores the first shard itself, borrowed `CandidateWorker`s score the rest under the same common random
+draw. Every image is scored by the same code (`InProcessEvaluator`), on the same weights, in the same
+chunk as local scoring would put it, so sharded == local bit for bit. (On a CPU, kernels' last bits
+also depend on the thread setup: give the runner and the scoring actors the same one, as Ray does for
+equal `num_cpus`, or pin `sharding.torch_threads`. On a GPU only the device model matters.) A call that is one chunk
+(M·N ≤ `cap.score_image_batch_size`) is not split: raise `cap.candidate_batch_size` to give peers work.
 
-    workers = [CandidateWorker.options(num_gpus=1).remote(cfg.model.model_dump_json()) for _ in range(4)]
-    protect_group(images, cfg, models=models, evaluator_factory=sharded_evaluator_factory(workers))
+Peer state: the phase's UNet weights and prompt embedding go into the object store once per phase,
+the first time a peer is used; a peer fetches them only on a cache miss, keyed by (group, phase),
+keeps `sharding.cache_phases` of them, and drops the phase's when the phase (and so the group) ends.
+
+Faults: a shard whose actor dies or does not answer within `sharding.shard_timeout_s` is re-scored in
+the runner (same candidates, same draw: same scores), and the pool replaces the actor.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
-from typing import Any, Callable
+import math
+import os
+import sys
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray
@@ -24,72 +36,184 @@ import torch
 from capray.attack.cap import EvaluationContext, InProcessEvaluator
 from capray.attack.randomness import NoiseDraw
 
-_PHASES = itertools.count()
+
+@dataclass
+class PhaseState:
+    """What a peer needs to score one phase's candidates; travels once per (group, phase)."""
+
+    unet_state: dict[str, torch.Tensor]
+    cond: torch.Tensor
+    layout: Any
+    resolution: int
+
+    @classmethod
+    def of(cls, context: EvaluationContext) -> "PhaseState":
+        return cls({k: v.detach().cpu() for k, v in context.unet.state_dict().items()},
+                   context.cond.detach().cpu(), context.layout, context.resolution)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.unet_state.values())
 
 
-@ray.remote
-class CandidateWorker:
-    """A scoring actor: SD parts resident, the current phase's UNet weights loaded on demand."""
+class CandidateScorer:
+    """A scoring actor's body: SD parts resident, a few phases' UNets cached by (group, phase)."""
 
-    def __init__(self, model_config_json: str, batch_size: int = 8):
+    def __init__(self, model_config_json: str, torch_threads: int | None = None, cache_phases: int = 2):
         from capray.attack.engine import load_models
         from capray.config import ModelConfig
 
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.models = load_models(ModelConfig.model_validate_json(model_config_json))
-        self.batch_size = batch_size
-        self.unet: Any = None
-        self.phase: tuple | None = None
+        self.cache_phases = cache_phases
+        self.phases: OrderedDict[str, tuple[Any, torch.Tensor, Any, int]] = OrderedDict()
+        self.fetches = 0  # phase states fetched from the object store (cache misses)
 
-    def load_phase(self, phase: tuple, state: dict[str, torch.Tensor], cond: torch.Tensor, layout: Any,
-                   resolution: int) -> None:
-        if self.phase == phase:
-            return
+    def ready(self) -> int:
+        return os.getpid()
+
+    def cached(self) -> list[str]:
+        return list(self.phases)
+
+    def drop(self, key: str) -> None:
+        self.phases.pop(key, None)
+
+    def _phase(self, key: str, box: list[Any]) -> tuple[Any, torch.Tensor, Any, int]:
+        if key in self.phases:
+            self.phases.move_to_end(key)
+            return self.phases[key]
+        state: PhaseState = ray.get(box[0])  # boxed, so only a miss fetches the weights
+        self.fetches += 1
         parts = self.models.parts
-        dtype = next(iter(state.values())).dtype
-        if self.unet is None or next(self.unet.parameters()).dtype != dtype:
-            self.unet = copy.deepcopy(parts.unet).to(dtype)
-        self.unet.load_state_dict(state)
-        self.cond, self.layout, self.resolution = cond.to(parts.device), layout, resolution
-        self.phase = phase
+        dtype = next(iter(state.unet_state.values())).dtype
+        if len(self.phases) >= self.cache_phases:  # reuse the oldest phase's UNet memory
+            unet = self.phases.popitem(last=False)[1][0]
+        else:
+            unet = copy.deepcopy(parts.unet)
+        unet = unet.to(dtype)
+        unet.load_state_dict(state.unet_state)
+        entry = (unet, state.cond.to(parts.device), state.layout, state.resolution)
+        self.phases[key] = entry
+        return entry
 
-    def score(self, candidates: np.ndarray, draw: NoiseDraw) -> np.ndarray:
+    def score(self, key: str, box: list[Any], candidates: np.ndarray, draw: NoiseDraw,
+              image_batch_size: int) -> np.ndarray:
         from capray.attack.losses import reconstruction_loss
         from capray.attack.surrogate import autocast_for
 
+        unet, cond, layout, resolution = self._phase(key, box)
         parts = self.models.parts
 
         def image_loss(images: torch.Tensor, rows: NoiseDraw) -> torch.Tensor:
             with autocast_for(parts):
-                return reconstruction_loss(parts, self.unet, self.cond, images, rows)
+                return reconstruction_loss(parts, unet, cond, images, rows)
 
-        evaluator = InProcessEvaluator(image_loss, self.layout, self.resolution, self.batch_size * self.layout.n)
+        evaluator = InProcessEvaluator(image_loss, layout, resolution, image_batch_size)
         return evaluator(torch.from_numpy(candidates).to(parts.device), draw).cpu().numpy()
 
 
-class ShardedEvaluator:
-    """Scores (M, P) candidates on `workers`, one contiguous shard each, in r order."""
+CandidateWorker = ray.remote(max_restarts=0, max_task_retries=0)(CandidateScorer)
 
-    def __init__(self, workers: list[Any], context: EvaluationContext):
-        if not workers:
-            raise ValueError("ShardedEvaluator needs at least one CandidateWorker")
-        self.workers = workers
-        state = {k: v.detach().cpu() for k, v in context.unet.state_dict().items()}
-        phase = (id(self), next(_PHASES))
-        state_ref = ray.put(state)  # one copy in the object store, read by every worker
-        ray.get([w.load_phase.remote(phase, state_ref, context.cond.detach().cpu(), context.layout,
-                                     context.resolution) for w in workers])
+_SCORING_FAILURES = (ray.exceptions.RayError, ray.exceptions.GetTimeoutError)
+
+
+def _cancel(ref: Any) -> None:
+    try:
+        ray.cancel(ref)  # a hung shard must not keep its actor busy for the next borrower
+    except Exception:  # noqa: BLE001 - the actor is gone already
+        pass
+
+
+def _cpu(draw: NoiseDraw) -> NoiseDraw:
+    return NoiseDraw(draw.timesteps.cpu(), draw.noise.cpu(), draw.vae_noise.cpu())
+
+
+class PooledEvaluator:
+    """A `CandidateEvaluator` for one PGD phase: the runner's own shard plus borrowed peers' shards."""
+
+    def __init__(self, pool: Any, context: EvaluationContext, local: InProcessEvaluator, image_batch_size: int,
+                 shard_timeout_s: float):
+        self.pool, self.context, self.local = pool, context, local
+        self.image_batch_size, self.shard_timeout_s = image_batch_size, shard_timeout_s
+        self.key = f"{uuid.uuid4().hex[:12]}"  # (group, phase): one evaluator per phase of one group
+        self.state_ref: Any = None
+        self.state_bytes = 0
+        self.used: dict[int, Any] = {}  # peers that may hold this phase's state
+        self.remote_candidates = 0
+        self.rescored = 0  # shards re-scored here after their actor failed
+
+    def _state_box(self) -> list[Any]:
+        if self.state_ref is None:  # once per phase, and only if a peer is ever used
+            state = PhaseState.of(self.context)
+            self.state_bytes = state.nbytes
+            self.state_ref = ray.put(state)
+        return [self.state_ref]
+
+    @property
+    def unit(self) -> int:
+        """Candidates per shard unit: whole scoring chunks of the local evaluator (lcm of N and the chunk)."""
+        n = self.context.layout.n
+        return math.lcm(n, self.image_batch_size) // n
+
+    def shards(self, m: int, parts: int) -> list[tuple[int, int]]:
+        """(start, stop) of `parts` contiguous shards of m candidates, cut only at chunk boundaries.
+
+        Every image is then scored in the very chunk (same companions, same shapes) local scoring puts
+        it in, so a peer's scores are the local scores bit for bit, not just up to rounding.
+        """
+        units = np.array_split(np.arange(math.ceil(m / self.unit)), parts)
+        return [(int(u[0]) * self.unit, min(m, (int(u[-1]) + 1) * self.unit)) for u in units if len(u)]
 
     def __call__(self, candidates: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
-        shards = np.array_split(candidates.detach().cpu().numpy(), len(self.workers))
-        refs = [w.score.remote(shard, draw) for w, shard in zip(self.workers, shards) if len(shard)]
-        scores = np.concatenate(ray.get(refs))
-        return torch.from_numpy(scores).to(candidates.device)
+        m = candidates.shape[0]
+        units = math.ceil(m / self.unit)
+        lease, peers = self.pool.borrow(units - 1) if units >= 2 else (None, [])
+        if not peers:
+            return self.local(candidates, draw)
+        shards = [candidates[a:b] for a, b in self.shards(m, len(peers) + 1)]
+        box, cpu_draw = self._state_box(), _cpu(draw)
+        pending = [(pid, peer, shard, peer.score.remote(self.key, box, shard.detach().cpu().numpy(), cpu_draw,
+                                                        self.image_batch_size))
+                   for (pid, peer), shard in zip(peers, shards[1:])]
+        self.used.update(peers)
+        scores = [self.local(shards[0], draw)]
+        dead: list[int] = []
+        for pid, peer, shard, ref in pending:
+            try:
+                scores.append(torch.from_numpy(ray.get(ref, timeout=self.shard_timeout_s)).to(candidates.device))
+                self.remote_candidates += shard.shape[0]
+            except _SCORING_FAILURES as exc:
+                print(f"capray: scoring actor {pid} failed ({type(exc).__name__}); re-scoring its "
+                      f"{shard.shape[0]} candidate(s) locally", file=sys.stderr)
+                dead.append(pid)
+                self.used.pop(pid, None)
+                _cancel(ref)
+                scores.append(self.local(shard, draw))
+                self.rescored += 1
+        self.pool.give_back(lease, dead)
+        return torch.cat(scores)
+
+    def close(self) -> None:
+        """The phase ended: peers drop its state, the object store frees it."""
+        for peer in self.used.values():
+            peer.drop.remote(self.key)
+        self.used.clear()
+        self.state_ref = None
 
 
-def sharded_evaluator_factory(workers: list[Any]) -> Callable[..., ShardedEvaluator]:
-    """An `evaluator_factory` for `protect_group` that scores candidates on `workers`."""
+def pooled_evaluator_factory(pool: Any, sharding: Any):
+    """An `evaluator_factory` for `protect_group`: candidates scored here and on `pool`'s borrowed actors."""
 
-    def factory(*, loss_fn: Any, n_images: int, batch_size: int, context: EvaluationContext) -> ShardedEvaluator:
-        return ShardedEvaluator(workers, context)
+    def factory(*, loss_fn: Any, n_images: int, batch_size: int, context: EvaluationContext) -> PooledEvaluator:
+        local = InProcessEvaluator(loss_fn, context.layout, context.resolution, batch_size)
+        return PooledEvaluator(pool, context, local, batch_size, sharding.shard_timeout_s)
 
     return factory
+
+
+def evaluator_factory_for(sharding: Any, pool: Any):
+    """What a front door passes to the engine: None (score locally) when sharding is off or there is no pool."""
+    if sharding.mode == "off" or pool is None:
+        return None
+    return pooled_evaluator_factory(pool, sharding)

@@ -37,7 +37,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from capray.attack.api import ProtectionRecord
-from capray.config import CaprayConfig, ServeConfig, load_config
+from capray.config import CaprayConfig, ServeConfig, ShardingConfig, load_config
+from capray.distributed.pool import ScoringPool
 from capray.serve import errors
 from capray.serve.auth import AuthError, KeyRing, check_exposure
 from capray.serve.limits import RequestError, check_pixels, effective_config
@@ -83,11 +84,14 @@ def _not_found(job_id: str) -> RequestError:
 class Protector:
     """One GPU (or CPU) replica: models resident, one group at a time through the engine."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], scoring_pool: DeploymentHandle | None = None):
         from capray.attack.engine import load_models
+        from capray.distributed.pool import PoolClient
 
         cfg = CaprayConfig.model_validate(config)
         self.model_config = cfg.model
+        self.sharding = cfg.sharding  # server-owned: a request cannot turn it on or size it
+        self.scoring_pool = PoolClient.for_serve(scoring_pool) if scoring_pool is not None else None
         self.stuck_after_s = cfg.serve.job_timeout_s + 60
         self.models = load_models(cfg.model)
         # One group at a time on the device: a second ongoing request waits here (Serve still counts it,
@@ -98,6 +102,7 @@ class Protector:
     async def protect(self, rgbs: list[Any], config: dict[str, Any], identity: str):
         """Streams ("progress", (done, total)) events, then ("result", (protected, record))."""
         from capray.attack.api import protect_arrays
+        from capray.distributed.candidates import evaluator_factory_for
 
         cfg = CaprayConfig.model_validate(config)
         if cfg.model != self.model_config:
@@ -112,7 +117,9 @@ class Protector:
         # timeout): a thread cannot be interrupted, so the next group waits, and check_health sees a hung one.
         await self.device_lock.acquire()
         self.busy_since = time.monotonic()
-        work = asyncio.ensure_future(asyncio.to_thread(protect_arrays, rgbs, cfg, identity, self.models, progress))
+        sharded = evaluator_factory_for(self.sharding, self.scoring_pool)
+        work = asyncio.ensure_future(asyncio.to_thread(protect_arrays, rgbs, cfg, identity, self.models, progress,
+                                                       sharded))
         work.add_done_callback(self._engine_done)
         while not work.done():
             event = asyncio.ensure_future(events.get())
@@ -131,6 +138,11 @@ class Protector:
         """A call far past the job time limit means a hung engine: fail the check so Serve replaces the replica."""
         if self.busy_since is not None and time.monotonic() - self.busy_since > self.stuck_after_s:
             raise RuntimeError("engine call running past serve.job_timeout_s")
+
+
+# The app's pool of scoring actors (`sharding.mode` auto/always): one bookkeeping replica that owns the
+# scoring actors and lends them to Protector replicas per scoring call (capray.distributed.pool).
+ScoringPoolDeployment = serve.deployment(name="ScoringPool")(ScoringPool)
 
 
 async def _call_protector(handle: DeploymentHandle, rgbs: list[Any], cfg: CaprayConfig, identity: str,
@@ -316,10 +328,19 @@ def ingress_options(s: ServeConfig) -> dict[str, Any]:
             "ray_actor_options": {"num_cpus": s.ingress_cpus}}
 
 
+def scoring_pool_options(sh: ShardingConfig) -> dict[str, Any]:
+    # bookkeeping only (the scoring actors it starts request sharding.gpus_per_actor); one replica owns them
+    return {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0}}
+
+
 def app_from_config(cfg: CaprayConfig, listen_host: str | None = None) -> serve.Application:
     """The app for this config; `listen_host` is the HTTP address (the exposure check refuses keyless public ones)."""
     config = cfg.model_dump(mode="json")
-    protector = Protector.options(**protector_options(cfg.serve)).bind(config)
+    pool = None
+    if cfg.sharding.mode != "off":
+        pool = ScoringPoolDeployment.options(**scoring_pool_options(cfg.sharding)).bind(
+            cfg.model.model_dump_json(), cfg.sharding.model_dump_json())
+    protector = Protector.options(**protector_options(cfg.serve)).bind(config, pool)
     return Ingress.options(**ingress_options(cfg.serve)).bind(protector, config, listen_host or cfg.serve.host)
 
 
@@ -340,7 +361,8 @@ def deploy_config(args: ServeArgs, *, route_prefix: str = "/", port: int | None 
         "applications": [{
             "name": APP_NAME, "route_prefix": route_prefix, "import_path": IMPORT_PATH,
             "args": args.model_dump(exclude_defaults=True),
-            "deployments": [{"name": "Protector", **protector_options(s)}, {"name": "Ingress", **ingress_options(s)}],
+            "deployments": [{"name": "Protector", **protector_options(s)}, {"name": "Ingress", **ingress_options(s)}]
+            + ([{"name": "ScoringPool", **scoring_pool_options(cfg.sharding)}] if cfg.sharding.mode != "off" else []),
         }],
     }
 
