@@ -68,7 +68,7 @@ def enable_deterministic_mode() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def load_diffusion(cfg: ModelConfig, *, path: str | None = None) -> DiffusionParts:
+def load_diffusion(cfg: ModelConfig) -> DiffusionParts:
     """Load UNet, VAE, text encoder, tokenizer and DDPM scheduler; freeze them (PGD needs input grads only).
 
     Below fp32 (bf16/fp16) the UNet and text encoder are read from disk in fp32 and kept on the host as
@@ -79,7 +79,7 @@ def load_diffusion(cfg: ModelConfig, *, path: str | None = None) -> DiffusionPar
 
     if cfg.deterministic:
         enable_deterministic_mode()
-    source = path or resolve_model_path(cfg)
+    source = resolve_model_path(cfg)
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     master_dtype = torch.promote_types(dtype, torch.float32)
