@@ -121,6 +121,9 @@ def test_preflight_names_the_model_where_it_looked_and_the_fix(offline_caches, t
     msg = str(missing_hub.value)
     assert "stabilityai/stable-diffusion-2-1-base" in msg and str(hub) in msg and "`capray models fetch`" in msg
     assert "HF_HUB_OFFLINE" in msg and "\n" not in msg
+    with pytest.raises(PreflightError, match="`capray models fetch --sd stabilityai/stable-diffusion-2-1-base "
+                                             "--revision abc123`"):  # the fix caches the revision that loads
+        preflight(ModelConfig(revision="abc123", style_weights="random"))
 
     broken = offline_caches / "broken"
     shutil.copytree(tiny_model_dir, broken)

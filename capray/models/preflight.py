@@ -24,9 +24,11 @@ class PreflightError(ValueError):
 
 def fetch_command(cfg: ModelConfig) -> str:
     """The command that puts this config's weights in the caches."""
-    sd = "" if cfg.sd in (REAL_SD_MODEL, TINY_MODEL) or cache.looks_like_path(cfg.sd) else f" --sd {cfg.sd}"
+    local = cfg.sd == TINY_MODEL or cache.looks_like_path(cfg.sd)
+    sd = "" if local or (cfg.sd == REAL_SD_MODEL and not cfg.revision) else f" --sd {cfg.sd}"
+    revision = f" --revision {cfg.revision}" if cfg.revision and sd else ""
     style = "" if cfg.style_network == "vgg19" else f" --style {cfg.style_network}"
-    return f"capray models fetch{sd}{style}"
+    return f"capray models fetch{sd}{revision}{style}"
 
 
 def check_sd(cfg: ModelConfig) -> None:
