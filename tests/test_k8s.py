@@ -314,13 +314,16 @@ def test_cpu_demo_needs_no_gpu_and_no_volume():
         assert "workerGroupSpecs" not in spec and int(spec["headGroupSpec"]["rayStartParams"]["num-cpus"]) > 0
 
 
-def test_dockerfile_builds_capray_on_a_cuda_base():
+def test_dockerfile_builds_capray_on_the_python_the_tests_run():
+    import re
     import tomllib
 
     from capray.cli import COMMANDS
 
     lines = [line.strip() for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines()]
-    assert any(line.startswith("ARG CUDA_IMAGE=nvidia/cuda:") for line in lines)
+    makefile_python = re.search(r"^PY \?= python(3\.\d+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert f"ARG BASE_IMAGE=python:{makefile_python}-slim-bookworm" in lines  # the interpreter constraints.txt fits
+    assert any(line.startswith(f"&& python{makefile_python} -m venv") for line in lines)
     copied = [src for line in lines if line.startswith("COPY ") for src in line.split()[1:-1]]
     readme = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["readme"]
     assert {"pyproject.toml", readme, "capray"} <= set(copied)  # what `pip install .` needs
