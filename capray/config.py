@@ -127,6 +127,13 @@ class CAPConfig(_Strict):
     score_image_batch_size: int = Field(
         32, ge=1, description="images per no-grad scoring forward (candidates × photos, cut into chunks)")
 
+    @model_validator(mode="after")
+    def _one_gradient_draw(self) -> "CAPConfig":
+        if self.score_draw == "gradient" and self.score_draws != 1:
+            raise ValueError("cap.score_draws averages fresh draws; with cap.score_draw=gradient there is only "
+                             "the gradient's one draw (set score_draws=1 or score_draw=fresh)")
+        return self
+
 
 class AttackConfig(_Strict):
     method: Literal["fsmg", "aspl", "simac"] = "aspl"
