@@ -181,14 +181,66 @@ def test_api_keys_from_env_and_a_file_that_is_re_read_when_it_changes(tmp_path):
         ring.authenticate("Bearer file-key-1")
     assert ring.authenticate("Bearer file-key-2")
 
-    nobody = KeyRing(str(tmp_path / "missing"), env="")
-    assert not nobody.configured and nobody.authenticate(None) == ANONYMOUS
+    keyless = KeyRing(None, env="")
+    assert not keyless.configured and keyless.authenticate(None) == ANONYMOUS
+    nobody = KeyRing(str(tmp_path / "missing"), env="")  # a key file is configured but not there: refused
+    assert not nobody.configured
+    with pytest.raises(AuthError) as info:
+        nobody.authenticate(None)
+    assert info.value.status == 503
     for host in ("127.0.0.1", "localhost", "::1"):
         check_exposure(host, nobody, allow_unauthenticated=False)
     with pytest.raises(ValueError, match="no API keys configured"):
         check_exposure("0.0.0.0", nobody, allow_unauthenticated=False)
     check_exposure("0.0.0.0", nobody, allow_unauthenticated=True)
     check_exposure("0.0.0.0", ring, allow_unauthenticated=False)
+
+
+def test_auth_fails_closed_when_the_keys_file_is_emptied_or_deleted(tmp_path):
+    """A Secret deleted or rotated to empty must not open the endpoint: every request is refused."""
+    import os
+
+    from capray.serve.auth import NO_KEYS, AuthError, KeyRing
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("key-1\n")
+    ring = KeyRing(str(keys_file), env="", recheck_s=0)
+    assert ring.authenticate("Bearer key-1")
+    keys_file.write_text("# nothing here\n")  # rotated to an empty Secret
+    os.utime(keys_file, (2, 2))
+    for header in (None, "Bearer key-1", "Bearer other"):
+        with pytest.raises(AuthError) as info:
+            ring.authenticate(header)
+        assert info.value.status == 503 and str(info.value) == NO_KEYS and info.value.headers["Retry-After"]
+    keys_file.unlink()  # the Secret was deleted
+    with pytest.raises(AuthError) as info:
+        ring.authenticate("Bearer key-1")
+    assert info.value.status == 503
+    keys_file.write_text("key-2\n")  # restored: keys work again, the old one does not
+    assert ring.authenticate("Bearer key-2")
+    with pytest.raises(AuthError) as info:
+        ring.authenticate("Bearer key-1")
+    assert info.value.status == 403
+    # env keys plus an emptied file: the env keys still work, anyone else still needs one
+    mixed = KeyRing(str(keys_file), env="env-key", recheck_s=0)
+    keys_file.write_text("")
+    os.utime(keys_file, (3, 3))
+    assert mixed.authenticate("Bearer env-key")
+    with pytest.raises(AuthError) as info:
+        mixed.authenticate(None)
+    assert info.value.status == 401
+
+
+def test_the_api_serves_no_unauthenticated_openapi_or_docs_pages():
+    """FastAPI's /docs, /redoc and /openapi.json would answer without a key; they are turned off."""
+    from fastapi.testclient import TestClient
+
+    from capray.serve.app import api
+
+    client = TestClient(api)
+    for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code == 404, path
+    assert "/v1/protect" in api.openapi()["paths"]  # the schema is still there for in-process use
 
 
 # -- the job store and runner without Ray ---------------------------------------------------------------

@@ -119,6 +119,8 @@ def finished(client):
 def test_keys_guard_every_route_but_healthz(client, finished):
     job = finished["ids"][0]
     assert client.get("/v1/healthz").json() == {"status": "ok"}
+    for path in ("/openapi.json", "/docs", "/redoc"):  # FastAPI's pages would answer without a key: off
+        assert client.get(path).status_code == 404, path
     routes = [("post", "/v1/protect"), ("post", "/v1/protect:sync"), ("get", f"/v1/jobs/{job}"),
               ("get", f"/v1/jobs/{job}/photos/0"), ("get", f"/v1/jobs/{job}/result.zip")]
     for method, path in routes:

@@ -58,8 +58,11 @@ BODY_DOC = {"requestBody": {"required": True, "content": {
         "photo": {"type": "array", "items": {"type": "string", "format": "binary"}},
         "options": {"type": "string", "description": 'JSON: {"identity": …, "config": {…}}'}}}}}}}
 
+# No /docs, /redoc or /openapi.json: FastAPI serves them without a key, and every route but healthz needs
+# one. The schema is still built in-process (`api.openapi()`), e.g. to publish it.
 api = FastAPI(title="capray", version="1", description="Protect a person's photos against DreamBooth "
-              "personalization (CAP: group-aware adversarial perturbations).")
+              "personalization (CAP: group-aware adversarial perturbations).",
+              docs_url=None, redoc_url=None, openapi_url=None)
 
 
 # Helpers come before the deployments: `@serve.deployment` serializes the class when the decorator runs,
@@ -72,8 +75,7 @@ async def _refused(request: Request, exc: RequestError) -> JSONResponse:
 
 @api.exception_handler(AuthError)
 async def _unauthorized(request: Request, exc: AuthError) -> JSONResponse:
-    return JSONResponse({"detail": {"error": str(exc)}}, status_code=exc.status,
-                        headers={"WWW-Authenticate": "Bearer"})
+    return JSONResponse({"detail": {"error": str(exc)}}, status_code=exc.status, headers=exc.headers)
 
 
 def _not_found(job_id: str) -> RequestError:

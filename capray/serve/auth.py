@@ -5,6 +5,10 @@ its owner as a short digest of the key that created it (`owner_id`), so another 
 The key file is a mounted Kubernetes Secret; it is re-read when its modification time changes, so
 rotating a key needs no restart. With no keys at all, the endpoint is only safe on loopback:
 `check_exposure` refuses anything else unless `serve.allow_unauthenticated` says otherwise.
+
+Auth fails closed: once a key file is configured (or any key was ever loaded), a key file that goes
+missing or empty (a deleted or badly rotated Secret) refuses every request (503) instead of opening
+the endpoint to anyone; the exposure check runs only at startup, so it could not catch that.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ ANONYMOUS = "anonymous"  # the owner of every job when no keys are configured
 class AuthError(Exception):
     """401 (no usable credentials) or 403 (a key this server does not know)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers if headers is not None else {"WWW-Authenticate": "Bearer"}
+
+
+NO_KEYS = ("no API key can be read (serve.api_keys_file is missing or empty): every request is refused "
+           "until it is restored")
 
 
 def _digest(key: str) -> bytes:
@@ -53,6 +62,7 @@ class KeyRing:
         self._checked = -float("inf")
         self._lock = threading.Lock()
         self._reload(force=True)
+        self.required = bool(self.keys_file or self.env_keys or self._file_keys)  # never anonymous once true
 
     def _reload(self, force: bool = False) -> None:
         if not self.keys_file or (not force and time.monotonic() - self._checked < self.recheck_s):
@@ -66,7 +76,7 @@ class KeyRing:
                     with open(self.keys_file, encoding="utf-8") as fh:
                         self._file_keys = {_digest(k) for k in _parse(fh.read(), "\n")}
                     self._stamp = stamp
-            except FileNotFoundError:
+            except OSError:  # missing or unreadable: no file keys (authenticate then refuses, never opens)
                 self._file_keys, self._stamp = set(), None
 
     @property
@@ -76,8 +86,10 @@ class KeyRing:
 
     def authenticate(self, authorization: str | None) -> str:
         """The caller's owner id for an `Authorization` header value, or `AuthError`."""
-        if not self.configured:
+        if not self.required:
             return ANONYMOUS
+        if not self.configured:  # the keys file went missing or empty: refuse, do not fall back to anonymous
+            raise AuthError(503, NO_KEYS, headers={"Retry-After": "30"})
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise AuthError(401, "missing API key: send 'Authorization: Bearer <key>'")

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         serve.run(app_from_config(cfg), name=APP_NAME, route_prefix=args.route_prefix)
         prefix = args.route_prefix.rstrip("/")
         print(f"capray serving on http://{s.host}:{s.port}{prefix}/v1/protect "
-              f"(jobs: GET {prefix}/v1/jobs/<id>; docs: {prefix}/docs)", flush=True)
+              f"(jobs: GET {prefix}/v1/jobs/<id>)", flush=True)
         for note in cfg.model.notes:
             print(f"capray serve: {note}", file=sys.stderr, flush=True)
         if args.detach:
