@@ -139,7 +139,7 @@ def test_photo_errors_name_the_photo_and_the_pixel_budget_is_checked_on_headers(
         assert info.value.status == status and message in info.value.detail["error"], info.value.detail
         assert info.value.detail.get("photo") == index
     for files, index, message in [([_png(PHOTOS[0]), b"not an image"], 1, "not a recognised"),
-                                  ([_png(np.zeros((300, 300, 3), np.uint8))], 0, "pixels")]:
+                                  ([_png(np.zeros((300, 300, 3), np.uint8))], 0, "serve.max_image_pixels")]:
         with pytest.raises(RequestError) as info:
             decode_photos(files, [None] * len(files), limits)
         detail = info.value.detail

@@ -66,8 +66,9 @@ def _to_rgb_alpha(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None, list
     return rgb, alpha, notes
 
 
-def decode_image(data: bytes, *, max_pixels: int, min_side: int = 8) -> DecodedImage:
-    """Bytes → RGB uint8 (+ alpha), or `BadImage` with a clear reason."""
+def decode_image(data: bytes, *, max_pixels: int, min_side: int = 8,
+                 max_pixels_key: str = "batch.max_image_pixels") -> DecodedImage:
+    """Bytes → RGB uint8 (+ alpha), or `BadImage` with a clear reason (`max_pixels_key`: the setting to name)."""
     if not data:
         raise BadImage("empty file")
     try:
@@ -76,7 +77,7 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 8) -> DecodedI
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
-                raise BadImage(f"{w}x{h} = {w * h} pixels is over the batch.max_image_pixels limit of "
+                raise BadImage(f"{w}x{h} = {w * h} pixels is over the {max_pixels_key} limit of "
                                f"{max_pixels} (decompression-bomb guard)")
             if min(w, h) < min_side:
                 raise BadImage(f"{w}x{h} is too small (shorter side under {min_side} px)")

@@ -122,7 +122,8 @@ def decode_photos(files: list[bytes], names: list[str | None], limits: ServeConf
     decoded = []
     for i, raw in enumerate(files):
         try:
-            decoded.append(decode_image(raw, max_pixels=limits.max_image_pixels, min_side=limits.min_image_side))
+            decoded.append(decode_image(raw, max_pixels=limits.max_image_pixels, min_side=limits.min_image_side,
+                                        max_pixels_key="serve.max_image_pixels"))
         except BadImage as exc:
             raise RequestError(422, f"cannot use this photo: {exc}", photo=i,
                                name=names[i] if i < len(names) else None) from None
