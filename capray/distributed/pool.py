@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,86 +41,96 @@ class ScoringPool:
         self.next_id = 0
         self.replacements_left = 2 * self.sharding.actors
         self.lent = 0  # actor-loans made, for stats
+        # Serve runs sync deployment methods in a thread pool, concurrently: every method that touches
+        # the pool's state holds this lock (re-entrant: _refresh → give_back → _retire → _start).
+        self._lock = threading.RLock()
         for _ in range(self.sharding.actors):
             self._start()
 
     def _start(self) -> None:
         s = self.sharding
-        worker = self.worker_cls.options(num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor).remote(
-            self.model_config_json, s.torch_threads, s.cache_phases)
-        self.workers[self.next_id] = worker
-        self.starting[worker.ready.remote()] = self.next_id
-        self.next_id += 1
+        with self._lock:
+            worker = self.worker_cls.options(num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor).remote(
+                self.model_config_json, s.torch_threads, s.cache_phases)
+            self.workers[self.next_id] = worker
+            self.starting[worker.ready.remote()] = self.next_id
+            self.next_id += 1
 
     def _refresh(self) -> None:
         import ray
 
-        if self.starting:
-            done, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
-            for ref in done:
-                wid = self.starting.pop(ref)
-                try:
-                    ray.get(ref)
-                    self.ready.append(wid)
-                except Exception as exc:  # noqa: BLE001 - a worker that cannot load its models is not replaced
-                    print(f"capray: scoring actor {wid} failed to start: {exc}", file=sys.stderr)
-                    self.workers.pop(wid, None)
-        stale = time.monotonic() - 2 * self.sharding.shard_timeout_s
-        for lease, (ids, since) in list(self.leases.items()):
-            if since < stale:  # its runner is gone
-                self.give_back(lease, [])
+        with self._lock:
+            if self.starting:
+                done, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
+                for ref in done:
+                    wid = self.starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        self.ready.append(wid)
+                    except Exception as exc:  # noqa: BLE001 - a worker that cannot load its models is not replaced
+                        print(f"capray: scoring actor {wid} failed to start: {exc}", file=sys.stderr)
+                        self.workers.pop(wid, None)
+            stale = time.monotonic() - 2 * self.sharding.shard_timeout_s
+            for lease, (ids, since) in list(self.leases.items()):
+                if since < stale:  # its runner is gone
+                    self.give_back(lease, [])
 
     def borrow(self, want: int) -> tuple[str | None, list[tuple[int, Any]]]:
         """Up to `want` actors to score on now; never waits. ('auto': idle ones, held until given back.)"""
-        self._refresh()
-        if want <= 0:
-            return None, []
-        if self.sharding.mode == "always":
-            ids = self.ready[:want]
+        with self._lock:
+            self._refresh()
+            if want <= 0:
+                return None, []
+            if self.sharding.mode == "always":
+                ids = self.ready[:want]
+                self.lent += len(ids)
+                return None, [(i, self.workers[i]) for i in ids]
+            ids = [i for i in self.ready if i not in self.held][:want]
+            if not ids:
+                return None, []
+            lease = uuid.uuid4().hex[:12]
+            self.leases[lease] = (ids, time.monotonic())
+            self.held.update(ids)
             self.lent += len(ids)
-            return None, [(i, self.workers[i]) for i in ids]
-        ids = [i for i in self.ready if i not in self.held][:want]
-        if not ids:
-            return None, []
-        lease = uuid.uuid4().hex[:12]
-        self.leases[lease] = (ids, time.monotonic())
-        self.held.update(ids)
-        self.lent += len(ids)
-        return lease, [(i, self.workers[i]) for i in ids]
+            return lease, [(i, self.workers[i]) for i in ids]
 
     def give_back(self, lease: str | None, dead: list[int]) -> None:
         """End a loan; `dead`: actors that failed a shard (killed and replaced)."""
-        ids, _ = self.leases.pop(lease, ([], 0.0)) if lease else ([], 0.0)
-        self.held.difference_update(ids)
-        for wid in dead:
-            self._retire(wid)
+        with self._lock:
+            ids, _ = self.leases.pop(lease, ([], 0.0)) if lease else ([], 0.0)
+            self.held.difference_update(ids)
+            for wid in dead:
+                self._retire(wid)
 
     def _retire(self, wid: int) -> None:
         import ray
 
-        worker = self.workers.pop(wid, None)
-        if worker is None:
-            return
-        self.ready = [i for i in self.ready if i != wid]
-        self.held.discard(wid)
-        with contextlib.suppress(Exception):
-            ray.kill(worker)
-        if self.replacements_left > 0:
-            self.replacements_left -= 1
-            self._start()
+        with self._lock:
+            worker = self.workers.pop(wid, None)
+            if worker is None:
+                return
+            self.ready = [i for i in self.ready if i != wid]
+            self.held.discard(wid)
+            with contextlib.suppress(Exception):
+                ray.kill(worker)
+            if self.replacements_left > 0:
+                self.replacements_left -= 1
+                self._start()
 
     def stats(self) -> dict[str, int]:
-        self._refresh()
-        return {"ready": len(self.ready), "starting": len(self.starting), "held": len(self.held),
-                "lent": self.lent}
+        with self._lock:
+            self._refresh()
+            return {"ready": len(self.ready), "starting": len(self.starting), "held": len(self.held),
+                    "lent": self.lent}
 
     def shutdown(self) -> None:
         import ray
 
-        for worker in self.workers.values():
-            with contextlib.suppress(Exception):
-                ray.kill(worker)
-        self.workers.clear()
+        with self._lock:
+            for worker in list(self.workers.values()):
+                with contextlib.suppress(Exception):
+                    ray.kill(worker)
+            self.workers.clear()
 
 
 class PoolClient:
