@@ -244,3 +244,90 @@ def test_shards_are_cut_only_between_the_local_scoring_chunks(n, chunk, m, parts
     assert all(start * n % chunk == 0 for start, _ in shards)  # image row of each start: a chunk start
     unit = math.lcm(n, chunk) // n  # candidates per whole number of chunks
     assert len(shards) == min(parts, math.ceil(m / unit))
+
+
+@ray.remote(max_restarts=0)
+class Hangs:
+    """A scoring actor that never answers (a hung GPU, a wedged node)."""
+
+    def __init__(self, *args):
+        pass
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def score(self, *args):
+        time.sleep(120)
+
+
+class FakePool:
+    """Lends the given peers, records every lease given back."""
+
+    def __init__(self, peers):
+        self.peers, self.returned = peers, []
+
+    def borrow(self, want: int):
+        return "lease", self.peers[:want]
+
+    def give_back(self, lease, dead) -> None:
+        self.returned.append((lease, sorted(dead)))
+
+
+def _toy_pooled(pool, local_cls=None, timeout_s: float = 60.0):
+    from capray.attack.cap import EvaluationContext, InProcessEvaluator
+    from capray.attack.group import GroupLayout
+    from capray.attack.randomness import NoiseDraw
+    from capray.distributed.candidates import PooledEvaluator
+
+    layout = GroupLayout(((3, 4, 4), (3, 4, 4)))
+
+    def image_loss(images, rows):
+        return images.flatten(1).pow(2).sum(1)
+
+    local = (local_cls or InProcessEvaluator)(image_loss, layout, 4, 2)
+    context = EvaluationContext(torch.nn.Linear(1, 1), torch.zeros(1), layout, 4)
+    draw = NoiseDraw(torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, 1, 1), torch.zeros(2, 1, 1, 1))
+    cands = torch.rand(6, 96, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return PooledEvaluator(pool, context, local, 2, shard_timeout_s=timeout_s), local, cands, draw
+
+
+def test_hung_peers_share_one_deadline(ray_cluster):
+    """k hung peers cost one shard_timeout_s, not k of them; their shards are re-scored here."""
+    peers = [(i, Hangs.remote()) for i in range(2)]
+    try:
+        ray.get([p.ready.remote() for _, p in peers])
+        pool = FakePool(peers)
+        evaluator, local, cands, draw = _toy_pooled(pool, timeout_s=1.5)
+        t0 = time.monotonic()
+        scores = evaluator(cands, draw)
+        took = time.monotonic() - t0
+        assert torch.equal(scores, local(cands, draw))
+        assert evaluator.rescored == 2 and evaluator.remote_candidates == 0
+        assert took < 2.8, took  # one deadline (1.5 s), where one per peer in turn took ≥ 3 s
+        assert pool.returned == [("lease", [0, 1])]
+    finally:
+        for _, p in peers:
+            ray.kill(p)
+
+
+def test_a_local_failure_still_ends_the_lease(ray_cluster):
+    """Scoring the runner's own shard raising (e.g. out of memory) cancels the peers and gives the lease back."""
+    from capray.attack.cap import InProcessEvaluator
+
+    class OutOfMemory(InProcessEvaluator):
+        def __call__(self, candidates, draw):
+            raise MemoryError("no room for the runner's shard")
+
+    peers = [(i, Hangs.remote()) for i in range(2)]
+    try:
+        ray.get([p.ready.remote() for _, p in peers])
+        pool = FakePool(peers)
+        evaluator, _, cands, draw = _toy_pooled(pool, local_cls=OutOfMemory)
+        t0 = time.monotonic()
+        with pytest.raises(MemoryError):
+            evaluator(cands, draw)
+        assert time.monotonic() - t0 < 30  # did not wait for the hung peers
+        assert pool.returned == [("lease", [])]  # given back; the peers did nothing wrong
+    finally:
+        for _, p in peers:
+            ray.kill(p)

@@ -171,28 +171,43 @@ class PooledEvaluator:
         lease, peers = self.pool.borrow(units - 1) if units >= 2 else (None, [])
         if not peers:
             return self.local(candidates, draw)
-        shards = [candidates[a:b] for a, b in self.shards(m, len(peers) + 1)]
-        box, cpu_draw = self._state_box(), _cpu(draw)
-        pending = [(pid, peer, shard, peer.score.remote(self.key, box, shard.detach().cpu().numpy(), cpu_draw,
-                                                        self.image_batch_size))
-                   for (pid, peer), shard in zip(peers, shards[1:])]
-        self.used.update(peers)
-        scores = [self.local(shards[0], draw)]
         dead: list[int] = []
-        for pid, peer, shard, ref in pending:
-            try:
-                scores.append(torch.from_numpy(ray.get(ref, timeout=self.shard_timeout_s)).to(candidates.device))
-                self.remote_candidates += shard.shape[0]
-            except _SCORING_FAILURES as exc:
-                print(f"capray: scoring actor {pid} failed ({type(exc).__name__}); re-scoring its "
-                      f"{shard.shape[0]} candidate(s) locally", file=sys.stderr)
-                dead.append(pid)
-                self.used.pop(pid, None)
+        pending: list[tuple[int, torch.Tensor, Any]] = []  # (peer id, shard, ref), in shard order
+        outstanding: set[Any] = set()  # refs neither answered nor cancelled yet
+        try:
+            shards = [candidates[a:b] for a, b in self.shards(m, len(peers) + 1)]
+            box, cpu_draw = self._state_box(), _cpu(draw)
+            for (pid, peer), shard in zip(peers, shards[1:]):
+                ref = peer.score.remote(self.key, box, shard.detach().cpu().numpy(), cpu_draw, self.image_batch_size)
+                pending.append((pid, shard, ref))
+                outstanding.add(ref)
+            self.used.update(peers)
+            scores = [self.local(shards[0], draw)]
+            # one deadline for all peers' shards together, not shard_timeout_s for each in turn
+            refs = [ref for _, _, ref in pending]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.shard_timeout_s)
+            done_set = set(done)
+            for pid, shard, ref in pending:
+                try:
+                    if ref not in done_set:
+                        raise ray.exceptions.GetTimeoutError(f"no answer within {self.shard_timeout_s} s")
+                    outstanding.discard(ref)
+                    scores.append(torch.from_numpy(ray.get(ref)).to(candidates.device))
+                    self.remote_candidates += shard.shape[0]
+                except _SCORING_FAILURES as exc:
+                    print(f"capray: scoring actor {pid} failed ({type(exc).__name__}); re-scoring its "
+                          f"{shard.shape[0]} candidate(s) locally", file=sys.stderr)
+                    dead.append(pid)
+                    self.used.pop(pid, None)
+                    _cancel(ref)
+                    outstanding.discard(ref)
+                    scores.append(self.local(shard, draw))
+                    self.rescored += 1
+            return torch.cat(scores)
+        finally:  # also when scoring here raised (e.g. out of memory): peers stop, the lease ends
+            for ref in outstanding:
                 _cancel(ref)
-                scores.append(self.local(shard, draw))
-                self.rescored += 1
-        self.pool.give_back(lease, dead)
-        return torch.cat(scores)
+            self.pool.give_back(lease, dead)
 
     def close(self) -> None:
         """The phase ended: peers drop its state, the object store frees it."""
