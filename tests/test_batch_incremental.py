@@ -182,3 +182,43 @@ def test_compaction_is_idempotent_and_readable(ray_cluster, tmp_path):
     assert second.files_before == second.files_after == first.files_after and rows(out) == before
     single = compact(str(out), config())
     assert single.files_after == 1 and rows(out) == before
+
+
+def _fail_on_id0(real):
+    """A bucket writer that fails for the bucket holding "id0" (as a store refusing that one write)."""
+    def write(group, *args, **kwargs):
+        if "id0" in group.column("identity").to_pylist():
+            raise OSError("injected: writing this compacted file failed")
+        return real(group, *args, **kwargs)
+    return write
+
+
+def _drop_id0(real):
+    """A bucket writer whose result for the bucket holding "id0" is lost (as a block Ray Data dropped)."""
+    def write(group, *args, **kwargs):
+        result = real(group, *args, **kwargs)
+        return result.slice(0, 0) if "id0" in group.column("identity").to_pylist() else result
+    return write
+
+
+@pytest.mark.parametrize("fault", [_fail_on_id0, _drop_id0])
+def test_a_compaction_that_loses_a_bucket_keeps_every_file_and_row(ray_cluster, tmp_path, monkeypatch, fault):
+    import ray
+
+    from capray.attack.api import RunInfo
+    from capray.batch import compact as compaction
+    from capray.io import manifest
+
+    out, cfg = tmp_path / "out", config(manifest_rows_per_file=3)
+    for k in range(4):  # 7 identities in 4 commit files, compacted into ceil(7 / 3) buckets
+        manifest.write_records(str(out), "run", [manifest.ManifestRow(
+            **RunInfo.of(cfg).run_fields(), identity=f"id{i}", safe_name=f"id{i}", status="ok",
+            finished_at=f"2024-01-01T00:00:0{i}") for i in range(2 * k, min(2 * k + 2, 7))], {})
+    before = {p.name: p.read_bytes() for p in (out / "manifest").glob("*.parquet")}
+    monkeypatch.setattr(compaction, "_write_bucket", fault(compaction._write_bucket))
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "max_errored_blocks", -1)  # as a protect job's driver once left it
+    with pytest.raises(Exception, match="injected|no file was deleted"):
+        compaction.compact(str(out), cfg)
+    assert {p.name: p.read_bytes() for p in (out / "manifest").glob("*.parquet")} == before
+    assert sorted(rows(out)) == [f"id{i}" for i in range(7)]

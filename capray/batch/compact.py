@@ -2,11 +2,13 @@
 
 Rows are read with Ray Data, grouped by a stable hash bucket of the identity (so every row of an
 identity meets in one group, whichever files it was in) and each bucket is written as one file
-holding the latest row of each of its identities, sorted by identity. Only then are the files that
-were read deleted. Buckets are sized by `batch.manifest_rows_per_file`, so a finished 10M-identity
-run reads as ~1,000 files. Idempotent: compacting a compacted folder gives the same rows. A crash
-before the deletes leaves the same rows twice (the older files are deleted by the next compaction;
-readers that need one row per identity meanwhile keep the latest `finished_at`, as `read_manifest` does).
+holding the latest row of each of its identities, sorted by identity. Only then, and only when the
+buckets together took in every row the files hold, are the files that were read deleted: a block
+that Ray Data dropped or a bucket that was never written stops the compaction with the files kept.
+Buckets are sized by `batch.manifest_rows_per_file`, so a finished 10M-identity run reads as ~1,000
+files. Idempotent: compacting a compacted folder gives the same rows. A crash before the deletes
+leaves the same rows twice (the older files are deleted by the next compaction; readers that need
+one row per identity meanwhile keep the latest `finished_at`, as `read_manifest` does).
 Runs on the cluster, not the driver: the driver holds only the list of file names.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import posixpath
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +28,7 @@ from capray.io import manifest
 from capray.io.storage import get_fs, join, write_bytes_atomic
 
 DELETE_CHUNK = 1000
-RESULT_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64())])
+RESULT_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("rows_in", pa.int64())])
 
 
 @dataclass
@@ -33,6 +36,10 @@ class Compaction:
     files_before: int
     files_after: int
     rows: int
+
+
+class CompactionIncomplete(RuntimeError):
+    """The written buckets do not account for every row read: nothing was deleted."""
 
 
 def _write_bucket(group: pa.Table, output: str, generation: str, storage_options: dict[str, Any]) -> pa.Table:
@@ -43,7 +50,7 @@ def _write_bucket(group: pa.Table, output: str, generation: str, storage_options
     uri = join(output, manifest.MANIFEST_DIR, manifest.compacted_name(generation, bucket, rows.num_rows))
     fs, path = get_fs(uri, storage_options)
     write_bytes_atomic(fs, path, buf.getvalue())
-    return pa.table({"file": [path], "rows": [rows.num_rows]}, schema=RESULT_SCHEMA)
+    return pa.table({"file": [path], "rows": [rows.num_rows], "rows_in": [group.num_rows]}, schema=RESULT_SCHEMA)
 
 
 def _read_files(batch: pa.Table, output: str, storage_options: dict[str, Any]) -> pa.Table:
@@ -68,29 +75,57 @@ def compact(output: str, cfg) -> Compaction:
     files = manifest.manifest_files(fs, path)
     if not files:
         return Compaction(0, 0, 0)
-    rows = _count_rows(fs, files)  # before de-duplication: an upper bound
+    rows = _count_rows(fs, files)  # what the files hold, before de-duplication
     buckets = max(1, math.ceil(rows / cfg.batch.manifest_rows_per_file))
     generation = uuid.uuid4().hex[:12]
-    if buckets == 1:  # one output file: a single task reads everything (bounded by rows_per_file rows)
-        # idempotent (a retry rewrites the same generation's file): Ray retries it on any error
-        task = ray.remote(num_cpus=cfg.batch.cpus_per_io_task, max_retries=cfg.batch.io_retries,
-                          retry_exceptions=True)(_compact_all)
-        new_files = {ray.get(task.remote(files, output, generation, so))}
-    else:
-        # Files are read in tasks: Ray's `read_parquet` would stat every file from the driver.
-        ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=min(len(files), 64))
-        ds = ds.map_batches(_read_files, batch_format="pyarrow", num_cpus=cfg.batch.cpus_per_io_task,
-                            fn_kwargs={"output": output, "storage_options": so})
-        written = (ds.map_batches(_add_bucket, batch_format="pyarrow", fn_kwargs={"buckets": buckets})
-                   .groupby("_bucket", num_partitions=buckets)
-                   .map_groups(_write_bucket, batch_format="pyarrow",
-                               fn_kwargs={"output": output, "generation": generation, "storage_options": so}))
-        new_files = {row["file"] for row in written.iter_rows()}
+    try:
+        results = _write_compacted(files, output, generation, buckets, cfg)
+        taken_in = sum(r["rows_in"] for r in results)
+        if taken_in != rows:  # never delete a file whose rows are not all in the new ones
+            raise CompactionIncomplete(f"compacting {len(files)} manifest files: they hold {rows} rows but "
+                                       f"{taken_in} reached the compacted files; no file was deleted")
+    except Exception:  # the files read still hold every row; this generation's would only repeat some
+        _discard(fs, path, generation)
+        raise
+    new_files = {r["file"] for r in results}
     stale = [f for f in files if f not in new_files]
     delete = ray.remote(num_cpus=cfg.batch.cpus_per_io_task, max_retries=cfg.batch.io_retries,
                         retry_exceptions=True)(_delete)
     ray.get([delete.remote(stale[i:i + DELETE_CHUNK], output, so) for i in range(0, len(stale), DELETE_CHUNK)])
     return Compaction(len(files), len(manifest.manifest_files(fs, path)), rows)
+
+
+def _write_compacted(files: list[str], output: str, generation: str, buckets: int, cfg) -> list[dict[str, Any]]:
+    """Write this generation's compacted files; one RESULT_SCHEMA row per file written."""
+    import ray
+
+    so = cfg.batch.storage_options
+    if buckets == 1:  # one output file: a single task reads everything (bounded by rows_per_file rows)
+        # idempotent (a retry rewrites the same generation's file): Ray retries it on any error
+        task = ray.remote(num_cpus=cfg.batch.cpus_per_io_task, max_retries=cfg.batch.io_retries,
+                          retry_exceptions=True)(_compact_all)
+        return [ray.get(task.remote(files, output, generation, so))]
+    # Files are read in tasks: Ray's `read_parquet` would stat every file from the driver.
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=min(len(files), 64))
+    ds.context.max_errored_blocks = 0  # a dropped block would be rows lost: fail, whatever the driver set
+    ds = ds.map_batches(_read_files, batch_format="pyarrow", num_cpus=cfg.batch.cpus_per_io_task,
+                        fn_kwargs={"output": output, "storage_options": so})
+    written = (ds.map_batches(_add_bucket, batch_format="pyarrow", fn_kwargs={"buckets": buckets})
+               .groupby("_bucket", num_partitions=buckets)
+               .map_groups(_write_bucket, batch_format="pyarrow",
+                           fn_kwargs={"output": output, "generation": generation, "storage_options": so}))
+    return list(written.iter_rows())
+
+
+def _discard(fs: Any, path: str, generation: str) -> None:
+    """Best effort: remove what a failed compaction wrote, so the folder is as it was."""
+    prefix = f"{manifest.COMPACT_PREFIX}{generation}-"
+    try:
+        for f in manifest.manifest_files(fs, path):
+            if posixpath.basename(f).startswith(prefix):
+                fs.rm_file(f)
+    except OSError:
+        pass  # left over: the same rows twice, which readers and the next compaction resolve
 
 
 def _delete(files: list[str], output: str, storage_options: dict[str, Any]) -> None:
@@ -113,8 +148,7 @@ def _count_rows(fs: Any, files: list[str]) -> int:
     return sum(n for n in counts if n is not None) + footer
 
 
-def _compact_all(files: list[str], output: str, generation: str, storage_options: dict[str, Any]) -> str:
+def _compact_all(files: list[str], output: str, generation: str, storage_options: dict[str, Any]) -> dict[str, Any]:
     table = _read_files(pa.table({"file": files}), output, storage_options)
-    result = _write_bucket(table.append_column("_bucket", pa.array([0] * table.num_rows, pa.int32())),
-                           output, generation, storage_options)
-    return result.column("file")[0].as_py()
+    return _write_bucket(table.append_column("_bucket", pa.array([0] * table.num_rows, pa.int32())),
+                         output, generation, storage_options).to_pylist()[0]

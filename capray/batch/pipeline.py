@@ -77,26 +77,35 @@ def build_dataset(plan: Plan, cfg: CaprayConfig, tally, actor_cls: type = Protec
                   pool_name: str | None = None):
     import ray
 
+    b = cfg.batch
+    # The dataset keeps its own copy of the context, so the job's settings are put back once it is
+    # built: the driver's context is the one compaction (and anything else in this process) builds from,
+    # and there a dropped block would be rows deleted with the files they came from.
+    job_settings = {
+        "enable_progress_bars": False,  # our own one-line display counts identities, not blocks
+        "print_on_execution_start": False,  # the plan is in the docs; keep the console to our progress line
+        "max_errored_blocks": -1,  # a broken block must not take the other identities down; counted below
+        "target_max_block_size": STREAM_BLOCK_BYTES,
+        # Transient storage errors (raised as TransientStorageError by decode, write and commit) re-run the
+        # task with Ray Data's exponential backoff; botocore has already retried each request (storage.S3_RETRIES).
+        "retried_map_errors": [TransientStorageError.__name__],
+        "max_map_retries": b.io_retries,
+    }
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own one-line display counts identities, not blocks
-    ctx.print_on_execution_start = False  # the plan is in the docs; keep the console to our progress line
-    ctx.max_errored_blocks = -1  # a broken block must not take the other identities down; counted below
-    default_block_bytes, ctx.target_max_block_size = ctx.target_max_block_size, STREAM_BLOCK_BYTES
+    defaults = {name: getattr(ctx, name) for name in job_settings}
+    for name, value in job_settings.items():
+        setattr(ctx, name, value)
     try:
         return _stages(plan, cfg, tally, actor_cls, ledger_name, pool_name)
-    finally:  # the dataset keeps its own copy of the context; compaction's shuffle wants the default
-        ctx.target_max_block_size = default_block_bytes
+    finally:
+        for name, value in defaults.items():
+            setattr(ctx, name, value)
 
 
 def _stages(plan: Plan, cfg: CaprayConfig, tally, actor_cls: type, ledger_name: str | None, pool_name: str | None):
     import ray
 
     b = cfg.batch
-    ctx = ray.data.DataContext.get_current()
-    # Transient storage errors (raised as TransientStorageError by decode, write and commit) re-run the
-    # task with Ray Data's exponential backoff; botocore has already retried each request (storage.S3_RETRIES).
-    ctx.retried_map_errors = [TransientStorageError.__name__]
-    ctx.max_map_retries = b.io_retries
     config_json = cfg.model_dump_json()
     io_args = {"batch_format": "pyarrow", "num_cpus": b.cpus_per_io_task, "udf_modifying_row_count": False}
     ds = candidates(plan, cfg, tally)
