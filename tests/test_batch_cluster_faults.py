@@ -600,6 +600,38 @@ def test_a_manifest_row_outside_the_prefix_fails_its_identity_only(tmp_path):
     assert decoded["thief"].get("pixels") is None  # nothing was read
 
 
+def test_the_check_stage_refuses_uris_outside_the_prefix_before_any_request(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from capray.batch import sources
+    from capray.batch.stages import decode_group
+
+    lib = tmp_path / "lib"
+    copy_samples(lib, "coffee")
+    good = str(lib / "coffee" / "coffee_1.png")
+    bad = {"metadata": "http://169.254.169.254/latest/meta-data", "local": "file:///etc/passwd",
+           "tenant": "s3://other-tenant/a.png", "chained": "zip://a.png::s3://photos/x.zip"}
+    requested, real = [], sources.get_fs
+    monkeypatch.setattr(sources, "get_fs", lambda uri, so=None: requested.append(uri) or real(uri, so))
+    candidates = [{"identity": "coffee", "uris": [good], "sizes": [None], "versions": [None]}] + [
+        {"identity": name, "uris": [good, uri], "sizes": [None, None], "versions": [None, None]}
+        for name, uri in bad.items()]  # no size/ETag: the check would stat each photo
+    cfg = cheap_config()
+    info = {"input": str(lib / "list.csv"), "output": str(tmp_path / "out"), "resuming": False}
+    table = sources.check_batch(pa.Table.from_pylist(candidates, schema=sources.CANDIDATE_SCHEMA),
+                                cfg.model_dump_json(), info, None)
+    planned = {r["identity"]: r for r in table.to_pylist()}
+    assert requested == [good], "a refused URI (or its identity's other photos) was requested"
+    assert planned["coffee"]["problem"] is None and planned["coffee"]["failure"] is None
+    for name, uri in bad.items():
+        row = planned[name]
+        assert row["failure"] == "input" and repr(uri) in row["problem"], row["problem"]
+        assert "1 of 2 photo URIs refused; nothing read for this identity" in row["problem"]
+        assert row["fingerprint"]  # unchanged input is skipped by the next run's done-check, not retried
+        decoded = decode_group(row, cfg)
+        assert decoded["failure"] == "input" and decoded.get("pixels") is None
+
+
 @pytest.mark.s3
 def test_on_s3_the_lease_is_a_conditional_create_and_retries_are_configured(moto_s3):
     from capray.batch.lease import LEASE_FILE, LeaseHeld, _create, acquire

@@ -8,7 +8,8 @@
   stats them (manifests without size/ETag), fingerprints the input, reads the identity's committed
   state and drops identities that are done: `ok` or failed for their input, with the same input.
   Everything else goes on as a plan row, carrying what the previous commit published so the write
-  stage can remove outputs whose source is gone.
+  stage can remove outputs whose source is gone. A manifest photo URI outside the allowlist
+  (`capray.io.allowlist`) fails its identity for its input here, before any request is made for it.
 
 Driver cost per 1,000 identities: nothing but one tally call per listing batch.
 """
@@ -23,6 +24,7 @@ import pyarrow as pa
 
 from capray.batch.stages import PLAN_SCHEMA, short_error, table_of
 from capray.io import manifest
+from capray.io.allowlist import allowed_prefixes, uri_problem
 from capray.io.discover import (
     IdentityGroup,
     Photo,
@@ -158,18 +160,35 @@ def check_identity(candidate: dict[str, Any], cfg, plan_info: dict[str, Any]) ->
         else:
             group = IdentityGroup(identity, [Photo(u, s, v) for u, s, v in
                                              zip(candidate["uris"], candidate["sizes"], candidate["versions"])])
+            refused = refused_photos(group, allowed_prefixes(plan_info["input"], cfg.batch.allowed_input_prefixes))
+            if refused:  # before any request: a stat with the job's credentials is already a read
+                return _planned(row, previous, group, refused, manifest.FAILURE_INPUT)
             group = stat_photos(lambda uri: get_fs(uri, so), group)
     except (OSError, ValueError) as exc:
         return dict(row, uris=[], stems=[], problem=f"listing the identity's photos failed: {short_error(exc)}",
                     failure=manifest.FAILURE_TRANSIENT)
+    problem = group_problem(identity, group.photos, cfg.batch.max_photos_per_identity, output)
+    return _planned(row, previous, group, problem, manifest.FAILURE_INPUT if problem else None)
+
+
+def _planned(row: dict[str, Any], previous, group: IdentityGroup, problem: str | None,
+             failure: str | None) -> dict[str, Any] | str:
+    """The plan row of a listed identity, or "skipped_ok"/"skipped_input" when its input is done."""
     digest = fingerprint(group.photos)
     if previous is not None and previous.is_done(digest):
         return "skipped_ok" if previous.status == manifest.STATUS_OK else "skipped_input"
-    problem = group_problem(identity, group.photos, cfg.batch.max_photos_per_identity, output)
     uris = group.uris
     return dict(row, uris=uris, stems=output_stems(uris), stamps=[p.stamp() for p in group.photos],
-                fingerprint=digest, problem=problem, failure=manifest.FAILURE_INPUT if problem else None,
-                ignored=group.ignored)
+                fingerprint=digest, problem=problem, failure=failure, ignored=group.ignored)
+
+
+def refused_photos(group: IdentityGroup, allowed: list[str]) -> str | None:
+    """Why the identity may not be read at all (photo URIs outside the allowlist), or None."""
+    refused = [problem for problem in (uri_problem(p.uri, allowed) for p in group.photos if p.uri) if problem]
+    if not refused:
+        return None
+    return (f"{len(refused)} of {len(group.photos)} photo URIs refused; nothing read for this identity: "
+            + "; ".join(refused))
 
 
 def check_batch(batch: pa.Table, config_json: str, plan_info: dict[str, Any], tally) -> pa.Table:

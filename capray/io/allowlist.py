@@ -4,8 +4,10 @@ A manifest is data, often built from user input, and every URI in it is read wit
 credentials. Without a limit a row could read `http://169.254.169.254/…`, `file:///etc/…`, a chained
 `zip::s3://…` URL or another tenant's bucket. So a photo URI must lie under an allowed prefix: by
 default the input's own `scheme://bucket/` for an object store, or the manifest's own folder for a
-local manifest; `batch.allowed_input_prefixes` adds more. Anything else fails its identity with a
-message that says which URI and how to allow it. Prefixes match whole path segments.
+local manifest; `batch.allowed_input_prefixes` adds more. Anything else fails its identity (for its
+input) with a message that says which URI and how to allow it: in the check stage, before the stat
+that fingerprints the photo (a request too), and again where photos are read. Prefixes match whole
+path segments.
 """
 
 from __future__ import annotations
