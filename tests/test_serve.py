@@ -350,6 +350,7 @@ def test_a_hung_or_crashing_protector_fails_the_job_with_a_short_message(tmp_pat
     from capray.serve.requests import decode_photos
 
     async def hang(rgbs, cfg, identity, on_progress):
+        on_progress(0, 2)  # it started on the Protector, then never ends
         await asyncio.sleep(3600)
 
     async def die(rgbs, cfg, identity, on_progress):
@@ -367,6 +368,144 @@ def test_a_hung_or_crashing_protector_fails_the_job_with_a_short_message(tmp_pat
     assert store.pending_ids() == []  # its slot is free
     died, _ = asyncio.run(scenario(die))
     assert died.status == "failed" and died.error == errors.WORKER_LOST
+
+
+def test_busy_protectors_are_retried_and_the_time_limit_counts_from_the_start(tmp_path, monkeypatch):
+    """A 202 job is not failed because replicas are still scaling up, nor charged for time spent queued."""
+    from ray.serve.exceptions import BackPressureError
+
+    import capray.serve.runner
+    from capray.serve import errors
+    from capray.serve.requests import decode_photos
+
+    monkeypatch.setattr(capray.serve.runner, "BACKOFF_S", 0.01)
+    calls = []
+
+    async def busy_twice(rgbs, cfg, identity, on_progress):
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise BackPressureError(num_queued_requests=2, max_queued_requests=2)
+        return await _invert(rgbs, cfg, identity, on_progress)
+
+    async def always_busy(rgbs, cfg, identity, on_progress):
+        raise BackPressureError(num_queued_requests=2, max_queued_requests=2)
+
+    async def queued_then_runs(rgbs, cfg, identity, on_progress):
+        await asyncio.sleep(0.5)  # behind another group: not part of this job's run time
+        on_progress(0, 2)
+        await asyncio.sleep(0.4)
+        return await _invert(rgbs, cfg, identity, on_progress)
+
+    async def never_starts(rgbs, cfg, identity, on_progress):
+        await asyncio.sleep(3600)
+
+    async def scenario(protect, **serve):
+        runner, store, cfg = _runner(tmp_path, protect, **serve)
+        sub = _submission()
+        state = await runner.submit(sub, decode_photos(sub.files, sub.names, cfg.serve), cfg, owner="k1")
+        return await _until_settled(runner, state.job_id)
+
+    retried = asyncio.run(scenario(busy_twice))
+    assert retried.status == "done" and len(calls) == 3 and calls[2] - calls[1] >= calls[1] - calls[0]
+    t0 = time.monotonic()
+    busy = asyncio.run(scenario(always_busy, job_timeout_s=0.3))
+    assert busy.status == "failed" and busy.error == errors.BUSY and 0.25 < time.monotonic() - t0 < 5
+    late = asyncio.run(scenario(queued_then_runs, job_timeout_s=0.7))  # 0.9 s in all, 0.4 s of it running
+    assert late.status == "done", late.error
+    idle = asyncio.run(scenario(never_starts, job_timeout_s=0.3))
+    assert idle.status == "failed" and idle.error == errors.not_started(0.3)
+
+
+def test_status_writes_never_overwrite_a_finished_job_or_another_runners(tmp_path):
+    """The store's guard: a late write (heartbeat, second runner) checks the job is still pending and its own."""
+    from capray.serve.store import JobRequest, JobState, JobStore
+
+    store = JobStore(str(tmp_path / "store"))
+    job_id = "a" * 32
+    state = JobState(job_id=job_id, owner="k1", created_at=0, updated_at=0, runner="r1", attempts=1)
+    store.create(JobRequest(job_id=job_id, owner="k1", identity="x", names=["p0"], config={}, created_at=0),
+                 [b"photo"], state)
+    assert store.held_by(job_id, "r1") and not store.held_by(job_id, "r2")
+    assert store.put_state(state.model_copy(update={"steps_done": 1}), "r1")
+    assert not store.put_state(state.model_copy(update={"steps_done": 9}), "r2")  # another runner's job
+    assert not store.finish(state.model_copy(), [b"png"], b"{}", "r2") and store.photo(job_id, 0) is None
+    assert store.state(job_id).steps_done == 1
+    assert store.finish(state.model_copy(), [b"png"], b"{}", "r1") and store.state(job_id).status == "done"
+    late = state.model_copy(update={"steps_done": 2})  # a heartbeat, or a second runner that timed out
+    assert not store.put_state(late, "r1") and not store.fail(late.model_copy(), "timed out", "r1")
+    assert store.state(job_id).status == "done" and store.photo(job_id, 0) == b"png"
+
+
+def test_a_heartbeat_write_in_flight_lands_before_the_final_one_never_after(tmp_path):
+    """A heartbeat already writing in a worker thread when the job finishes: `cancel()` would not stop it,
+    and its stale `pending` would land over `done` (the job then lost: pending, no runner, no marker)."""
+    import threading
+
+    in_flight = threading.Event()
+
+    async def protect(rgbs, cfg, identity, on_progress):
+        on_progress(0, 2)
+        while not in_flight.is_set():
+            await asyncio.sleep(0.01)
+        return [255 - a for a in rgbs], _record(len(rgbs))
+
+    async def scenario():
+        from capray.serve.requests import decode_photos
+
+        runner, store, cfg = _runner(tmp_path, protect, job_lease_s=0.3)
+        real_put = store.put_state
+
+        def slow_put(state, runner_tag=None):
+            if runner_tag is None or state.status != "pending":  # the job's creation, its final write
+                return real_put(state, runner_tag)
+            ok, snapshot = store.held_by(state.job_id, runner_tag), state.model_copy()
+            in_flight.set()
+            time.sleep(0.3)  # checked, not yet written: the job finishes meanwhile
+            if ok:
+                real_put(snapshot)
+            return ok
+
+        store.put_state = slow_put
+        sub = _submission()
+        state = await runner.submit(sub, decode_photos(sub.files, sub.names, cfg.serve), cfg, owner="k1")
+        settled = await _until_settled(runner, state.job_id)
+        await asyncio.sleep(0.5)
+        return settled, store.state(state.job_id), store
+
+    settled, later, store = asyncio.run(scenario())
+    assert settled.status == later.status == "done" and later.runner is None and store.pending_ids() == []
+
+
+def test_a_runner_whose_job_was_taken_over_writes_nothing_more(tmp_path):
+    """Two replicas ran the same job: the one that lost it stops renewing and drops its outcome."""
+    from capray.serve.requests import decode_photos
+
+    release = asyncio.Event
+
+    async def scenario():
+        go = release()
+
+        async def protect(rgbs, cfg, identity, on_progress):
+            on_progress(0, 2)
+            await go.wait()
+            return [255 - a for a in rgbs], _record(len(rgbs))
+
+        runner, store, cfg = _runner(tmp_path, protect, job_lease_s=0.3)
+        sub = _submission()
+        state = await runner.submit(sub, decode_photos(sub.files, sub.names, cfg.serve), cfg, owner="k1")
+        await asyncio.sleep(0.15)
+        theirs = store.state(state.job_id).model_copy(update={"runner": "r2", "attempts": 2})
+        store.put_state(theirs)  # another replica adopted it (this runner's lease looked expired)
+        await asyncio.sleep(0.3)  # a heartbeat or two: they see the job is not theirs
+        go.set()
+        for _ in range(200):
+            if state.job_id not in runner.running:
+                break
+            await asyncio.sleep(0.02)
+        return store.state(state.job_id), store
+
+    after, store = asyncio.run(scenario())
+    assert (after.status, after.runner, after.attempts) == ("pending", "r2", 2) and store.photo(after.job_id, 0) is None
 
 
 def _png_array(data: bytes) -> np.ndarray:
@@ -474,6 +613,8 @@ def test_a_cancelled_protector_call_keeps_the_device_until_the_engine_really_sto
 
     async def scenario():
         call = replica.protect([PHOTOS[0]], cfg.model_dump(mode="json"), "alice")
+        total = cfg.attack.total_pgd_steps
+        assert await call.__anext__() == ("progress", (0, total))  # the group has the device: its clock starts
         assert await call.__anext__() == ("progress", (1, 4))
         await call.aclose()  # the caller gave up (job timeout)
         await asyncio.sleep(0.1)
@@ -488,6 +629,7 @@ def test_a_cancelled_protector_call_keeps_the_device_until_the_engine_really_sto
         assert not replica.device_lock.locked() and replica.busy_since is None
         replica.check_health()
         events = [e async for e in replica.protect([PHOTOS[0]], cfg.model_dump(mode="json"), "alice")]
-        assert events[0] == ("progress", (1, 4)) and np.array_equal(events[-1][1][0][0], 255 - PHOTOS[0])
+        assert events[:2] == [("progress", (0, total)), ("progress", (1, 4))]
+        assert np.array_equal(events[-1][1][0][0], 255 - PHOTOS[0])
 
     asyncio.run(scenario())

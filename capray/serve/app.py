@@ -123,6 +123,7 @@ class Protector:
         work = asyncio.ensure_future(asyncio.to_thread(protect_arrays, rgbs, cfg, identity, self.models, progress,
                                                        sharded))
         work.add_done_callback(self._engine_done)
+        yield "progress", (0, cfg.attack.total_pgd_steps)  # the group has the device: its time limit starts now
         while not work.done():
             event = asyncio.ensure_future(events.get())
             await asyncio.wait({work, event}, return_when=asyncio.FIRST_COMPLETED)
@@ -194,8 +195,8 @@ class Ingress:
     async def _protect(self, rgbs, cfg, identity, on_progress):
         try:
             out = await _call_protector(self.protector, rgbs, cfg, identity, on_progress)
-        except BaseException:
-            self.finished.inc(tags={"outcome": "failed"})
+        except BaseException as exc:  # a busy refusal is retried by the runner: not a failed group
+            self.finished.inc(tags={"outcome": "busy" if errors.is_busy(exc) else "failed"})
             raise
         self.finished.inc(tags={"outcome": "ok"})
         return out

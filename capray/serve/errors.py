@@ -20,14 +20,32 @@ def timed_out(seconds: float) -> str:
     return f"timed out after {seconds:g} s (serve.job_timeout_s)"
 
 
+def not_started(seconds: float) -> str:
+    return (f"no protection worker was free to start this job within {seconds:g} s (serve.job_timeout_s); "
+            "retry later")
+
+
+def _cause(exc: BaseException) -> BaseException:
+    from ray.exceptions import RayTaskError
+
+    return exc.cause if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) else exc
+
+
+def is_busy(exc: BaseException) -> bool:
+    """A call the Protector handle refused for backpressure (queues full): worth retrying later."""
+    from ray.serve.exceptions import BackPressureError
+
+    return isinstance(exc, BackPressureError) or isinstance(_cause(exc), BackPressureError)
+
+
 def public_error(exc: BaseException, job_id: str | None = None) -> str:
     """The client-facing message for an exception raised while running a job (the detail is logged)."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError, RayTaskError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
-    if isinstance(exc, BackPressureError):
+    if is_busy(exc):
         return BUSY
-    cause = exc.cause if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) else exc
+    cause = _cause(exc)
     if isinstance(cause, ValueError):
         first = (str(cause).strip().splitlines() or [""])[0]
         return f"invalid input: {first[:200]}"

@@ -5,7 +5,12 @@ replica sweeps the store's pending jobs and takes over one whose lease ran out â
 lost to a restart, a node loss or an upgrade. A rerun is safe because the same request gives the
 same pixels; after `serve.job_attempts` runs the job is failed with the reason instead. The same
 sweep deletes finished jobs past `serve.job_ttl_s`. Every job ends `done` or `failed`, with a
-client-safe error (`errors.public_error`), or within `serve.job_timeout_s`.
+client-safe error (`errors.public_error`): at most `serve.job_timeout_s` after the Protector starts
+it, and failed if no Protector starts it within `serve.job_timeout_s` (busy refusals are retried).
+
+Every status write after the first checks that the stored job is still pending and held by this
+runner (`JobStore.put_state(runner=â€¦)`): a late heartbeat or a second runner that adopted the same
+job never rewrites a finished job, nor one another replica now runs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,25 @@ from capray.serve.store import JobRequest, JobState, JobStore
 
 # protect(rgbs, cfg, identity, on_progress) -> (protected rgbs, ProtectionRecord)
 ProtectCall = Callable[[list[Any], CaprayConfig, str, Callable[[int, int], None]], Awaitable[tuple[list[Any], Any]]]
+
+
+BACKOFF_S, MAX_BACKOFF_S = 0.5, 15.0  # retrying a Protector call refused for backpressure
+
+
+class JobTimeout(Exception):
+    """The job did not start, or did not finish, within `serve.job_timeout_s` (the message says which)."""
+
+
+async def _within(call: asyncio.Future, started: list[float], start_by: float, limit: float) -> Any:
+    """`call`'s result, or `JobTimeout`: `limit` s after it started (`started[0]`), or at `start_by` if it has not."""
+    while True:
+        deadline = started[0] + limit if started else start_by
+        done, _ = await asyncio.wait({call}, timeout=max(deadline - time.monotonic(), 0.0))
+        if done:
+            return call.result()
+        if started and started[0] + limit > deadline:
+            continue  # it started meanwhile: its run gets the full limit
+        raise JobTimeout(errors.timed_out(limit) if started else errors.not_started(limit))
 
 
 class JobRunner:
@@ -58,49 +82,95 @@ class JobRunner:
         task.add_done_callback(lambda _: self.running.pop(state.job_id, None))
 
     async def _run(self, state: JobState, request: JobRequest, decoded: list[Any] | None) -> None:
-        write = asyncio.Lock()
+        stop = asyncio.Event()
 
-        async def save() -> None:
-            async with write:
-                state.lease_until = time.time() + self.limits.job_lease_s
-                await self._io(self.store.put_state, state)
-
-        async def heartbeat() -> None:  # renews the lease and publishes progress
+        async def heartbeat() -> None:
+            """Renews the lease and publishes progress; ends when told to, or once the job is not this runner's."""
             while True:
-                await asyncio.sleep(self.heartbeat_s)
-                await save()
-
-        def on_progress(done: int, total: int) -> None:
-            state.steps_done, state.steps_total = done, total
+                try:
+                    await asyncio.wait_for(stop.wait(), self.heartbeat_s)
+                    return
+                except asyncio.TimeoutError:
+                    pass
+                state.lease_until = time.time() + self.limits.job_lease_s
+                try:
+                    if not await self._io(self.store.put_state, state, self.tag):
+                        errors.log.warning("job %s: taken over or finished elsewhere; runner %s stops renewing it",
+                                           state.job_id, self.tag)
+                        return
+                except Exception as exc:  # noqa: BLE001 - a storage hiccup: the next beat tries again
+                    errors.log.warning("job %s: lease renewal failed: %r", state.job_id, exc)
 
         beat = asyncio.create_task(heartbeat())
         try:
-            try:
-                cfg = CaprayConfig.model_validate(request.config)
-                if decoded is None:  # a rerun: the photos come from the store
-                    files = await self._io(self.store.inputs, state.job_id, len(request.names))
-                    decoded = await self._io(decode_photos, files, request.names, self.limits)
-                protected, record = await asyncio.wait_for(
-                    self.protect([d.rgb for d in decoded], cfg, request.identity, on_progress),
-                    timeout=self.limits.job_timeout_s)
-                pngs, result = await self._io(build_result, request.identity, request.names, decoded, protected,
-                                              record, cfg)
-            except asyncio.TimeoutError:
-                outcome = ("failed", errors.timed_out(self.limits.job_timeout_s))
-            except RequestError as exc:  # a rerun's photo no longer decodes
-                outcome = ("failed", f"invalid input: {exc.detail['error']}")
-            except Exception as exc:  # noqa: BLE001 - the job records a client-safe reason; the replica goes on
-                outcome = ("failed", errors.public_error(exc, state.job_id))
-            else:
-                outcome = ("done", (pngs, result))
+            status, detail = await self._attempt(state, request, decoded)
         finally:  # a cancelled runner (replica stopping) leaves the job pending: its lease runs out, another takes it
-            beat.cancel()
-        async with write:
-            if outcome[0] == "done":
-                pngs, result = outcome[1]
-                await self._io(self.store.finish, state, pngs, result.model_dump_json().encode())
-            else:
-                await self._io(self.store.fail, state, outcome[1])
+            stop.set()
+            await beat  # a write already in a worker thread lands before the final one, never after it
+        if status == "done":
+            pngs, result = detail
+            wrote = await self._io(self.store.finish, state, pngs, result.model_dump_json().encode(), self.tag)
+        else:
+            wrote = await self._io(self.store.fail, state, detail, self.tag)
+        if not wrote:
+            errors.log.warning("job %s: finished or taken over elsewhere; runner %s drops its %s outcome",
+                               state.job_id, self.tag, status)
+
+    async def _attempt(self, state: JobState, request: JobRequest, decoded: list[Any] | None) -> tuple[str, Any]:
+        """One run: ("done", (pngs, result)) or ("failed", a client-safe reason)."""
+        def on_progress(done: int, total: int) -> None:
+            state.steps_done, state.steps_total = done, total
+
+        try:
+            cfg = CaprayConfig.model_validate(request.config)
+            if decoded is None:  # a rerun: the photos come from the store
+                files = await self._io(self.store.inputs, state.job_id, len(request.names))
+                decoded = await self._io(decode_photos, files, request.names, self.limits)
+            protected, record = await self._protect_in_time([d.rgb for d in decoded], cfg, request.identity,
+                                                            on_progress)
+            pngs, result = await self._io(build_result, request.identity, request.names, decoded, protected,
+                                          record, cfg)
+        except JobTimeout as exc:
+            return "failed", str(exc)
+        except RequestError as exc:  # a rerun's photo no longer decodes
+            return "failed", f"invalid input: {exc.detail['error']}"
+        except Exception as exc:  # noqa: BLE001 - the job records a client-safe reason; the replica goes on
+            return "failed", errors.public_error(exc, state.job_id)
+        return "done", (pngs, result)
+
+    async def _protect_in_time(self, rgbs: list[Any], cfg: CaprayConfig, identity: str,
+                               on_progress: Callable[[int, int], None]) -> tuple[list[Any], Any]:
+        """The Protector call, failed `serve.job_timeout_s` after it started running, busy refusals retried.
+
+        The limit counts from the call's first progress event (the Protector sends one as the group gets
+        its device), so time queued behind other groups or waiting for replicas to scale up is not charged
+        to the run. Waiting to start is bounded by `serve.job_timeout_s` as well: a call refused for
+        backpressure (every queue full, replicas still starting) is retried with backoff until then.
+        """
+        limit = self.limits.job_timeout_s
+        start_by = time.monotonic() + limit
+        delay = BACKOFF_S
+        while True:
+            started: list[float] = []
+
+            def progress(done: int, total: int) -> None:
+                if not started:
+                    started.append(time.monotonic())
+                on_progress(done, total)
+
+            call = asyncio.ensure_future(self.protect(rgbs, cfg, identity, progress))
+            try:
+                return await _within(call, started, start_by, limit)
+            except Exception as exc:
+                if not errors.is_busy(exc) or time.monotonic() >= start_by:
+                    raise
+            finally:
+                if not call.done():  # timed out or cancelled: stop occupying the Protector's queue
+                    call.cancel()
+                    await asyncio.gather(call, return_exceptions=True)
+            errors.log.info("Protector busy; retrying in %.1f s", delay)
+            await asyncio.sleep(min(delay, max(start_by - time.monotonic(), 0.0)))  # the last try at start_by
+            delay = min(delay * 2, MAX_BACKOFF_S)
 
     # -- the sweep ------------------------------------------------------------------------------
     async def sweep(self) -> None:
@@ -120,15 +190,17 @@ class JobRunner:
     async def _adopt(self, state: JobState) -> None:
         if state.attempts >= self.limits.job_attempts:
             await self._io(self.store.fail, state, f"its runner was lost {state.attempts} time(s) (server restarts); "
-                                                   "not retried again")
+                                                   "not retried again", state.runner)
             return
         request = await self._io(self.store.request, state.job_id)
         if request is None:
-            await self._io(self.store.fail, state, "the job's request is missing from the store")
+            await self._io(self.store.fail, state, "the job's request is missing from the store", state.runner)
             return
+        previous = state.runner
         state.runner, state.attempts = self.tag, state.attempts + 1
         state.lease_until = time.time() + self.limits.job_lease_s
-        await self._io(self.store.put_state, state)
+        if not await self._io(self.store.put_state, state, previous):
+            return  # it finished, or another replica took it, since the sweep read it
         await asyncio.sleep(0.2)  # two replicas adopting at once: the last writer runs it, the other backs off
         current = await self._io(self.store.state, state.job_id)
         if current is not None and current.runner == self.tag and current.status == "pending":

@@ -113,27 +113,45 @@ class JobStore:
         raw = self._read(self._job(job_id, "status.json"))
         return JobState.model_validate_json(raw) if raw is not None else None
 
-    def put_state(self, state: JobState) -> None:
+    def held_by(self, job_id: str, runner: str | None) -> bool:
+        """Whether the stored job is still pending and held by `runner`: a finished job, or one another
+        replica took over, is not this runner's to write."""
+        current = self.state(job_id)
+        return current is not None and current.status == "pending" and current.runner == runner
+
+    def put_state(self, state: JobState, runner: str | None = None) -> bool:
+        """Write the status; with `runner`, only while `held_by(runner)` (False when skipped).
+
+        Read-then-write, not compare-and-swap (S3 has none here): it keeps a late heartbeat or a second
+        runner from rewriting a finished job, though two writes at the very same moment can still both land.
+        """
+        if runner is not None and not self.held_by(state.job_id, runner):
+            return False
         state.updated_at = self.clock()
         write_bytes_atomic(self.fs, self._job(state.job_id, "status.json"), state.model_dump_json().encode())
+        return True
 
-    def finish(self, state: JobState, pngs: list[bytes], summary: bytes) -> None:
-        """Results before the status that points at them; then the markers move."""
+    def finish(self, state: JobState, pngs: list[bytes], summary: bytes, runner: str | None = None) -> bool:
+        """Results before the status that points at them; then the markers move. `runner`: as in `put_state`."""
+        if runner is not None and not self.held_by(state.job_id, runner):
+            return False
         for i, png in enumerate(pngs):
             write_bytes_atomic(self.fs, self._job(state.job_id, "photos", f"{i}.png"), png)
         write_bytes_atomic(self.fs, self._job(state.job_id, "result.json"), summary)
-        self._close(state, "done", None)
+        return self._close(state, "done", None, runner)
 
-    def fail(self, state: JobState, error: str) -> None:
-        self._close(state, "failed", error)
+    def fail(self, state: JobState, error: str, runner: str | None = None) -> bool:
+        return self._close(state, "failed", error, runner)
 
-    def _close(self, state: JobState, status: str, error: str | None) -> None:
+    def _close(self, state: JobState, status: str, error: str | None, runner: str | None) -> bool:
         state.status, state.error, state.finished_at = status, error, self.clock()
         state.runner, state.lease_until = None, 0.0
-        self.put_state(state)
+        if not self.put_state(state, runner):
+            return False
         write_bytes_atomic(self.fs, join(self.root, "finished", f"{int(state.finished_at)}-{state.job_id}"), b"")
         self._remove(self._pending(state.job_id))
         self._remove(self._job(state.job_id, "input"), recursive=True)  # users' photos are kept no longer than needed
+        return True
 
     def result(self, job_id: str) -> bytes | None:
         return self._read(self._job(job_id, "result.json"))
