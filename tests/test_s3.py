@@ -90,3 +90,29 @@ def test_overlapping_s3_output_is_refused(s3):
     with pytest.raises(UsageError, match="overlaps"):
         make_plan("s3://photos/lib2", "s3://photos/lib2/out", cfg(options))
     assert not fs.exists("photos/lib2/out")
+
+
+def test_the_input_root_is_probed_with_one_small_listing_and_not_cached(moto_s3, monkeypatch):
+    from capray.batch.plan import _check_input
+    from capray.io.storage import get_fs
+
+    options = moto_s3.bucket("probe")
+    fs, _ = get_fs("s3://probe/lib", options)  # the instance plan's get_fs returns too (fsspec's cache)
+    for i in range(3):
+        fs.pipe(f"probe/lib/id{i}/1.png", b"x")
+    fs.pipe("probe/file.txt", b"x")
+    calls, real = [], fs._call_s3
+
+    async def spy(method, *args, **kwargs):
+        calls.append((method, kwargs.get("MaxKeys")))
+        return await real(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call_s3", spy)
+    assert _check_input("s3://probe/lib", "s3://probe/out", options) == ("folder", [])
+    assert calls == [("list_objects_v2", 1)], "ROOT must not be listed on the driver"
+    assert "probe/lib" not in fs.dircache and "probe" not in fs.dircache
+    for missing in ("s3://probe/nothing", "s3://probe/file.txt", "s3://no-such-bucket/lib"):
+        calls.clear()
+        with pytest.raises(FileNotFoundError, match="neither a folder"):
+            _check_input(missing, "s3://probe/out", options)
+        assert len(calls) == 1

@@ -17,7 +17,7 @@ from typing import Any
 from capray import __version__
 from capray.config import CaprayConfig
 from capray.io import manifest
-from capray.io.discover import MANIFEST_SUFFIXES, is_manifest, manifest_files
+from capray.io.discover import MANIFEST_SUFFIXES, is_folder, is_manifest, manifest_files
 from capray.io.storage import get_fs, inside, join, normalize_uri, overlaps, redact, remove_stale_temps, write_bytes_atomic
 
 RUN_FILE = "run.json"
@@ -62,7 +62,7 @@ def _check_input(input_uri: str, output_uri: str, so: dict[str, Any]) -> tuple[s
             if inside(uri, output_uri):
                 raise UsageError(f"the input manifest {uri} lies inside OUTPUT {output_uri}")
         return "manifest", uris
-    if not fs.isdir(path):
+    if not is_folder(fs, path):  # not `fs.isdir`: on S3 that lists the whole ROOT here, on the driver
         raise FileNotFoundError(f"input {input_uri} is neither a folder/prefix nor a manifest "
                                 f"({', '.join(MANIFEST_SUFFIXES)})")
     if overlaps(input_uri, output_uri):
