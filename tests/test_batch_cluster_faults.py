@@ -323,6 +323,55 @@ def test_transient_errors_are_told_apart_from_missing_or_forbidden_files():
     assert not is_transient(ValueError("not an image"))
 
 
+def test_a_forbidden_photo_is_a_transient_failure_a_missing_one_an_input_failure(tmp_path, monkeypatch):
+    from capray.batch import stages
+
+    copy_samples(tmp_path, "coffee")
+    photo, cfg = str(tmp_path / "coffee" / "coffee_1.png"), cheap_config()
+    missing = stages.decode_group({"identity": "a", "uris": [str(tmp_path / "gone.png")], "problem": None}, cfg)
+    assert missing["failure"] == "input"
+
+    def forbidden(fs, path, max_bytes):
+        raise PermissionError(13, "AccessDenied (KMS key not usable by this role)")
+
+    monkeypatch.setattr(stages, "read_bytes", forbidden)  # an IAM/KMS mistake refuses every photo alike
+    denied = stages.decode_group({"identity": "a", "uris": [photo], "problem": None}, cfg)
+    assert denied["failure"] == "transient" and "AccessDenied" in denied["error"]  # a rerun retries it
+
+
+def _failed_row(prev_outputs):
+    return {"identity": "a", "safe": "a", "uris": [], "stems": [], "error": "identity has no photos",
+            "failure": "input", "stamps": [], "prev_stamps": [f"s{i}" for i in range(len(prev_outputs))],
+            "prev_outputs": prev_outputs, "prev_known": True}
+
+
+def test_a_failed_row_carries_the_model_notes_like_an_ok_one(tmp_path):
+    from capray.batch.stages import write_group
+    from capray.io.manifest import ManifestRow
+
+    cfg = cheap_config()
+    assert cfg.model.notes, "the smoke preset's tiny model has a note"
+    written = write_group(_failed_row([]), cfg, str(tmp_path / "out"))
+    row = ManifestRow.model_validate_json(written["row"])
+    assert row.status == "failed" and row.notes == list(cfg.model.notes)
+
+
+def test_removing_stale_outputs_never_touches_files_outside_output(tmp_path, capsys):
+    from capray.batch.stages import write_group
+    from capray.io.manifest import ManifestRow
+
+    out, old = tmp_path / "out", tmp_path / "old-out"  # the state was written when OUTPUT was old-out
+    for folder in (out, old):
+        (folder / "a").mkdir(parents=True)
+        (folder / "a" / "0.png").write_bytes(b"png")
+    inside, outside = str(out / "a" / "0.png"), str(old / "a" / "0.png")
+    written = write_group(_failed_row([inside, outside]), cheap_config(), str(out))
+    assert not (out / "a" / "0.png").exists() and (old / "a" / "0.png").exists()
+    assert ManifestRow.model_validate_json(written["row"]).removed_output_uris == [inside]
+    assert written["published"] == []
+    assert f"not removing {outside}" in capsys.readouterr().err
+
+
 FLAKY_FS = r'''
 """Local files behind a store whose connections reset (in Ray workers only)."""
 import os

@@ -38,6 +38,7 @@ from capray.io.images import BadImage, decode_image, encode_png
 from capray.io.storage import (
     TransientStorageError,
     get_fs,
+    inside,
     is_transient,
     join,
     read_bytes,
@@ -87,7 +88,9 @@ def short_error(exc: BaseException) -> str:
 
 # An unreadable photo is the input's fault when the file is gone or not a file; other OSErrors
 # (timeouts, throttling, connection resets) are the infrastructure's, and the next run retries them.
-INPUT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+# So is a refused read (PermissionError): an IAM policy or KMS key misconfigured for the job refuses
+# every photo alike, and once it is fixed a rerun must retry them, not skip them as failed for good.
+INPUT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 def guarded(stage, row: dict[str, Any], *args) -> dict[str, Any]:
@@ -272,10 +275,18 @@ def _watchdog(timeout_s: float, on_timeout):
 
 # -- stage 3: encode + write (per identity), then commit (many identities per record file) ----------------
 
-def remove_outputs(uris: list[str], storage_options: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Delete earlier outputs whose source is gone or changed; returns (removed, still there)."""
+def remove_outputs(uris: list[str], output: str, storage_options: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Delete earlier outputs whose source is gone or changed; returns (removed, still there).
+
+    The URIs come from the saved state, which names OUTPUT as it was when they were written: after
+    OUTPUT is copied or moved they point at the old place. Only files inside this OUTPUT are
+    deleted; any other is left alone, said on stderr and no longer counted as published here."""
     removed, kept = [], []
     for uri in uris:
+        if not inside(uri, output):
+            print(f"capray: not removing {uri}: the saved state names it but it is outside OUTPUT {output}",
+                  file=sys.stderr)
+            continue
         fs, path = get_fs(uri, storage_options)
         try:
             fs.rm_file(path)
@@ -303,8 +314,9 @@ def _published_after(row: dict[str, Any], uris: list[str], ok: bool) -> list[tup
 def write_group(row: dict[str, Any], cfg, output: str) -> dict[str, Any]:
     """Write the identity's PNGs and remove outputs whose source is gone; returns its uncommitted row."""
     so = cfg.batch.storage_options
+    # a group the engine never saw gets the run's fields and notes (the tiny model's label) all the same
     record = (ProtectionRecord.model_validate_json(row["record"]) if row.get("record")
-              else ProtectionRecord(**RunInfo.of(cfg).run_fields()))  # the engine never saw this group
+              else ProtectionRecord(**RunInfo.of(cfg).run_fields(), notes=list(cfg.model.notes)))
     error, failure, uris = row.get("error"), row.get("failure"), []
     if not error:
         try:
@@ -324,7 +336,7 @@ def write_group(row: dict[str, Any], cfg, output: str) -> dict[str, Any]:
             error, failure, uris = f"writing outputs failed: {short_error(exc)}", manifest.FAILURE_TRANSIENT, []
     published = _published_after(row, uris, ok=not error)
     keep = {uri for _, uri in published}
-    removed, kept = remove_outputs([u for u in row.get("prev_outputs") or [] if u not in keep], so)
+    removed, kept = remove_outputs([u for u in row.get("prev_outputs") or [] if u not in keep], output, so)
     published += [(stamp, uri) for stamp, uri in zip(row.get("prev_stamps") or [], row.get("prev_outputs") or [])
                   if uri in kept]
     out = manifest.ManifestRow(
