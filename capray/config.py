@@ -218,6 +218,8 @@ class ServeConfig(_Strict):
     job_attempts: int = Field(2, ge=1, description="runs of one job (first + reruns after a lost runner)")
     # -- request limits, checked before the work they prevent ------------------------------------
     max_request_bytes: int = Field(100_000_000, ge=1, description="body size; larger is refused (413) while it streams")
+    max_uploads_in_flight: int = Field(8, ge=1, description="request bodies one ingress replica reads at once (each "
+                                       "up to max_request_bytes in memory); more are refused (503 + Retry-After)")
     max_photos: int = Field(16, ge=1)
     max_photo_bytes: int = Field(20_000_000, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, description="per photo (decompression-bomb guard)")

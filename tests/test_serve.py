@@ -243,6 +243,58 @@ def test_the_api_serves_no_unauthenticated_openapi_or_docs_pages():
     assert "/v1/protect" in api.openapi()["paths"]  # the schema is still there for in-process use
 
 
+def test_uploads_in_flight_are_bounded_per_replica_before_the_body_is_read(tmp_path):
+    """Pending jobs do not count bodies still streaming in: a full replica refuses the next upload at once."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from capray.config import load_config
+    from capray.serve.app import Ingress
+    from capray.serve.limits import RequestError, UploadSlots
+    from capray.serve.store import JobStore
+
+    cfg = load_config(preset="smoke",
+                      overrides={"serve": {"store": str(tmp_path / "store"), "max_uploads_in_flight": 2}})
+    replica = SimpleNamespace(config=cfg, store=JobStore(cfg.serve.store), sync_in_flight=0,
+                              uploads=UploadSlots(cfg.serve.max_uploads_in_flight))
+    admitted = Ingress.func_or_class._admitted
+    good = json_body([base64.b64encode(_png(PHOTOS[0])).decode()])
+
+    def upload(body: bytes, gate: asyncio.Event) -> Request:
+        """A request whose body arrives when `gate` opens (a slow 100 MB upload)."""
+        async def receive() -> dict:
+            await gate.wait()
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return Request({"type": "http", "method": "POST", "path": "/v1/protect", "query_string": b"",
+                        "headers": [(b"content-type", b"application/json")]}, receive)
+
+    async def admit(request: Request) -> int:
+        async with admitted(replica, request) as (sub, _, decoded):
+            return len(decoded)
+
+    async def scenario():
+        gate = asyncio.Event()
+        slow = [asyncio.create_task(admit(upload(good, gate))) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert replica.uploads.used == 2
+        with pytest.raises(RequestError) as info:  # its body never comes: it must not be waited for
+            await asyncio.wait_for(admit(upload(good, asyncio.Event())), 2)
+        assert info.value.status == 503 and info.value.headers["Retry-After"]
+        assert "serve.max_uploads_in_flight" in info.value.detail["error"]
+        gate.set()
+        assert await asyncio.gather(*slow) == [1, 1] and replica.uploads.used == 0
+        opened = asyncio.Event()
+        opened.set()
+        with pytest.raises(RequestError) as info:  # a refused body gives its slot back
+            await admit(upload(b"{not json", opened))
+        assert info.value.status == 422 and replica.uploads.used == 0
+        assert await admit(upload(good, opened)) == 1
+
+    asyncio.run(scenario())
+
+
 # -- the job store and runner without Ray ---------------------------------------------------------------
 
 def _record(n: int):

@@ -26,6 +26,7 @@ renders the Serve YAML for `serve deploy` / a KubeRay RayService from the same s
 
 import asyncio
 import base64
+import contextlib
 import time
 import uuid
 from typing import Any, Literal
@@ -41,7 +42,7 @@ from capray.config import CaprayConfig, ServeConfig, ShardingConfig, load_config
 from capray.distributed.pool import ScoringPool
 from capray.serve import errors
 from capray.serve.auth import AuthError, KeyRing, check_exposure
-from capray.serve.limits import RequestError, check_pixels, effective_config
+from capray.serve.limits import RequestError, UploadSlots, check_pixels, effective_config
 from capray.serve.requests import decode_photos, read_submission
 from capray.serve.results import build_result, result_zip
 from capray.serve.runner import JobRunner
@@ -188,6 +189,7 @@ class Ingress:
         self.store = JobStore(s.store, s.store_options)
         self.runner = JobRunner(self.store, self.config, self._protect, self.tag)
         self.sync_in_flight = 0
+        self.uploads = UploadSlots(s.max_uploads_in_flight)
         self.finished = Counter("capray_serve_groups_total", description="protection requests finished, by outcome",
                                 tag_keys=("outcome",))
         self.sweeper = asyncio.get_running_loop().create_task(self.runner.sweep_forever())
@@ -204,16 +206,22 @@ class Ingress:
     def _caller(self, request: Request) -> str:
         return self.keys.authenticate(request.headers.get("authorization"))
 
-    async def _admit(self, request: Request):
-        """Capacity first (nothing read yet), then the body, the overrides, the pixel budget, the decode."""
-        pending = len(await asyncio.to_thread(self.store.pending_ids)) + self.sync_in_flight
+    @contextlib.asynccontextmanager
+    async def _admitted(self, request: Request):
+        """Capacity first (nothing read yet), then the body, the overrides, the pixel budget, the decode.
+
+        All of it, and whatever the caller does inside (storing the job), holds one of this replica's
+        upload slots (`serve.max_uploads_in_flight`): the body is in memory until then.
+        """
+        pending = len(await asyncio.to_thread(self.store.pending_ids)) + self.sync_in_flight + self.uploads.used
         if pending >= self.config.serve.capacity:
             raise RequestError(503, "server busy: too many pending jobs, retry later", headers={"Retry-After": "30"})
-        sub = await read_submission(request, self.config.serve)
-        cfg = effective_config(self.config, sub.config)
-        check_pixels(sub.files, self.config.serve)
-        decoded = await asyncio.to_thread(decode_photos, sub.files, sub.names, self.config.serve)
-        return sub, cfg, decoded
+        with self.uploads.take():
+            sub = await read_submission(request, self.config.serve)
+            cfg = effective_config(self.config, sub.config)
+            check_pixels(sub.files, self.config.serve)
+            decoded = await asyncio.to_thread(decode_photos, sub.files, sub.names, self.config.serve)
+            yield sub, cfg, decoded
 
     async def _owned(self, request: Request, job_id: str) -> JobState:
         owner = self._caller(request)
@@ -238,8 +246,8 @@ class Ingress:
     @api.post("/v1/protect", status_code=202, response_model=JobAccepted, openapi_extra=BODY_DOC)
     async def submit(self, request: Request, response: Response) -> JobAccepted:
         owner = self._caller(request)
-        sub, cfg, decoded = await self._admit(request)
-        state = await self.runner.submit(sub, decoded, cfg, owner)
+        async with self._admitted(request) as (sub, cfg, decoded):
+            state = await self.runner.submit(sub, decoded, cfg, owner)
         response.headers[REPLICA_HEADER] = self.tag
         return JobAccepted(job_id=state.job_id, status="pending",
                            status_url=str(request.url_for("job_status", job_id=state.job_id)))
@@ -276,8 +284,8 @@ class Ingress:
     @api.post("/v1/protect:sync", response_model=ProtectResult, openapi_extra=BODY_DOC)
     async def protect_sync(self, request: Request) -> ProtectResult:
         self._caller(request)
-        sub, cfg, decoded = await self._admit(request)
-        self.sync_in_flight += 1
+        async with self._admitted(request) as (sub, cfg, decoded):
+            self.sync_in_flight += 1  # from here on it counts as a pending job
         try:
             protected, record = await asyncio.wait_for(
                 self._protect([d.rgb for d in decoded], cfg, sub.identity, lambda *_: None),

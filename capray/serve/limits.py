@@ -1,14 +1,15 @@
 """Limits enforced before the work they prevent: body bytes, pixels, and what a request's overrides may cost.
 
-Order matters and is the route's: capacity (nothing read yet) → body bytes while they stream in →
-override policy (nothing decoded yet) → total pixels from the image headers → decode. Each refusal is
-a `RequestError` with a stable, short message naming the limit.
+Order matters and is the route's: capacity and uploads in flight (nothing read yet) → body bytes
+while they stream in → override policy (nothing decoded yet) → total pixels from the image headers →
+decode. Each refusal is a `RequestError` with a stable, short message naming the limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 from pydantic import ValidationError
 
@@ -23,6 +24,28 @@ class RequestError(Exception):
         self.status = status
         self.headers = headers
         self.detail = {"error": message, **context}
+
+
+# -- uploads in flight --------------------------------------------------------------------------
+
+class UploadSlots:
+    """A per-replica bound on request bodies being read: the pending-job count cannot see them, so without
+    it many parallel 100 MB uploads could all stream into one replica's memory. Full means 503, not a wait
+    (a waiting upload still holds its connection, and the client knows best when to retry)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[None]:
+        if self.used >= self.limit:  # no await between the check and the count: one event loop, no race
+            raise RequestError(503, f"server busy: {self.limit} uploads in progress on this replica, retry later "
+                                    "(serve.max_uploads_in_flight)", headers={"Retry-After": "5"})
+        self.used += 1
+        try:
+            yield
+        finally:
+            self.used -= 1
 
 
 # -- bytes --------------------------------------------------------------------------------------
