@@ -222,3 +222,29 @@ def test_a_compaction_that_loses_a_bucket_keeps_every_file_and_row(ray_cluster, 
         compaction.compact(str(out), cfg)
     assert {p.name: p.read_bytes() for p in (out / "manifest").glob("*.parquet")} == before
     assert sorted(rows(out)) == [f"id{i}" for i in range(7)]
+
+
+def test_manifest_compact_takes_the_output_lease(ray_cluster, tmp_path, capsys):
+    import argparse
+
+    from capray.attack.api import RunInfo
+    from capray.batch import manifest_command
+    from capray.batch.lease import acquire
+    from capray.io import manifest
+
+    out, cfg = tmp_path / "out", config()
+    for k in range(2):
+        manifest.write_records(str(out), "run", [manifest.ManifestRow(
+            **RunInfo.of(cfg).run_fields(), identity=f"id{k}", safe_name=f"id{k}", status="ok")], {})
+    parser = argparse.ArgumentParser()
+    manifest_command.add_arguments(parser)
+    args = parser.parse_args(["compact", str(out), "--preset", "smoke", "--model", "tiny"])
+    holder = acquire(str(out), ttl_s=600)  # a protect job still writing there
+    before = sorted(p.name for p in (out / "manifest").glob("*.parquet"))
+    assert manifest_command.run(args) == 2
+    assert "in use by another capray job" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "manifest").glob("*.parquet")) == before
+    holder.release()
+    assert manifest_command.run(args) == 0
+    assert len(list((out / "manifest").glob("*.parquet"))) == 1 and sorted(rows(out)) == ["id0", "id1"]
+    assert not (out / ".capray-lease.json").exists()

@@ -1,14 +1,17 @@
 """`capray manifest compact OUT`: rewrite OUT/manifest/ as a few files with one row per identity.
 
 Every `capray protect` run compacts at its end (`batch.compact_at_end`); run this after a run that
-was stopped early, or with a different `batch.manifest_rows_per_file`. Safe to repeat. Do not run it
-while a `capray protect` on the same OUTPUT is still writing.
-Exit codes: 0 compacted (or nothing to compact); 2 usage or configuration error.
+was stopped early, or with a different `batch.manifest_rows_per_file`. Safe to repeat. It takes
+OUTPUT's lease as `capray protect` does, so it never runs beside a job still writing there.
+Exit codes: 0 compacted (or nothing to compact); 1 the compaction stopped (every file is kept; rerun
+it); 2 usage or configuration error, or OUTPUT's lease is held by another live job.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 
 
@@ -19,26 +22,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from capray.cli import add_config_options
 
     add_config_options(compact, set_example="batch.manifest_rows_per_file=50000")
+    compact.add_argument("--force-unlock", action="store_true",
+                         help="take over OUTPUT's lease even if a job seems to hold it (only when you know "
+                              "that job is dead)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from capray.batch.command import EXIT_OK, EXIT_USAGE
+    from capray.batch import lease
     from capray.batch.compact import compact
+    from capray.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_from_args, describe, expected_errors, report
     from capray.cluster import connect_ray
-    from capray.config import load_config, parse_set
     from capray.io.storage import normalize_uri
 
     try:
-        cfg = load_config(args.config, preset=args.preset, overrides=parse_set(args.set))
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"capray manifest: configuration error: {exc}", file=sys.stderr)
+        cfg = config_from_args(args)  # the one precedence rule, `--model` included
+    except expected_errors() as exc:
+        report("manifest", args, f"configuration error: {describe(exc)}", exc)
         return EXIT_USAGE
-    started = connect_ray(args.address)
+    output = normalize_uri(args.output)
+    created_dir = "://" not in output and not os.path.exists(output)  # the lease would create it
     try:
-        result = compact(normalize_uri(args.output), cfg)
+        held = lease.acquire(output, cfg.batch.lease_ttl_s, cfg.batch.storage_options, force=args.force_unlock)
+    except lease.LeaseHeld as exc:
+        report("manifest", args, describe(exc), exc)
+        return EXIT_USAGE
+    started = False
+    try:
+        started = connect_ray(args.address)
+        result = compact(output, cfg)
+    except Exception as exc:  # the files read are deleted only after every row is in the new ones
+        report("manifest", args, f"compaction stopped: {type(exc).__name__}: {describe(exc)}; no row was lost, "
+               "run it again", exc)
+        return EXIT_FAILED
     finally:
+        held.release()
+        if created_dir:
+            shutil.rmtree(output, ignore_errors=True)
         if started:
             import ray
 
