@@ -51,9 +51,9 @@ class PassThroughActor(ProtectActor):
         return None
 
     def run_engine(self, rgbs, identity):
-        from capray.attack.api import ProtectionRecord, RunInfo
+        from capray.attack.api import ProtectionRecord
 
-        return rgbs, ProtectionRecord(**RunInfo.of(self.cfg).run_fields())
+        return rgbs, ProtectionRecord.unprotected(self.cfg, identity)
 
 
 def png(rng, size: int = 12) -> bytes:

@@ -97,7 +97,7 @@ class Replaced(BaseException):
 
 def fake_actor(cfg, engine):
     """A ProtectActor without models whose engine is `engine(identity)`; `end_process` raises Replaced."""
-    from capray.attack.api import ProtectionRecord, RunInfo
+    from capray.attack.api import ProtectionRecord
     from capray.batch.stages import ProtectActor
 
     class Actor(ProtectActor):
@@ -106,7 +106,7 @@ def fake_actor(cfg, engine):
 
         def run_engine(self, rgbs, identity):
             engine(identity)
-            return [a + 1 for a in rgbs], ProtectionRecord(**RunInfo.of(cfg).run_fields())
+            return [a + 1 for a in rgbs], ProtectionRecord.unprotected(cfg, identity)
 
         def end_process(self, reason):
             raise Replaced(reason)

@@ -31,11 +31,11 @@ class StandIn(ProtectActor):
         return None
 
     def run_engine(self, rgbs, identity):
-        from capray.attack.api import ProtectionRecord, RunInfo
+        from capray.attack.api import ProtectionRecord
 
         if identity == FLAKY:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return [(a + 1).astype(np.uint8) for a in rgbs], ProtectionRecord(**RunInfo.of(self.cfg).run_fields())
+        return [(a + 1).astype(np.uint8) for a in rgbs], ProtectionRecord.unprotected(self.cfg, identity)
 
 
 @pytest.fixture(autouse=True)

@@ -309,25 +309,43 @@ def test_state_decides_what_is_done(tmp_path):
     assert pq.read_table(tmp_path / "manifest").num_rows == 1  # readers skip the `_state` folder
 
 
-def test_every_record_field_is_a_manifest_column_and_in_the_serve_response():
-    """The record is defined once (ProtectionRecord); the manifest and Serve's response derive from it."""
+# The manifest columns users rely on (architecture contract), written out independently of the models.
+CONTRACT_COLUMNS = {
+    "identity": pa.string(), "status": pa.string(), "error": pa.string(), "input_uris": pa.list_(pa.string()),
+    "output_uris": pa.list_(pa.string()), "method": pa.string(), "cap_enabled": pa.bool_(),
+    "lambda_schedule": pa.list_(pa.float64()), "loss_trajectory": pa.list_(pa.float64()),
+    "linf_255": pa.list_(pa.float64()), "psnr": pa.list_(pa.float64()), "ssim": pa.list_(pa.float64()),
+    "seconds": pa.float64(), "config_hash": pa.string(), "model_id": pa.string(), "seed": pa.int64(),
+    "capray_version": pa.string(),
+}
+
+
+def test_the_manifest_has_the_contract_columns_with_their_types():
+    assert {name: manifest.SCHEMA.field(name).type for name in CONTRACT_COLUMNS} == CONTRACT_COLUMNS
+    assert manifest.SCHEMA.names[:4] == ["identity", "safe_name", "status", "error"]
+
+
+def test_every_record_field_is_declared_once_and_reaches_the_manifest_and_serve():
+    """ProtectionRecord declares the record; the manifest row and Serve's result extend it, never re-declare."""
     from capray.attack.api import ProtectionRecord
+    from capray.batch.stages import SUMMARY_SCHEMA
     from capray.serve.schemas import ProtectResult
 
     record_fields = set(ProtectionRecord.model_fields)
+    for extension in (manifest.ManifestRow, ProtectResult):
+        assert not record_fields & set(extension.__annotations__), extension  # own fields only
+        assert record_fields <= set(extension.model_fields)
     assert record_fields <= set(manifest.SCHEMA.names)
-    assert set(manifest.SCHEMA.names) == set(manifest.ManifestRow.model_fields)
-    assert record_fields <= set(ProtectResult.model_fields)
-    assert manifest.SCHEMA.field("lambda_schedule").type == pa.list_(pa.float64())
-    assert manifest.SCHEMA.field("cap_enabled").type == pa.bool_()
+    shared = [n for n in SUMMARY_SCHEMA.names if n in manifest.SCHEMA.names]
+    assert all(SUMMARY_SCHEMA.field(n).type == manifest.SCHEMA.field(n).type for n in shared) and len(shared) == 7
 
 
 def test_a_record_round_trips_through_a_commit_file(tmp_path):
     from capray.attack.api import ProtectionRecord
 
-    record = ProtectionRecord(method="aspl", config_hash="h", model_id="tiny", seed=3, cap_enabled=True,
+    record = ProtectionRecord(identity="x y", method="aspl", config_hash="h", model_id="tiny", seed=3, cap_enabled=True,
                               lambda_schedule=[None, 4.0], linf_255=[3.0, 2.0], psnr=[None, 41.5], notes=["n"])
-    r = manifest.ManifestRow(**record.model_dump(), identity="x y", safe_name="x_y", status="ok",
+    r = manifest.ManifestRow(**record.model_dump(), safe_name="x_y", status="ok",
                              input_uris=["a.png", "b.png"], input_fingerprint="f", removed_output_uris=["o.png"])
     manifest.write_records(str(tmp_path), "run", [r], None)
     (back,) = manifest.read_manifest(str(tmp_path)).to_pylist()

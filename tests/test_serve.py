@@ -297,10 +297,11 @@ def test_uploads_in_flight_are_bounded_per_replica_before_the_body_is_read(tmp_p
 
 # -- the job store and runner without Ray ---------------------------------------------------------------
 
-def _record(n: int):
+def _record(n: int, identity: str = "alice"):
     from capray.attack.api import ProtectionRecord
 
-    return ProtectionRecord(method="aspl", config_hash="h", model_id="tiny", seed=0, cap_enabled=True,
+    return ProtectionRecord(identity=identity, method="aspl", config_hash="h", model_id="tiny", seed=0,
+                            cap_enabled=True,
                             linf_255=[1.0] * n, linf_255_max=1.0, psnr=[50.0] * n, ssim=[0.99] * n)
 
 
@@ -327,7 +328,7 @@ async def _invert(rgbs, cfg, identity, on_progress):
     on_progress(1, 2)
     await asyncio.sleep(0)
     on_progress(2, 2)
-    return [255 - a for a in rgbs], _record(len(rgbs))
+    return [255 - a for a in rgbs], _record(len(rgbs), identity)
 
 
 async def _until_settled(runner, job_id, timeout=10.0):
@@ -499,7 +500,7 @@ def test_a_heartbeat_write_in_flight_lands_before_the_final_one_never_after(tmp_
         on_progress(0, 2)
         while not in_flight.is_set():
             await asyncio.sleep(0.01)
-        return [255 - a for a in rgbs], _record(len(rgbs))
+        return [255 - a for a in rgbs], _record(len(rgbs), identity)
 
     async def scenario():
         from capray.serve.requests import decode_photos
@@ -540,7 +541,7 @@ def test_a_runner_whose_job_was_taken_over_writes_nothing_more(tmp_path):
         async def protect(rgbs, cfg, identity, on_progress):
             on_progress(0, 2)
             await go.wait()
-            return [255 - a for a in rgbs], _record(len(rgbs))
+            return [255 - a for a in rgbs], _record(len(rgbs), identity)
 
         runner, store, cfg = _runner(tmp_path, protect, job_lease_s=0.3)
         sub = _submission()
@@ -654,7 +655,7 @@ def test_a_cancelled_protector_call_keeps_the_device_until_the_engine_really_sto
         started.set()
         progress(1, 4)
         release.wait(10)
-        return [255 - a for a in rgbs], _record(len(rgbs))
+        return [255 - a for a in rgbs], _record(len(rgbs), identity)
 
     monkeypatch.setattr(capray.attack.api, "protect_arrays", engine)
     cfg = load_config(preset="smoke")

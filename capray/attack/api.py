@@ -39,9 +39,10 @@ class ProtectionRecord(RunInfo):
     """What the engine reports for one protected group.
 
     The engine's own outcome fields are optional only so that rows of groups the engine never saw
-    (a failed decode) can share this model; `protect_arrays` always fills them.
+    (a failed decode) can share this model (`unprotected`); `protect_arrays` always fills them.
     """
 
+    identity: str = Field(description="the group's identity, as named in the input (not the folder name)")
     cap_enabled: bool | None = Field(None, description="CAP ran (False for one-photo groups or cap.enabled=false)")
     lambda_schedule: list[float | None] | None = Field(None, description="λ per PGD step (null before k̂)")
     loss_trajectory: list[float] | None = Field(None, description="L_re per PGD step")
@@ -56,6 +57,11 @@ class ProtectionRecord(RunInfo):
     surrogate_mode: str | None = Field(None, description="how the surrogate's weights were kept, e.g. fp32-master")
     notes: list[str] = Field(default_factory=list)
     engine_seconds: float | None = None
+
+    @classmethod
+    def unprotected(cls, cfg: Any, identity: str) -> "ProtectionRecord":
+        """The record of a group the engine never ran on: the run's fields and the model's notes only."""
+        return cls(**RunInfo.of(cfg).run_fields(), identity=identity, notes=list(cfg.model.notes))
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -82,6 +88,7 @@ def protect_arrays(rgbs: list[Any], cfg: Any, identity: str, models: Any,
     linf = [m["linf_255"] for m in result.metrics]
     record = ProtectionRecord(
         **RunInfo.of(cfg).run_fields(),
+        identity=identity,
         cap_enabled=bool(result.cap_enabled),
         lambda_schedule=[_finite_or_none(r) for r in result.lambda_schedule],
         loss_trajectory=[float(v) for v in result.loss_trajectory],

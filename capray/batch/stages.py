@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from capray.attack.api import ProtectionRecord, RunInfo
+from capray.attack.api import ProtectionRecord
 from capray.io import manifest
 from capray.io.allowlist import uri_problem
 from capray.io.images import BadImage, decode_image, encode_png
@@ -65,9 +65,9 @@ WRITTEN_SCHEMA = pa.schema([
     ("prev_known", pa.bool_()),
 ])
 SUMMARY_SCHEMA = pa.schema([
-    ("identity", pa.string()), ("status", pa.string()), ("failure_class", pa.string()), ("error", pa.string()),
-    ("seconds", pa.float64()),
-    ("engine_seconds", pa.float64()), ("pgd_steps", pa.int32()), ("lambdas", pa.list_(pa.float64())),
+    *(manifest.SCHEMA.field(name) for name in
+      ("identity", "status", "failure_class", "error", "seconds", "engine_seconds", "pgd_steps")),
+    ("lambdas", manifest.SCHEMA.field("lambda_schedule").type),  # the chosen λ only (no nulls before k̂)
     ("committed", pa.bool_()),  # False: the row or state could not be committed; the driver names it
 ])
 
@@ -316,7 +316,7 @@ def write_group(row: dict[str, Any], cfg, output: str) -> dict[str, Any]:
     so = cfg.batch.storage_options
     # a group the engine never saw gets the run's fields and notes (the tiny model's label) all the same
     record = (ProtectionRecord.model_validate_json(row["record"]) if row.get("record")
-              else ProtectionRecord(**RunInfo.of(cfg).run_fields(), notes=list(cfg.model.notes)))
+              else ProtectionRecord.unprotected(cfg, row["identity"]))
     error, failure, uris = row.get("error"), row.get("failure"), []
     if not error:
         try:
@@ -342,7 +342,7 @@ def write_group(row: dict[str, Any], cfg, output: str) -> dict[str, Any]:
     out = manifest.ManifestRow(
         **record.model_dump(exclude={"notes"}),
         notes=list(record.notes) + list(row.get("photo_notes") or []),
-        identity=row["identity"], safe_name=row["safe"], input_uris=row["uris"] or [],
+        safe_name=row["safe"], input_uris=row["uris"] or [],
         num_photos=len(row["uris"] or []), attempts=row.get("attempts"),
         status=manifest.STATUS_FAILED if error else manifest.STATUS_OK, error=error, output_uris=uris,
         failure_class=(failure or manifest.FAILURE_TRANSIENT) if error else None,

@@ -39,15 +39,16 @@ MANIFEST_DIR = "manifest"
 STATE_DIR = "_state"
 STATUS_OK, STATUS_FAILED = "ok", "failed"
 FAILURE_INPUT, FAILURE_TRANSIENT = "input", "transient"
+Status = Literal["ok", "failed"]
+FailureClass = Literal["input", "transient"]
 PART_PREFIX, COMPACT_PREFIX = "part-", "compact-"
 
 
 class ManifestRow(ProtectionRecord):
     """One identity's row: the engine's `ProtectionRecord` plus what the batch job adds around it."""
 
-    identity: str
     safe_name: str = Field(description="the identity's output folder name")
-    status: Literal["ok", "failed"]
+    status: Status
     error: str | None = None
     input_uris: list[str] = Field(default_factory=list)
     output_uris: list[str] = Field(default_factory=list)
@@ -55,7 +56,7 @@ class ManifestRow(ProtectionRecord):
     seconds: float | None = Field(None, description="decode to commit")
     attempts: int | None = None
     finished_at: str | None = Field(None, description="UTC, microseconds: the latest row of an identity wins")
-    failure_class: Literal["input", "transient"] | None = Field(
+    failure_class: FailureClass | None = Field(
         None, description="input: the photos/name are at fault, not retried until the input changes; "
                           "transient: engine or infrastructure, retried by the next run")
     input_fingerprint: str | None = Field(None, description="digest of input URIs, sizes and ETags/mtimes")
@@ -67,8 +68,8 @@ class IdentityState(BaseModel):
     """What the done-check needs about an identity's last commit (`OUT/manifest/_state/<safe>.json`)."""
 
     identity: str
-    status: Literal["ok", "failed"]
-    failure_class: Literal["input", "transient"] | None = None
+    status: Status
+    failure_class: FailureClass | None = None
     fingerprint: str | None = None
     published: list[tuple[str, str]] = Field(
         default_factory=list, description="(input photo stamp uri|size|version, output URI) of what is published")

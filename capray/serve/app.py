@@ -298,7 +298,7 @@ class Ingress:
             raise RequestError(status, message, headers={"Retry-After": "30"} if status == 503 else None) from None
         finally:
             self.sync_in_flight -= 1
-        pngs, result = await asyncio.to_thread(build_result, sub.identity, sub.names, decoded, protected, record, cfg)
+        pngs, result = await asyncio.to_thread(build_result, sub.names, decoded, protected, record, cfg)
         for photo, png in zip(result.photos, pngs):
             photo.png = base64.b64encode(png).decode("ascii")
         return result

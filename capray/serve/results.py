@@ -13,7 +13,7 @@ from capray.config import CaprayConfig
 from capray.serve.schemas import PhotoOut, ProtectResult
 
 
-def build_result(identity: str, names: list[str | None], decoded: list[Any], protected: list[Any],
+def build_result(names: list[str | None], decoded: list[Any], protected: list[Any],
                  record: ProtectionRecord, cfg: CaprayConfig) -> tuple[list[bytes], ProtectResult]:
     """(PNG bytes per photo, the result without pixel data)."""
     from capray.io.images import encode_png
@@ -23,7 +23,7 @@ def build_result(identity: str, names: list[str | None], decoded: list[Any], pro
         pngs.append(encode_png(rgb, src.alpha))
         photos.append(PhotoOut(name=name, width=rgb.shape[1], height=rgb.shape[0], linf_255=record.linf_255[i],
                                psnr=record.psnr[i], ssim=record.ssim[i], notes=list(src.notes)))
-    result = ProtectResult(**record.model_dump(), identity=identity, photos=photos, eps=cfg.attack.eps,
+    result = ProtectResult(**record.model_dump(), photos=photos, eps=cfg.attack.eps,
                            eps_255=cfg.attack.eps * 127.5)
     return pngs, result
 

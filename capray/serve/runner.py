@@ -128,7 +128,7 @@ class JobRunner:
                 decoded = await self._io(decode_photos, files, request.names, self.limits)
             protected, record = await self._protect_in_time([d.rgb for d in decoded], cfg, request.identity,
                                                             on_progress)
-            pngs, result = await self._io(build_result, request.identity, request.names, decoded, protected,
+            pngs, result = await self._io(build_result, request.names, decoded, protected,
                                           record, cfg)
         except JobTimeout as exc:
             return "failed", str(exc)

@@ -49,7 +49,6 @@ class PhotoOut(BaseModel):
 class ProtectResult(ProtectionRecord):
     """The engine's `ProtectionRecord` for the group, plus the protected photos themselves."""
 
-    identity: str
     photos: list[PhotoOut]
     eps: float = Field(..., description="L∞ budget in [-1, 1] units")
     eps_255: float = Field(..., description="the same budget in 0..255 units")
