@@ -134,7 +134,7 @@ def reachable(url: str, timeout: float = 5.0) -> Reachability:
 
 
 def cache_root(explicit: str | os.PathLike | None = None) -> Path:
-    """capray's own cache: the tiny model, class images."""
+    """capray's own cache: the tiny model, class images, the default Serve job store."""
     return Path(explicit or os.environ.get("CAPRAY_CACHE") or Path.home() / ".cache" / "capray")
 
 

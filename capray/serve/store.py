@@ -53,8 +53,10 @@ class JobState(BaseModel):
 
 
 def default_store() -> str:
-    base = os.environ.get("CAPRAY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "capray")
-    return os.path.join(base, "serve-jobs")
+    """A local folder under capray's cache: fine on one machine; a cluster sets serve.store to s3://…."""
+    from capray.models.cache import cache_root
+
+    return str(cache_root() / "serve-jobs")
 
 
 class JobStore:
