@@ -43,3 +43,18 @@ def test_metrics_count_statuses_rates_and_lambdas():
     assert "capray_chosen_lambda_count 3.0" in text and "capray_chosen_lambda_sum 14.0" in text
     assert 'capray_chosen_lambda_bucket{le="4.0"} 2.0' in text
     assert "capray_identity_seconds_count 2.0" in text
+
+
+def test_a_retried_task_reporting_the_same_work_again_is_counted_once():
+    """A rerun check task must not inflate `skipped`, or a lost identity would hide behind counts that add up."""
+    from capray.batch.tally import Tally
+
+    tally = Tally()
+    tally.add("list:0", listed=3, ignored=["ROOT/stray.txt"])
+    tally.add("check:3:a:c", skipped_ok=2, skipped_input=1)
+    tally.add("check:3:a:c", skipped_ok=2, skipped_input=1)  # the same batch, from a retried task
+    tally.add("list:0", listed=3, ignored=["ROOT/stray.txt"])
+    tally.add("check:2:d:e", skipped_ok=1)
+    snap = tally.snapshot()
+    assert (snap["listed"], snap["skipped_ok"], snap["skipped_input"], snap["ignored"]) == (3, 3, 1, 1)
+    assert snap["ignored_sample"] == ["ROOT/stray.txt"]

@@ -67,11 +67,11 @@ def _folder_datasource(root: str, storage_options: dict[str, Any], tally):
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             def read():
                 fs, path = get_fs(root, storage_options)
-                for names, ignored in iter_identity_names(fs, path):
-                    report(tally, listed=len(names), ignored=ignored)
+                for page, (names, ignored) in enumerate(iter_identity_names(fs, path)):
+                    report(tally, f"list:{page}", listed=len(names), ignored=ignored)
                     if names:
                         yield pa.Table.from_pylist([{"identity": n} for n in names], schema=CANDIDATE_SCHEMA)
-                report(tally, sources_done=1)
+                report(tally, "listed:root", sources_done=1)
 
             return [ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None),
                              schema=CANDIDATE_SCHEMA)]
@@ -98,17 +98,19 @@ def manifest_candidates(batch: pa.Table, storage_options: dict[str, Any], tally)
     for uri in batch.column("file").to_pylist():
         fs, path = get_fs(uri, storage_options)
         groups: list[IdentityGroup] = []
+        blocks = 0
         try:
             for group in iter_manifest_groups(fs, path):
                 groups.append(group)
                 if len(groups) == GROUPS_PER_BLOCK:
-                    report(tally, listed=len(groups))
+                    report(tally, f"file:{uri}:{blocks}", listed=len(groups))
+                    blocks += 1
                     yield _candidate_table(groups)
                     groups = []
         except (ValueError, OSError) as exc:
-            report(tally, source_error=str(exc))
+            report(tally, f"error:{uri}", source_error=str(exc))
             continue
-        report(tally, listed=len(groups), sources_done=1)
+        report(tally, f"file:{uri}:{blocks}", listed=len(groups), sources_done=1)
         if groups:
             yield _candidate_table(groups)
 
@@ -214,8 +216,9 @@ def check_batch(batch: pa.Table, config_json: str, plan_info: dict[str, Any], ta
         results = list(pool.map(one, candidates_))
     rows = [r for r in results if isinstance(r, dict)]
     ignored = [u for r in rows for u in r.pop("ignored", None) or []]
-    report(tally, skipped_ok=results.count("skipped_ok"), skipped_input=results.count("skipped_input"),
-           ignored=ignored)
+    names = [c.get("identity") for c in candidates_]  # identities are unique in a run: the batch's key
+    report(tally, f"check:{len(names)}:{names[0] if names else ''}:{names[-1] if names else ''}",
+           skipped_ok=results.count("skipped_ok"), skipped_input=results.count("skipped_input"), ignored=ignored)
     return table_of(rows, PLAN_SCHEMA)
 
 

@@ -3,6 +3,10 @@
 Listing and the done-check run in distributed tasks and only pending identities flow on to the GPU
 stage, so the skipped ones are counted here instead: one small Ray actor, one call per listing batch
 (a few per 1,000 identities), read by the driver for the progress line and the final summary.
+
+Every report carries a key naming the piece of work it counts (a listing page, a check batch), and
+a key is counted once: Ray Data reruns a task whose worker died, and a rerun's second report must not
+inflate `skipped`, which would hide an unfinished identity behind a count that adds up.
 """
 
 from __future__ import annotations
@@ -18,8 +22,13 @@ class Tally:
                                        "sources_done": 0}
         self.ignored_sample: list[str] = []
         self.source_errors: list[str] = []
+        self.seen: set[str] = set()  # report keys already counted (~40 k for 10 M identities)
 
-    def add(self, ignored: list[str] | None = None, source_error: str | None = None, **counts: int) -> None:
+    def add(self, key: str, ignored: list[str] | None = None, source_error: str | None = None,
+            **counts: int) -> None:
+        if key in self.seen:  # the same work reported again by a retried task
+            return
+        self.seen.add(key)
         for key, value in counts.items():
             self.counts[key] = self.counts.get(key, 0) + value
         for uri in ignored or []:
@@ -41,9 +50,12 @@ def start_tally():
     return ray.remote(num_cpus=0)(Tally).options(**ON_HEAD_NODE).remote()
 
 
-def report(tally, **counts: Any) -> None:
-    """Add to the tally from a worker and wait, so a finished task's counts are in before the job ends."""
+def report(tally, key: str, **counts: Any) -> None:
+    """Add to the tally from a worker and wait, so a finished task's counts are in before the job ends.
+
+    `key` names the work counted, the same in a retried task (see the module docstring).
+    """
     import ray
 
     if tally is not None:
-        ray.get(tally.add.remote(**counts))
+        ray.get(tally.add.remote(key, **counts))
