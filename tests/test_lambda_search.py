@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capray.attack.cap import CandidateScorer, InProcessEvaluator, fast_search, reference_search
+from capray.attack import cap
+from capray.attack.cap import (CandidateScorer, CandidateSet, InProcessEvaluator, fast_search, reference_search,
+                               repeats)
 from capray.attack.group import GroupLayout
 from capray.attack.pgd import sign_step
 from capray.attack.randomness import NoiseDraw
@@ -98,6 +100,64 @@ def test_fast_equals_reference_with_per_candidate_draws(k):
         assert fast.ratio == ref.ratio and torch.equal(fast.next_x, ref.next_x)
         assert fast.distinct == ref.distinct
         assert sorted(fast.losses) == list(range(41)) and fast.losses == ref.losses
+
+
+def test_lazy_candidates_build_the_pixels_of_whole_candidates():
+    """A CandidateSet's spans and scoring rows are the whole candidates' values bit for bit, mixed sizes too."""
+    layout = GroupLayout(((3, 6, 8), (3, 10, 10), (3, 7, 5)))
+    p = sum(layout.sizes())
+    gen = torch.Generator().manual_seed(21)
+    x0 = torch.rand(p, generator=gen) * 2 - 1
+    x = (x0 + 0.02 * torch.randn(p, generator=gen)).clamp(-1, 1)
+    g_re, g_c = torch.randn(p, generator=gen), torch.randn(p, generator=gen) * 0.05
+    lazy = CandidateSet(x, x0, g_re, g_c, tuple(range(0, 30, 3)), 0.005, 0.05)
+    whole = torch.stack([sign_step(x, x0, g_re - r * g_c, 0.005, 0.05) for r in lazy.ratios])
+    assert all(torch.equal(lazy.values(j), whole[j]) for j in range(lazy.m))
+    assert torch.equal(lazy.values(4, 17, 301), whole[4, 17:301])
+    for start, stop in [(0, 30), (4, 11), (29, 30)]:
+        assert torch.equal(layout.model_rows(lazy, start, stop, 8), layout.model_rows(whole, start, stop, 8))
+    shard = lazy.shard(2, 5)
+    assert shard.ratios == lazy.ratios[2:5] and torch.equal(shard.values(0), whole[2])
+    uniform = GroupLayout(((3, SIDE, SIDE), (3, SIDE, SIDE)))
+    x0, x, g_re, g_c, _, _ = synthetic(22)
+    lazy = CandidateSet(x, x0, g_re, g_c, (0, 7, 40), 0.005, 0.05)
+    whole = torch.stack([lazy.values(j) for j in range(3)])
+    assert torch.equal(uniform.model_rows(lazy, 1, 6, 6), uniform.model_rows(whole, 1, 6, 6))
+
+
+@pytest.mark.parametrize("span", [None, 1, 7, 64, 599])
+def test_runs_are_found_span_by_span(monkeypatch, span):
+    """Comparing consecutive candidates span by span finds exactly the runs whole candidates show."""
+    for seed in range(3):
+        x0, x, g_re, g_c, loss_fn, draw = synthetic(seed)
+        every = CandidateSet(x, x0, g_re, g_c, tuple(range(0, 101)), 0.005, 0.05)
+        whole = [sign_step(x, x0, g_re - r * g_c, 0.005, 0.05) for r in range(101)]
+        assert repeats(every, span) == [r > 0 and torch.equal(whole[r], whole[r - 1]) for r in range(101)]
+        if span is not None:
+            monkeypatch.setattr(cap, "SPAN", span)
+        ev = shared_scorer(loss_fn, draw, 6)
+        ref = reference_search(x, x0, lambda xx, r: g_re - r * g_c, range(0, 101), 0.005, 0.05, ev)
+        fast = fast_search(x, x0, g_re, g_c, range(0, 101), 0.005, 0.05, ev, batch_size=5)
+        assert (fast.ratio, fast.best_loss, fast.distinct, fast.losses) == (ref.ratio, ref.best_loss, ref.distinct,
+                                                                            {r: ref.losses[r] for r in fast.losses})
+        assert torch.equal(fast.next_x, ref.next_x)
+
+
+def test_the_search_hands_the_evaluator_ratios_not_pixels():
+    """Each scoring call gets a lazy CandidateSet of ≤ candidate_batch_size ratios over the group's own vectors."""
+    x0, x, g_re, g_c, loss_fn, draw = synthetic(13)
+    inner = InProcessEvaluator(loss_fn, LAYOUT, SIDE, 4)
+    seen = []
+
+    def evaluator(candidates, d):
+        seen.append(candidates)
+        return inner(candidates, d)
+
+    scorer = CandidateScorer(evaluator, lambda r: [draw], True)
+    fast = fast_search(x, x0, g_re, g_c, range(0, 51), 0.005, 0.05, scorer, batch_size=4)
+    assert seen and all(isinstance(c, CandidateSet) and 1 <= c.m <= 4 for c in seen)
+    assert all(c.x is x and c.grad_re is g_re and c.grad_cons is g_c for c in seen)  # shared, never copied
+    assert sum(c.m for c in seen) == fast.distinct
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,13 @@ Two searches choose the same λ given the same randomness:
   the one Algorithm 1's strict `>` keeps), and the scored candidates are batched on the batch
   dimension through a `CandidateEvaluator`.
 
+Memory is set by the scoring chunk, not by N or by `cap.candidate_batch_size`: a `CandidateSet` is the
+four group vectors (x, x0, ∇L_re, ∇L_cons) and a list of ratios, and a candidate's pixels are built on
+demand, one photo (or one span of the flat group) at a time, only where they are needed: the evaluator
+builds each scoring chunk's photos, the run detection compares consecutive candidates span by span, and
+the winner's next x is built once at the end. `sign_step` is elementwise, so a span built alone has the
+very values of the whole candidate: same λ, same pixels as building whole candidates.
+
 Which randomness a candidate is scored on (`cap.score_draw`, built into a `CandidateScorer`) matters
 more than anything else here. On the draw the gradients were taken on, the first-order gain
 α·⟨∇L_re, sign(∇L_re − r∇L_cons)⟩ is largest at r = 0, so λ collapses to ≈ 0 and CAP silently becomes
@@ -27,8 +34,8 @@ deduplicated. Both searches take the same scorer, so they choose the same λ und
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Protocol, Union
 
 import torch
 
@@ -36,14 +43,81 @@ from capray.attack.pgd import sign_step
 from capray.attack.randomness import NoiseDraw
 
 
+@dataclass(frozen=True)
+class CandidateSet:
+    """λ candidates built on demand: candidate j = sign_step(x, x0, grad_re − ratios[j]·grad_cons, α, ε).
+
+    Holds only the four flat group vectors (shared, never copied) and the ratios; `values(j, a, b)`
+    builds elements a..b-1 of candidate j. (`grad_cons` None: the direction is `grad_re` itself, one
+    candidate per ratio label, as the reference search scores its combined gradients.)
+    """
+
+    x: torch.Tensor
+    x0: torch.Tensor
+    grad_re: torch.Tensor
+    grad_cons: torch.Tensor | None
+    ratios: tuple[int, ...]
+    alpha: float
+    eps: float
+
+    @property
+    def m(self) -> int:
+        return len(self.ratios)
+
+    def values(self, j: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        span = slice(start, stop)
+        direction = self.grad_re[span]
+        if self.grad_cons is not None:
+            direction = direction - self.ratios[j] * self.grad_cons[span]
+        return sign_step(self.x[span], self.x0[span], direction, self.alpha, self.eps)
+
+    def shard(self, start: int, stop: int) -> "CandidateSet":
+        return replace(self, ratios=self.ratios[start:stop])
+
+    def to(self, device: Any) -> "CandidateSet":
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(device)
+
+        return replace(self, x=move(self.x), x0=move(self.x0), grad_re=move(self.grad_re),
+                       grad_cons=move(self.grad_cons))
+
+
+@dataclass(frozen=True)
+class StackedCandidates:
+    """Candidates given whole as flat rows (M, P) (benchmarks, tests): `CandidateSet`'s interface."""
+
+    rows: torch.Tensor
+
+    @property
+    def m(self) -> int:
+        return self.rows.shape[0]
+
+    def values(self, j: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.rows[j, start:stop]
+
+    def shard(self, start: int, stop: int) -> "StackedCandidates":
+        return StackedCandidates(self.rows[start:stop])
+
+    def to(self, device: Any) -> "StackedCandidates":
+        return StackedCandidates(self.rows.detach().to(device))
+
+
+Candidates = Union[CandidateSet, StackedCandidates]
+
+
+def as_candidates(candidates: "Candidates | torch.Tensor") -> Candidates:
+    return StackedCandidates(candidates) if isinstance(candidates, torch.Tensor) else candidates
+
+
 class CandidateEvaluator(Protocol):
-    """Scores candidate groups: flat candidates (M, P) → Σ over photos of L_re, shape (M,).
+    """Scores candidate groups: M candidates (a `CandidateSet`; whole rows (M, P) also do) → Σ over
+    photos of L_re, shape (M,).
 
     All candidates of one call are scored under the same `draw` (N rows: common random numbers). An
     implementation may shard the M candidates across devices or actors; it must not change results.
     """
 
-    def __call__(self, candidates: torch.Tensor, draw: NoiseDraw) -> torch.Tensor: ...
+    def __call__(self, candidates: Candidates | torch.Tensor, draw: NoiseDraw) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -63,7 +137,8 @@ class InProcessEvaluator:
     """Scores candidates in this process, `image_batch_size` images per no-grad forward.
 
     The M candidates × N photos are one candidate-major list of images, cut into chunks of images
-    (not of candidates), so a forward's memory is set by the chunk, whatever N and M are.
+    (not of candidates), each chunk's photos built (at original resolution) and resized only when it is
+    scored, so memory is set by the chunk, whatever N and M are.
     `image_loss(images (B, 3, r, r), draw with B rows)` → per-image L_re, shape (B,).
     """
 
@@ -74,16 +149,17 @@ class InProcessEvaluator:
         self.forward_passes = 0
 
     @torch.no_grad()
-    def __call__(self, candidates: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
+    def __call__(self, candidates: Candidates | torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
+        candidates = as_candidates(candidates)
         n = self.layout.n
-        rows = candidates.shape[0] * n
+        rows = candidates.m * n
         per_image = []
         for start in range(0, rows, self.image_batch_size):
             stop = min(start + self.image_batch_size, rows)
             images = self.layout.model_rows(candidates, start, stop, self.resolution)
             per_image.append(self.image_loss(images, draw.select(torch.arange(start, stop) % n)))
             self.forward_passes += 1
-        return torch.cat(per_image).view(candidates.shape[0], n).sum(dim=1)
+        return torch.cat(per_image).view(candidates.m, n).sum(dim=1)
 
 
 @dataclass
@@ -99,12 +175,12 @@ class CandidateScorer:
     draws_for: Callable[[int], list[NoiseDraw]]
     shared: bool
 
-    def __call__(self, candidates: torch.Tensor, ratios: list[int]) -> torch.Tensor:
+    def __call__(self, candidates: CandidateSet) -> torch.Tensor:
         if self.shared:
-            draws = self.draws_for(ratios[0])
+            draws = self.draws_for(candidates.ratios[0])
             return torch.stack([self.evaluator(candidates, d) for d in draws]).mean(dim=0)
-        return torch.cat([torch.stack([self.evaluator(c.unsqueeze(0), d) for d in self.draws_for(r)]).mean(dim=0)
-                          for c, r in zip(candidates, ratios)])
+        return torch.cat([torch.stack([self.evaluator(candidates.shard(j, j + 1), d) for d in self.draws_for(r)])
+                          .mean(dim=0) for j, r in enumerate(candidates.ratios)])
 
 
 @dataclass
@@ -114,6 +190,33 @@ class SearchResult:
     best_loss: float
     distinct: int
     losses: dict[int, float] = field(default_factory=dict)  # scored r → L_re (first r of each run when shared)
+
+
+SPAN = 1 << 22  # elements of the flat group compared at a time when looking for runs of equal candidates
+
+
+def repeats(candidates: CandidateSet, span: int | None = None) -> list[bool]:
+    """repeats[j]: candidate j equals candidate j − 1 element for element (never for j = 0).
+
+    Compared span by span of the flat group, so no whole candidate is ever built; a pair already known
+    to differ is not looked at again, and the pass ends as soon as every pair is known to differ.
+    """
+    span = span or SPAN
+    same = [j > 0 for j in range(candidates.m)]
+    size = candidates.x.numel()
+    for a in range(0, size, span):
+        live = [j for j in range(1, candidates.m) if same[j]]
+        if not live:
+            break
+        b = min(a + span, size)
+        flags, last_j, last = [], -1, None
+        for j in live:
+            prev = last if last_j == j - 1 else candidates.values(j - 1, a, b)
+            last_j, last = j, candidates.values(j, a, b)
+            flags.append((last == prev).all())  # torch.equal's answer, without a device sync per pair
+        for j, equal in zip(live, torch.stack(flags).tolist()):
+            same[j] = equal
+    return same
 
 
 def fast_search(
@@ -131,40 +234,26 @@ def fast_search(
 
     With shared draws each run of identical candidates is scored once; with per-candidate draws
     (`independent`) every r is scored, because identical candidates then get different scores.
+    Candidates stay lazy (`CandidateSet`): only ratios travel, the evaluator builds each chunk's photos.
     """
-    best_ratio, best_loss, best_x = 0, 0.0, None
+    every = CandidateSet(x, x0, grad_re, grad_cons, tuple(ratios), alpha, eps)
+    repeat = repeats(every)
+    scored = [j for j in range(every.m) if not (repeat[j] and scorer.shared)]
+    best_j, best_ratio, best_loss = None, 0, 0.0
     losses: dict[int, float] = {}
-    pending_r: list[int] = []
-    pending_x: list[torch.Tensor] = []
-    previous: torch.Tensor | None = None
-    distinct = 0
-
-    def flush() -> None:
-        nonlocal best_ratio, best_loss, best_x
-        scores = scorer(torch.stack(pending_x), list(pending_r)).tolist()
-        for r, cand, score in zip(pending_r, pending_x, scores):
+    for i in range(0, len(scored), batch_size):
+        batch = scored[i: i + batch_size]
+        scores = scorer(replace(every, ratios=tuple(every.ratios[j] for j in batch))).tolist()
+        for j, score in zip(batch, scores):
+            r = every.ratios[j]
             losses[r] = score
             if score > best_loss:  # strict: ties keep the smaller r, as Algorithm 1 does
-                best_ratio, best_loss, best_x = r, score, cand
-        pending_r.clear()
-        pending_x.clear()
-
-    for r in ratios:
-        cand = sign_step(x, x0, grad_re - r * grad_cons, alpha, eps)
-        repeat = previous is not None and torch.equal(cand, previous)
-        distinct += not repeat
-        previous = cand
-        if repeat and scorer.shared:
-            continue
-        pending_r.append(r)
-        pending_x.append(cand)
-        if len(pending_x) == batch_size:
-            flush()
-    if pending_x:
-        flush()
-    if best_x is None:  # every score ≤ 0: Algorithm 1 keeps λ = 0
-        best_x = sign_step(x, x0, grad_re, alpha, eps)
-    return SearchResult(best_ratio, best_x, best_loss, distinct, losses)
+                best_j, best_ratio, best_loss = j, r, score
+    if best_j is None:  # every score ≤ 0: Algorithm 1 keeps λ = 0
+        next_x = sign_step(x, x0, grad_re, alpha, eps)
+    else:  # the winner, built once
+        next_x = every.values(best_j)
+    return SearchResult(best_ratio, next_x, best_loss, repeat.count(False), losses)
 
 
 def reference_search(
@@ -181,10 +270,11 @@ def reference_search(
     losses: dict[int, float] = {}
     previous: torch.Tensor | None = None
     for r in ratios:
-        cand = sign_step(x, x0, combined_grad(x, float(r)), alpha, eps)
+        grad = combined_grad(x, float(r))
+        cand = sign_step(x, x0, grad, alpha, eps)
         distinct += previous is None or not torch.equal(cand, previous)
         previous = cand
-        score = float(scorer(cand.unsqueeze(0), [r])[0])
+        score = float(scorer(CandidateSet(x, x0, grad, None, (r,), alpha, eps))[0])
         losses[r] = score
         if score > best_loss:
             best_ratio, best_loss = r, score

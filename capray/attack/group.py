@@ -78,28 +78,42 @@ class GroupLayout:
 
     def batches(self, size: int) -> list[PhotoBatch]:
         """The group cut into micro-batches of at most `size` photos, in order."""
-        offsets = [0]
-        for s in self.sizes():
-            offsets.append(offsets[-1] + s)
+        offsets = self.offsets()
         return [PhotoBatch(i, min(i + size, self.n), slice(offsets[i], offsets[min(i + size, self.n)]),
                            GroupLayout(self.shapes[i: i + size])) for i in range(0, self.n, size)]
 
-    def model_rows(self, candidates: torch.Tensor, start: int, stop: int, resolution: int) -> torch.Tensor:
-        """Rows start..stop-1 of the candidate-major image list of (M, P) candidates, at model resolution.
+    def offsets(self) -> list[int]:
+        """Where each photo starts in the flat vector, and (last) its length."""
+        out = [0]
+        for s in self.sizes():
+            out.append(out[-1] + s)
+        return out
 
-        Row q is photo q mod N of candidate q div N; only those rows are resized, so scoring memory is
-        set by stop − start, not by M·N.
+    def model_rows(self, candidates, start: int, stop: int, resolution: int) -> torch.Tensor:
+        """Rows start..stop-1 of the candidate-major image list of M candidates, at model resolution.
+
+        Row q is photo q mod N of candidate q div N. `candidates`: flat rows (M, P), or anything whose
+        `values(m, a, b)` gives elements a..b-1 of candidate m (a lazy `cap.CandidateSet`): only those
+        rows' photos are built and resized, so scoring memory is set by stop − start, not by M·N.
         """
-        if self.uniform:
-            images = candidates.reshape(-1, *self.shapes[0])[start:stop]
-            return resize_center_crop(images, resolution)
-        sizes = self.sizes()
-        out = []
-        for q in range(start, stop):
+        if isinstance(candidates, torch.Tensor):
+            if self.uniform:
+                return resize_center_crop(candidates.reshape(-1, *self.shapes[0])[start:stop], resolution)
+            rows = candidates
+
+            def values(m: int, a: int, b: int) -> torch.Tensor:
+                return rows[m, a:b]
+        else:
+            values = candidates.values
+        offsets = self.offsets()
+
+        def photo(q: int) -> torch.Tensor:
             m, i = divmod(q, self.n)
-            offset = sum(sizes[:i])
-            out.append(resize_center_crop(candidates[m, offset: offset + sizes[i]].view(1, *self.shapes[i]), resolution))
-        return torch.cat(out)
+            return values(m, offsets[i], offsets[i + 1]).view(self.shapes[i])
+
+        if self.uniform:  # one resize of the whole chunk, as one (B, 3, H, W) batch
+            return resize_center_crop(torch.stack([photo(q) for q in range(start, stop)]), resolution)
+        return torch.cat([resize_center_crop(photo(q).unsqueeze(0), resolution) for q in range(start, stop)])
 
     def to_model(self, flat: torch.Tensor, resolution: int) -> torch.Tensor:
         """Flat group (P,) or candidates (M, P) → model input (N, 3, r, r) or (M·N, 3, r, r)."""

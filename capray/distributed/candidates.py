@@ -4,8 +4,10 @@ The search (capray.attack.cap) only sees the `CandidateEvaluator` interface, so 
 candidates are scored, not which λ wins. `PooledEvaluator` (one per PGD phase) cuts each scoring call
 into contiguous shards in r order, cut only between the local evaluator's image chunks: the runner
 scores the first shard itself, borrowed `CandidateWorker`s score the rest under the same common random
-draw. Every image is scored by the same code (`InProcessEvaluator`), on the same weights, in the same
-chunk as local scoring would put it, so sharded == local bit for bit. (On a CPU, kernels' last bits
+draw. What travels is the call's lazy `CandidateSet` (the four flat group vectors and the ratios, put in
+the object store once per call) and each peer's (start, stop), not M built candidates: a peer builds
+its chunks' photos itself. Every image is scored by the same code (`InProcessEvaluator`), on the same
+weights, in the same chunk as local scoring would put it, so sharded == local bit for bit. (On a CPU, kernels' last bits
 also depend on the thread setup: give the runner and the scoring actors the same one, as Ray does for
 equal `num_cpus`, or pin `sharding.torch_threads`. On a GPU only the device model matters.) A call that is one chunk
 (M·N ≤ `cap.score_image_batch_size`) is not split: raise `cap.candidate_batch_size` to give peers work.
@@ -33,7 +35,7 @@ import numpy as np
 import ray
 import torch
 
-from capray.attack.cap import EvaluationContext, InProcessEvaluator
+from capray.attack.cap import Candidates, EvaluationContext, InProcessEvaluator, as_candidates
 from capray.attack.randomness import NoiseDraw
 
 
@@ -97,8 +99,9 @@ class CandidateScorer:
         self.phases[key] = entry
         return entry
 
-    def score(self, key: str, box: list[Any], candidates: np.ndarray, draw: NoiseDraw,
+    def score(self, key: str, box: list[Any], candidates: Candidates, start: int, stop: int, draw: NoiseDraw,
               image_batch_size: int) -> np.ndarray:
+        """Scores candidates start..stop-1 of the call's `candidates` (each built here, chunk by chunk)."""
         from capray.attack.losses import reconstruction_loss
         from capray.attack.surrogate import autocast_for
 
@@ -110,7 +113,7 @@ class CandidateScorer:
                 return reconstruction_loss(parts, unet, cond, images, rows)
 
         evaluator = InProcessEvaluator(image_loss, layout, resolution, image_batch_size)
-        return evaluator(torch.from_numpy(candidates).to(parts.device), draw).cpu().numpy()
+        return evaluator(candidates.shard(start, stop).to(parts.device), draw).cpu().numpy()
 
 
 CandidateWorker = ray.remote(max_restarts=0, max_task_retries=0)(CandidateScorer)
@@ -165,20 +168,23 @@ class PooledEvaluator:
         units = np.array_split(np.arange(math.ceil(m / self.unit)), parts)
         return [(int(u[0]) * self.unit, min(m, (int(u[-1]) + 1) * self.unit)) for u in units if len(u)]
 
-    def __call__(self, candidates: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
-        m = candidates.shape[0]
+    def __call__(self, candidates: Candidates | torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
+        candidates = as_candidates(candidates)
+        m = candidates.m
         units = math.ceil(m / self.unit)
         lease, peers = self.pool.borrow(units - 1) if units >= 2 else (None, [])
         if not peers:
             return self.local(candidates, draw)
         dead: list[int] = []
-        pending: list[tuple[int, torch.Tensor, Any]] = []  # (peer id, shard, ref), in shard order
+        pending: list[tuple[int, Candidates, Any]] = []  # (peer id, shard, ref), in shard order
         outstanding: set[Any] = set()  # refs neither answered nor cancelled yet
         try:
-            shards = [candidates[a:b] for a, b in self.shards(m, len(peers) + 1)]
+            cuts = self.shards(m, len(peers) + 1)
+            shards = [candidates.shard(a, b) for a, b in cuts]
             box, cpu_draw = self._state_box(), _cpu(draw)
-            for (pid, peer), shard in zip(peers, shards[1:]):
-                ref = peer.score.remote(self.key, box, shard.detach().cpu().numpy(), cpu_draw, self.image_batch_size)
+            shipped = ray.put(candidates.to("cpu"))  # once per call, whatever the number of peers
+            for (pid, peer), shard, (a, b) in zip(peers, shards[1:], cuts[1:]):
+                ref = peer.score.remote(self.key, box, shipped, a, b, cpu_draw, self.image_batch_size)
                 pending.append((pid, shard, ref))
                 outstanding.add(ref)
             self.used.update(peers)
@@ -192,11 +198,11 @@ class PooledEvaluator:
                     if ref not in done_set:
                         raise ray.exceptions.GetTimeoutError(f"no answer within {self.shard_timeout_s} s")
                     outstanding.discard(ref)
-                    scores.append(torch.from_numpy(ray.get(ref)).to(candidates.device))
-                    self.remote_candidates += shard.shape[0]
+                    scores.append(torch.from_numpy(ray.get(ref)).to(scores[0].device))
+                    self.remote_candidates += shard.m
                 except _SCORING_FAILURES as exc:
                     print(f"capray: scoring actor {pid} failed ({type(exc).__name__}); re-scoring its "
-                          f"{shard.shape[0]} candidate(s) locally", file=sys.stderr)
+                          f"{shard.m} candidate(s) locally", file=sys.stderr)
                     dead.append(pid)
                     self.used.pop(pid, None)
                     _cancel(ref)
