@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from capray.attack.losses import consistency_from_stats, consistency_loss, gram
+from capray.attack.losses import consistency_from_stats, consistency_part, gram
 from capray.attack.pgd import project, sign_step
 
 
@@ -34,17 +34,19 @@ def test_consistency_is_mean_squared_distance_to_the_mean_gram():
     assert float(consistency_from_stats(two_layers)) == 4.0
 
 
-def test_consistency_loss_zero_for_identical_photos_and_one_photo():
-    class Identity(torch.nn.Module):
-        def forward(self, x):
-            return [x]
-
-    same = torch.rand(1, 3, 4, 4).repeat(3, 1, 1, 1)
-    assert float(consistency_loss(Identity(), same)) == 0.0
-    assert float(consistency_loss(Identity(), torch.rand(1, 3, 4, 4))) == 0.0
-    different = torch.rand(3, 3, 4, 4)
-    expected = consistency_from_stats([gram(different, "elements")])
-    assert float(consistency_loss(Identity(), different)) == float(expected) > 0
+def test_micro_batch_shares_sum_to_the_consistency_loss_and_its_gradient():
+    """The engine's shares (S̄ computed beforehand, without grad) give the loss of Eq. 14–15 and its gradient."""
+    images = torch.rand(5, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    full = consistency_from_stats([gram(images, "elements")])  # S̄ inside the graph
+    (expected_grad,) = torch.autograd.grad(full, images)
+    with torch.no_grad():
+        means = [gram(images, "elements").mean(dim=0, keepdim=True)]
+    shares = [consistency_part([gram(images[a:b], "elements")], means, 5) for a, b in ((0, 2), (2, 3), (3, 5))]
+    torch.testing.assert_close(sum(shares), full, rtol=1e-12, atol=0)
+    (grad,) = torch.autograd.grad(sum(shares), images)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
+    same = torch.rand(1, 3, 4, 4, dtype=torch.float64).repeat(3, 1, 1, 1)  # identical photos: nothing to pull
+    assert float(consistency_part([gram(same, "elements")], [gram(same[:1], "elements")], 3)) == 0.0
 
 
 def test_projection_keeps_eps_ball_and_range_over_many_steps():

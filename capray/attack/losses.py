@@ -36,7 +36,7 @@ def reconstruction_loss(
     """Per-image DreamBooth loss ‖ε̂(z_t, t, S) − ε‖² (mean over latent elements), shape (B,).
 
     The sum over a group is L_re of CAP Eq. 9; the mean is Anti-DreamBooth's loss. `draw` holds B
-    rows (tile it with `NoiseDraw.repeat` for several candidates of one group).
+    rows (`NoiseDraw.select` picks the rows of several candidates of one group).
     """
     latents = vae_latents(parts.vae, images, draw.vae_noise.to(images.device, parts.vae.dtype))
     noise = draw.noise.to(latents.device, latents.dtype)
@@ -57,7 +57,11 @@ def gram(features: torch.Tensor, normalization: Literal["elements", "none"]) -> 
 
 
 def consistency_from_stats(stats: list[torch.Tensor]) -> torch.Tensor:
-    """(1/N)·Σᵢ ‖Sᵢ − S̄‖² summed over layers (Eq. 14–15); S is a Gram matrix or a feature map."""
+    """(1/N)·Σᵢ ‖Sᵢ − S̄‖² summed over layers (Eq. 14–15); S is a Gram matrix or a feature map.
+
+    The loss as the paper defines it, over the whole group at once. The engine computes it in
+    micro-batch shares (`consistency_part`) so memory does not grow with N; tests hold the two equal.
+    """
     total = stats[0].new_zeros(())
     for s in stats:
         mean = s.mean(dim=0, keepdim=True)
@@ -78,17 +82,6 @@ def style_stats(
         return [gram(f, normalization) for f in feats]
     # ablation: pull raw feature maps (content) toward the group mean
     return [_at_least_fp32(f) / (f[0].numel() if normalization == "elements" else 1) for f in feats]
-
-
-def consistency_loss(
-    style_net: Any,
-    images: torch.Tensor,
-    *,
-    kind: Literal["style", "content"] = "style",
-    normalization: Literal["elements", "none"] = "elements",
-) -> torch.Tensor:
-    """CAP's cross-image loss on the model-resolution group (N, 3, r, r)."""
-    return consistency_from_stats(style_stats(style_net, images, kind=kind, normalization=normalization))
 
 
 def consistency_part(stats: list[torch.Tensor], means: list[torch.Tensor], group_size: int) -> torch.Tensor:
