@@ -135,6 +135,7 @@ def main() -> None:
 
     from capray.config import load_config
     from capray.serve.app import app_from_config
+    from capray.serve.body_limit import proxy_env
 
     work = Path(tempfile.mkdtemp(prefix="capray-serve-bench-"))
     (work / "keys").write_text(KEY + "\n")
@@ -150,7 +151,8 @@ def main() -> None:
     from capray.models.tiny import ensure_tiny_model
 
     ensure_tiny_model(os.environ["CAPRAY_CACHE"])
-    ray.init(num_cpus=8, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False,
+    os.environ.update(proxy_env(cfg.serve.max_request_bytes))  # as `capray serve` starts its Ray
+    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False,
              runtime_env={"env_vars": {"CAPRAY_CACHE": os.environ["CAPRAY_CACHE"]}})
     port = free_port()
     try:

@@ -12,6 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FACES = SHARED / "data" / "faces" / "n000050"
+# The session's Ray starts its HTTP proxies with this body limit (Serve reads it when a proxy starts, so it
+# is a cluster setting); test_serve_http's app uses the same value as its serve.max_request_bytes.
+PROXY_MAX_REQUEST_BYTES = 4_000_000
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +56,9 @@ def ray_cluster(capray_cache):
     """One local Ray for the whole session: more logical CPUs than cores so actors never starve readers."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
+        from capray.serve.body_limit import proxy_env
+
+        os.environ.update(proxy_env(PROXY_MAX_REQUEST_BYTES))
         ray.init(address="local", num_cpus=8, object_store_memory=256 * 1024**2, include_dashboard=False,
                  runtime_env={"env_vars": {"CAPRAY_CACHE": str(capray_cache)}}, log_to_driver=False)
     yield ray

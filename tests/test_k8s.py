@@ -353,3 +353,21 @@ def test_the_endpoint_reads_its_api_keys_from_the_mounted_secret(name):
         assert [m["mountPath"] + "/keys" for m in mounted] == [keys_file], template["metadata"]["labels"]
     with pytest.raises(ValueError, match="no API keys"):  # the Secret missing: the ingress refuses to start
         check_exposure("0.0.0.0", KeyRing(keys_file, env=""), allow_unauthenticated=False)
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_every_serve_proxy_refuses_oversized_bodies_before_buffering_them(name):
+    """Serve runs a proxy on every node (proxy_location: EveryNode); each reads the body limit from its pod's env."""
+    from capray.serve.app import ServeArgs
+    from capray.serve.body_limit import missing_guard, proxy_env
+
+    service = one(render(name), "RayService")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    limit = ServeArgs.model_validate(app["args"]).load().serve.max_request_bytes
+    spec = service["spec"]["rayClusterConfig"]
+    templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
+    for template in templates:
+        (container,) = template["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert missing_guard(limit, env) is None, template["metadata"]["labels"]
+        assert {k: env[k] for k in proxy_env(limit)} == proxy_env(limit)  # the same limit, not a larger one

@@ -243,6 +243,108 @@ def test_the_api_serves_no_unauthenticated_openapi_or_docs_pages():
     assert "/v1/protect" in api.openapi()["paths"]  # the schema is still there for in-process use
 
 
+def _asgi_client(chunks: list[bytes]):
+    """A client's side of one ASGI request: `receive` hands out `chunks`, `send` records the reply."""
+    state = {"received": 0, "sent": []}
+
+    async def receive():
+        i = state["received"]
+        state["received"] += 1
+        return {"type": "http.request", "body": chunks[i], "more_body": i + 1 < len(chunks)}
+
+    async def send(message):
+        state["sent"].append(message)
+
+    return state, receive, send
+
+
+def _proxy_like_app(log: list):
+    """Stands for Serve's proxy: drains the body until it ends or the client leaves, then answers."""
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            log.append(message["type"])
+            if message["type"] == "http.disconnect":
+                await send({"type": "http.response.start", "status": 499, "headers": []})
+                return await send({"type": "http.response.body", "body": b"client left"})
+            body += message["body"]
+            if not message["more_body"]:
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def test_the_proxy_body_limit_answers_413_as_the_bytes_pass_it_and_reads_no_further():
+    """Serve's proxy queues a body as fast as it arrives; the guard in front of it stops at the limit."""
+    import json
+
+    from capray.serve.body_limit import BodyLimit
+
+    http = {"type": "http", "headers": [(b"content-type", b"application/json")]}
+    log: list = []
+    state, receive, send = _asgi_client([b"x" * 1000] * 300)  # a 300 kB body against a 2.5 kB limit
+    asyncio.run(BodyLimit(_proxy_like_app(log), limit=2500)(http, receive, send))
+    assert state["received"] == 3, "the guard read past the first chunk over the limit"
+    assert log == ["http.request", "http.request", "http.disconnect"]  # the proxy cancels the replica call
+    start, body = state["sent"]  # the proxy's own 499 reply to the disconnect is dropped
+    assert start["status"] == 413 and (b"connection", b"close") in start["headers"]
+    assert json.loads(body["body"])["detail"]["error"] == (
+        "request body larger than 2500 bytes (serve.max_request_bytes)")
+
+    # at the limit: every byte passes through unchanged
+    state, receive, send = _asgi_client([b"a" * 1000, b"b" * 1000, b"c" * 500])
+    asyncio.run(BodyLimit(_proxy_like_app([]), limit=2500)(http, receive, send))
+    assert state["sent"][0]["status"] == 200 and state["sent"][1]["body"] == b"a" * 1000 + b"b" * 1000 + b"c" * 500
+
+    # a declared length over the limit: refused from the header, the app never runs
+    log = []
+    state, receive, send = _asgi_client([b"x" * 3000])
+    declared = {"type": "http", "headers": [(b"content-length", b"3000")]}
+    asyncio.run(BodyLimit(_proxy_like_app(log), limit=2500)(declared, receive, send))
+    assert log == [] and state["received"] == 0 and state["sent"][0]["status"] == 413
+
+
+def test_the_proxy_body_limit_lets_an_answer_already_started_finish_and_only_stops_reading():
+    """When the replica answers before the body is over (a 401, say), that answer is the one the client gets."""
+    from capray.serve.body_limit import BodyLimit
+
+    async def answers_early(scope, receive, send):
+        await send({"type": "http.response.start", "status": 401, "headers": []})
+        reading = asyncio.ensure_future(_drain(receive))
+        await asyncio.sleep(0.05)
+        assert not reading.done(), "past the limit, receive must wait, not hand the proxy more bytes"
+        await send({"type": "http.response.body", "body": b"no key"})
+        reading.cancel()  # what the proxy does once the response is sent
+
+    async def _drain(receive):
+        while True:
+            await receive()
+
+    state, receive, send = _asgi_client([b"x" * 1000] * 300)
+    asyncio.run(BodyLimit(answers_early, limit=2500)(
+        {"type": "http", "headers": []}, receive, send))
+    assert state["received"] == 3
+    assert [m.get("status", m.get("body")) for m in state["sent"]] == [401, b"no key"]
+
+
+def test_the_proxy_body_limit_is_installed_from_the_node_environment_and_missing_is_reported(monkeypatch):
+    from capray.serve import body_limit
+
+    env = body_limit.proxy_env(4_000_000)
+    assert body_limit.missing_guard(4_000_000, env) is None
+    assert "proxy body limit" in body_limit.missing_guard(4_000_000, {})
+    assert "above serve.max_request_bytes" in body_limit.missing_guard(1_000, env)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (middleware,) = body_limit.proxy_middlewares()  # what Ray's proxy calls (RAY_SERVE_HTTP_PROXY_CALLBACK_...)
+    assert middleware.cls is body_limit.BodyLimit and middleware.kwargs == {"limit": 4_000_000}
+    module, _, name = env[body_limit.CALLBACK_ENV].partition(":")
+    assert getattr(__import__(module, fromlist=[name]), name) is body_limit.proxy_middlewares
+
+
 def test_uploads_in_flight_are_bounded_per_replica_before_the_body_is_read(tmp_path):
     """Pending jobs do not count bodies still streaming in: a full replica refuses the next upload at once."""
     from types import SimpleNamespace
@@ -638,6 +740,33 @@ def test_capray_serve_refuses_a_public_address_without_keys(capsys, monkeypatch,
             "--set", f"model.tiny_cache_dir={tmp_path}", "--set", f"serve.api_keys_file={tmp_path / 'none'}"]
     assert command.run(parser.parse_args(argv)) == 2
     assert "no API keys configured" in capsys.readouterr().err
+
+
+def test_capray_serve_starts_its_ray_with_the_proxy_body_limit(monkeypatch, tmp_path):
+    """The proxy reads the guard from its node's environment: `capray serve` sets it before starting Ray."""
+    import argparse
+    import os
+
+    import capray.cluster
+    from capray.serve import body_limit, command
+
+    class Started(Exception):
+        pass
+
+    def connect_ray(address):
+        raise Started({name: os.environ.get(name) for name in body_limit.proxy_env(0)})
+
+    for name in body_limit.proxy_env(0):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(capray.cluster, "connect_ray", connect_ray)
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    argv = ["--preset", "smoke", "--set", "model.sd=tiny", "--set", f"model.tiny_cache_dir={tmp_path}",
+            "--set", "serve.allow_unauthenticated=true", "--set", "serve.max_request_bytes=1234567"]
+    with pytest.raises(Started) as started:
+        command.run(parser.parse_args(argv))
+    assert started.value.args[0] == body_limit.proxy_env(1_234_567)
 
 
 def test_a_cancelled_protector_call_keeps_the_device_until_the_engine_really_stops(monkeypatch):

@@ -18,6 +18,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from conftest import PROXY_MAX_REQUEST_BYTES
 from test_serve import PHOTOS, _photo, _png, _png_array
 
 pytestmark = pytest.mark.ray
@@ -61,7 +62,7 @@ def served(ray_cluster, tiny_model_dir, tmp_path_factory):
     keys_file.write_text(f"{ALICE}\n{BOB}\n")
     cfg = load_config(preset="smoke", overrides={"serve": {
         "min_replicas": 1, "max_replicas": 1, "gpus_per_replica": 0, "cpus_per_replica": 1, "ingress_cpus": 0,
-        "ingress_replicas": 2, "max_queued_requests": 2, "max_photos": 4, "max_request_bytes": 4_000_000,
+        "ingress_replicas": 2, "max_queued_requests": 2, "max_photos": 4, "max_request_bytes": PROXY_MAX_REQUEST_BYTES,
         "max_request_pixels": 40_000, "store": str(base / "store"), "api_keys_file": str(keys_file),
         "job_lease_s": 3}})
     port = _free_port()
@@ -326,9 +327,9 @@ def test_a_300_mb_body_is_refused_while_it_streams_without_the_server_holding_it
     print(f"300 MiB body: {sent / 2**20:.0f} MiB sent before the 413, server RSS {grown / 2**20:+.1f} MiB")
     assert status == 413 and b"serve.max_request_bytes" in reply, (status, reply[:200])
     assert sent < body, "the server read the whole body before refusing it"
-    if grown >= body / 4:  # KNOWN, open: the Serve proxy reads ~50 MiB ahead of the ingress's 4 MB refusal
-        pytest.xfail(f"server RSS grew by {grown / 2**20:.0f} MiB for a {body / 2**20:.0f} MiB body "
-                     f"({sent / 2**20:.0f} MiB read before the 413): Ray Serve's HTTP proxy buffers ahead")
+    # the proxy refuses it (capray.serve.body_limit): what it read is about the limit, not the body
+    assert sent < 4 * limit, f"{sent / 2**20:.0f} MiB were read before the 413"
+    assert grown < 4 * limit, f"server RSS grew by {grown / 2**20:.0f} MiB for a {body / 2**20:.0f} MiB body"
     # a declared length over the limit is refused from the header alone
     sock = socket.create_connection(("127.0.0.1", served["port"]), timeout=10)
     sock.sendall((f"POST /v1/protect HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\n"

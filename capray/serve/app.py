@@ -27,6 +27,7 @@ renders the Serve YAML for `serve deploy` / a KubeRay RayService from the same s
 import asyncio
 import base64
 import contextlib
+import logging
 import time
 import uuid
 from typing import Any, Literal
@@ -42,6 +43,7 @@ from capray.config import CaprayConfig, ServeConfig, ShardingConfig, load_config
 from capray.distributed.pool import ScoringPool
 from capray.serve import errors
 from capray.serve.auth import AuthError, KeyRing, check_exposure
+from capray.serve.body_limit import missing_guard
 from capray.serve.limits import RequestError, UploadSlots, check_pixels, effective_config
 from capray.serve.requests import decode_photos, read_submission
 from capray.serve.results import build_result, result_zip
@@ -185,6 +187,9 @@ class Ingress:
         s = self.config.serve
         self.keys = KeyRing(s.api_keys_file)
         check_exposure(listen_host, self.keys, s.allow_unauthenticated)
+        unguarded = missing_guard(s.max_request_bytes)  # this replica's node environment is its proxy's
+        if unguarded:
+            logging.getLogger("ray.serve").warning("capray: %s", unguarded)
         self.tag = uuid.uuid4().hex[:8]
         self.store = JobStore(s.store, s.store_options)
         self.runner = JobRunner(self.store, self.config, self._protect, self.tag)

@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     from capray.cluster import connect_ray
     from capray.serve.app import APP_NAME, app_from_config
 
+    if not (args.address or os.environ.get("RAY_ADDRESS")):  # the Ray we start gets the proxy's body limit
+        from capray.serve.body_limit import proxy_env
+
+        os.environ.update(proxy_env(cfg.serve.max_request_bytes))
     started = connect_ray(args.address)
     if started and cfg.serve.gpus_per_replica > 0 and not ray.cluster_resources().get("GPU"):
         print("capray serve: no GPU on this machine; the Protector runs on the CPU", file=sys.stderr)
