@@ -4,7 +4,7 @@
    `POST /v1/protect:sync` over HTTP on 127.0.0.1 (API key, streamed body, decode, Protector call,
    PNG encode, JSON) and, interleaved, by the direct engine call `protect_arrays` in this process.
    Each HTTP request's overhead is its wall time minus the engine time the server measured for that
-   very call (`engine_seconds`), so the engine's own run-to-run noise on a shared CPU does not enter
+   very call (`engine_seconds`: the wall time of `protect_arrays` inside the Protector), so the engine's own run-to-run noise on a shared CPU does not enter
    the difference; the in-process direct call's median is printed beside it as a cross-check.
 2. Concurrency. `--clients` threads (at most the server's pending-job capacity, loopback only) each
    submit `--jobs` jobs and poll them to the end, bounded by `--timeout` seconds. errors = refused

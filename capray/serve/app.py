@@ -104,8 +104,11 @@ class Protector:
         self.device_lock = asyncio.Lock()
         self.busy_since: float | None = None
 
-    async def protect(self, rgbs: list[Any], config: dict[str, Any], identity: str):
-        """Streams ("progress", (done, total)) events, then ("result", (protected, record))."""
+    async def protect(self, rgbs: list[Any], config: dict[str, Any], identity: str, progress: bool = True):
+        """Streams ("progress", (done, total)) events, then ("result", (protected, record)).
+
+        `progress=False` (the sync endpoint, which has no one to tell) streams the result alone: each
+        event is a Ray object and a hop through the event loops, a measurable part of a small request."""
         from capray.attack.api import protect_arrays
         from capray.distributed.candidates import evaluator_factory_for
 
@@ -115,7 +118,7 @@ class Protector:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def progress(done: int, total: int) -> None:  # called on the engine's thread
+        def report(done: int, total: int) -> None:  # called on the engine's thread
             loop.call_soon_threadsafe(events.put_nowait, (done, total))
 
         # The lock is released when the engine thread really ends, not when this call is cancelled (a job
@@ -123,18 +126,19 @@ class Protector:
         await self.device_lock.acquire()
         self.busy_since = time.monotonic()
         sharded = evaluator_factory_for(self.sharding, self.scoring_pool)
-        work = asyncio.ensure_future(asyncio.to_thread(protect_arrays, rgbs, cfg, identity, self.models, progress,
-                                                       sharded))
+        work = asyncio.ensure_future(asyncio.to_thread(protect_arrays, rgbs, cfg, identity, self.models,
+                                                       report if progress else None, sharded))
         work.add_done_callback(self._engine_done)
-        yield "progress", (0, cfg.attack.total_pgd_steps)  # the group has the device: its time limit starts now
-        while not work.done():
+        if progress:
+            yield "progress", (0, cfg.attack.total_pgd_steps)  # the group has the device: its time limit starts now
+        while progress and not work.done():
             event = asyncio.ensure_future(events.get())
             await asyncio.wait({work, event}, return_when=asyncio.FIRST_COMPLETED)
             if event.done():
                 yield "progress", event.result()
             else:
                 event.cancel()
-        yield "result", work.result()
+        yield "result", await work
 
     def _engine_done(self, _: Any) -> None:
         self.busy_since = None
@@ -152,8 +156,10 @@ ScoringPoolDeployment = serve.deployment(name="ScoringPool")(ScoringPool)
 
 
 async def _call_protector(handle: DeploymentHandle, rgbs: list[Any], cfg: CaprayConfig, identity: str,
-                          on_progress) -> tuple[list[Any], ProtectionRecord]:
-    stream = handle.options(stream=True).protect.remote(rgbs, cfg.model_dump(mode="json"), identity)
+                          on_progress=None) -> tuple[list[Any], ProtectionRecord]:
+    """The Protector's result; its progress events go to `on_progress` (None: not sent at all)."""
+    stream = handle.options(stream=True).protect.remote(rgbs, cfg.model_dump(mode="json"), identity,
+                                                        on_progress is not None)
     try:
         async for kind, value in stream:
             if kind == "progress":
@@ -293,7 +299,7 @@ class Ingress:
             self.sync_in_flight += 1  # from here on it counts as a pending job
         try:
             protected, record = await asyncio.wait_for(
-                self._protect([d.rgb for d in decoded], cfg, sub.identity, lambda *_: None),
+                self._protect([d.rgb for d in decoded], cfg, sub.identity, None),
                 timeout=self.config.serve.job_timeout_s)
         except asyncio.TimeoutError:
             raise RequestError(504, errors.timed_out(self.config.serve.job_timeout_s)) from None
