@@ -632,17 +632,20 @@ def test_a_heartbeat_write_in_flight_lands_before_the_final_one_never_after(tmp_
 
 
 def test_a_runner_whose_job_was_taken_over_writes_nothing_more(tmp_path):
-    """Two replicas ran the same job: the one that lost it stops renewing and drops its outcome."""
+    """Two replicas ran the same job: the one that lost it stops renewing, cancels its Protector call (which
+    would otherwise run to the end for no one) and writes no outcome."""
     from capray.serve.requests import decode_photos
 
-    release = asyncio.Event
+    cancelled = []
 
     async def scenario():
-        go = release()
-
         async def protect(rgbs, cfg, identity, on_progress):
             on_progress(0, 2)
-            await go.wait()
+            try:
+                await asyncio.sleep(60)  # a long group: only a cancellation ends it in time
+            except asyncio.CancelledError:
+                cancelled.append(identity)
+                raise
             return [255 - a for a in rgbs], _record(len(rgbs), identity)
 
         runner, store, cfg = _runner(tmp_path, protect, job_lease_s=0.3)
@@ -651,15 +654,14 @@ def test_a_runner_whose_job_was_taken_over_writes_nothing_more(tmp_path):
         await asyncio.sleep(0.15)
         theirs = store.state(state.job_id).model_copy(update={"runner": "r2", "attempts": 2})
         store.put_state(theirs)  # another replica adopted it (this runner's lease looked expired)
-        await asyncio.sleep(0.3)  # a heartbeat or two: they see the job is not theirs
-        go.set()
-        for _ in range(200):
+        for _ in range(200):  # a heartbeat or two: they see the job is not theirs
             if state.job_id not in runner.running:
                 break
             await asyncio.sleep(0.02)
         return store.state(state.job_id), store
 
     after, store = asyncio.run(scenario())
+    assert cancelled == ["alice"], "the runner that lost the job let its Protector call run on"
     assert (after.status, after.runner, after.attempts) == ("pending", "r2", 2) and store.photo(after.job_id, 0) is None
 
 
@@ -769,30 +771,78 @@ def test_capray_serve_starts_its_ray_with_the_proxy_body_limit(monkeypatch, tmp_
     assert started.value.args[0] == body_limit.proxy_env(1_234_567)
 
 
+def _bare_protector(cfg, stuck_after_s: float = 60.0):
+    """A Protector replica without Serve or models (the engine is monkeypatched)."""
+    from capray.serve.app import Protector
+
+    replica = Protector.func_or_class.__new__(Protector.func_or_class)
+    replica.model_config, replica.stuck_after_s, replica.models = cfg.model, stuck_after_s, None
+    replica.device_lock, replica.busy_since = asyncio.Lock(), None
+    replica.sharding, replica.scoring_pool = cfg.sharding, None
+    return replica
+
+
+def test_an_abandoned_group_stops_at_the_next_pgd_step_and_frees_the_device(monkeypatch):
+    """A job that timed out or lost its lease cancels its call: the engine ends at its next step instead of
+    running the remaining steps for no one while every other group waits for the device."""
+    import threading
+
+    import capray.attack.api
+    from capray.config import load_config
+    from capray.serve.app import Abandoned
+
+    steps_run, outcome = [], []
+
+    def engine(rgbs, cfg, identity, models, step_done, evaluator_factory=None):
+        try:
+            for step in range(1, 101):  # 100 steps of 20 ms: 2 s if nobody stops it
+                threading.Event().wait(0.02)
+                steps_run.append(step)
+                step_done(step, 100)
+        except Abandoned as exc:
+            outcome.append(exc)
+            raise
+        return [255 - a for a in rgbs], _record(len(rgbs), identity)
+
+    monkeypatch.setattr(capray.attack.api, "protect_arrays", engine)
+    cfg = load_config(preset="smoke")
+    replica = _bare_protector(cfg)
+
+    async def scenario():
+        call = replica.protect([PHOTOS[0]], cfg.model_dump(mode="json"), "alice")
+        assert (await call.__anext__())[0] == "progress"
+        assert await call.__anext__() == ("progress", (1, 100))
+        await call.aclose()  # the runner cancelled it
+        for _ in range(100):
+            if not replica.device_lock.locked():
+                break
+            await asyncio.sleep(0.01)
+        assert not replica.device_lock.locked() and replica.busy_since is None
+
+    asyncio.run(scenario())
+    assert len(outcome) == 1 and len(steps_run) <= 3, steps_run  # stopped at the first step boundary after
+
+
 def test_a_cancelled_protector_call_keeps_the_device_until_the_engine_really_stops(monkeypatch):
-    """A timed-out job cancels its call, but the engine thread runs on: the next group must wait for it,
+    """A timed-out job cancels its call, but the engine runs on to its step boundary: the next group must wait,
     and the health check must report a call stuck past the time limit so Serve replaces the replica."""
     import threading
 
     import capray.attack.api
     from capray.config import load_config
-    from capray.serve.app import Protector
 
     release, started = threading.Event(), threading.Event()
 
     def engine(rgbs, cfg, identity, models, progress, evaluator_factory=None):
         started.set()
-        if progress is not None:  # like the engine: no callback, no reports
-            progress(1, 4)
-        release.wait(10)
+        progress(1, 4)
+        release.wait(10)  # one long step: the device stays taken until it ends
+        progress(2, 4)
         return [255 - a for a in rgbs], _record(len(rgbs), identity)
 
     monkeypatch.setattr(capray.attack.api, "protect_arrays", engine)
     cfg = load_config(preset="smoke")
-    replica = Protector.func_or_class.__new__(Protector.func_or_class)
-    replica.model_config, replica.stuck_after_s, replica.models = cfg.model, 0.05, None
-    replica.device_lock, replica.busy_since = asyncio.Lock(), None
-    replica.sharding, replica.scoring_pool = cfg.sharding, None
+    replica = _bare_protector(cfg, stuck_after_s=0.05)
 
     async def scenario():
         call = replica.protect([PHOTOS[0]], cfg.model_dump(mode="json"), "alice")

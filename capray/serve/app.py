@@ -28,6 +28,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from typing import Any, Literal
@@ -85,6 +86,10 @@ def _not_found(job_id: str) -> RequestError:
     return RequestError(404, "no such job (unknown, not yours, or its result has expired)", job_id=job_id)
 
 
+class Abandoned(RuntimeError):
+    """Raised in the engine's thread at a PGD step boundary once nobody waits for the group any more."""
+
+
 @serve.deployment(name="Protector")
 class Protector:
     """One GPU (or CPU) replica: models resident, one group at a time through the engine."""
@@ -117,30 +122,41 @@ class Protector:
             raise ValueError("this replica serves a different model configuration")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        abandoned = threading.Event()  # the caller went away (job timeout, lost lease, client gone)
 
-        def report(done: int, total: int) -> None:  # called on the engine's thread
-            loop.call_soon_threadsafe(events.put_nowait, (done, total))
+        def step_done(done: int, total: int) -> None:  # called on the engine's thread after every PGD step
+            if abandoned.is_set():
+                raise Abandoned("the caller cancelled this group")  # ends the engine at a step boundary
+            if progress:
+                loop.call_soon_threadsafe(events.put_nowait, (done, total))
 
-        # The lock is released when the engine thread really ends, not when this call is cancelled (a job
-        # timeout): a thread cannot be interrupted, so the next group waits, and check_health sees a hung one.
+        # The lock is released when the engine thread really ends, not when this call is cancelled: a thread
+        # cannot be interrupted, so the next group waits until the current PGD step is over (or, for a hung
+        # engine, check_health fails and Serve replaces the replica).
         await self.device_lock.acquire()
         self.busy_since = time.monotonic()
         sharded = evaluator_factory_for(self.sharding, self.scoring_pool)
         work = asyncio.ensure_future(asyncio.to_thread(protect_arrays, rgbs, cfg, identity, self.models,
-                                                       report if progress else None, sharded))
+                                                       step_done, sharded))
         work.add_done_callback(self._engine_done)
-        if progress:
-            yield "progress", (0, cfg.attack.total_pgd_steps)  # the group has the device: its time limit starts now
-        while progress and not work.done():
-            event = asyncio.ensure_future(events.get())
-            await asyncio.wait({work, event}, return_when=asyncio.FIRST_COMPLETED)
-            if event.done():
-                yield "progress", event.result()
-            else:
-                event.cancel()
-        yield "result", await work
+        try:
+            if progress:
+                yield "progress", (0, cfg.attack.total_pgd_steps)  # the group has the device: its clock starts
+            while progress and not work.done():
+                event = asyncio.ensure_future(events.get())
+                await asyncio.wait({work, event}, return_when=asyncio.FIRST_COMPLETED)
+                if event.done():
+                    yield "progress", event.result()
+                else:
+                    event.cancel()
+            yield "result", await asyncio.shield(work)  # a cancelled caller must not mark the thread done
+        finally:
+            if not work.done():
+                abandoned.set()
 
-    def _engine_done(self, _: Any) -> None:
+    def _engine_done(self, work: asyncio.Future) -> None:
+        if not work.cancelled():
+            work.exception()  # an abandoned group's Abandoned is expected; nobody else is left to read it
         self.busy_since = None
         self.device_lock.release()
 

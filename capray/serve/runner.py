@@ -83,9 +83,11 @@ class JobRunner:
 
     async def _run(self, state: JobState, request: JobRequest, decoded: list[Any] | None) -> None:
         stop = asyncio.Event()
+        attempt = asyncio.ensure_future(self._attempt(state, request, decoded))
 
         async def heartbeat() -> None:
-            """Renews the lease and publishes progress; ends when told to, or once the job is not this runner's."""
+            """Renews the lease and publishes progress; ends when told to, or once the job is not this runner's
+            (then the run is cancelled: the Protector stops at its next PGD step instead of finishing for no one)."""
             while True:
                 try:
                     await asyncio.wait_for(stop.wait(), self.heartbeat_s)
@@ -95,16 +97,21 @@ class JobRunner:
                 state.lease_until = time.time() + self.limits.job_lease_s
                 try:
                     if not await self._io(self.store.put_state, state, self.tag):
-                        errors.log.warning("job %s: taken over or finished elsewhere; runner %s stops renewing it",
+                        errors.log.warning("job %s: taken over or finished elsewhere; runner %s stops running it",
                                            state.job_id, self.tag)
+                        attempt.cancel()
                         return
                 except Exception as exc:  # noqa: BLE001 - a storage hiccup: the next beat tries again
                     errors.log.warning("job %s: lease renewal failed: %r", state.job_id, exc)
 
         beat = asyncio.create_task(heartbeat())
         try:
-            status, detail = await self._attempt(state, request, decoded)
-        finally:  # a cancelled runner (replica stopping) leaves the job pending: its lease runs out, another takes it
+            status, detail = await attempt
+        except asyncio.CancelledError:
+            if beat.done():  # the heartbeat cancelled a job that is no longer ours: nothing to write
+                return
+            raise  # this runner is cancelled (replica stopping): the job stays pending, its lease runs out
+        finally:
             stop.set()
             await beat  # a write already in a worker thread lands before the final one, never after it
         if status == "done":
