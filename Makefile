@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/capray demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/lambda_search.py
