@@ -19,6 +19,10 @@ import json
 import os
 from typing import Any, Awaitable, Callable
 
+from starlette.datastructures import Headers
+
+from capray.serve.limits import RequestError, check_declared_length, too_large
+
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 LIMIT_ENV = "CAPRAY_PROXY_MAX_REQUEST_BYTES"
 CALLBACK = "capray.serve.body_limit:proxy_middlewares"
@@ -60,9 +64,10 @@ class BodyLimit:
                        send: Callable[[Message], Awaitable[None]]) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            return await self.refuse(send)
+        try:
+            check_declared_length(Headers(scope=scope), self.limit)  # the ingress's own rule, from the header
+        except RequestError as refused:
+            return await self.refuse(send, refused)
         seen, answered, started = 0, False, False
 
         async def counted_receive() -> Message:
@@ -74,7 +79,7 @@ class BodyLimit:
                     if started:  # the app is already answering: stop reading and let that answer finish
                         await asyncio.Event().wait()  # cancelled by the proxy once the response is sent
                     answered = True
-                    await self.refuse(send)
+                    await self.refuse(send, too_large(self.limit))
                     return {"type": "http.disconnect"}  # the proxy cancels the replica's request
             return message
 
@@ -87,11 +92,11 @@ class BodyLimit:
 
         await self.app(scope, counted_receive, guarded_send)
 
-    async def refuse(self, send: Callable[[Message], Awaitable[None]]) -> None:
-        from capray.serve.limits import too_large
-
-        body = json.dumps({"detail": too_large(self.limit).detail}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
+    @staticmethod
+    async def refuse(send: Callable[[Message], Awaitable[None]], refused: RequestError) -> None:
+        """Answer with a `RequestError` in the JSON shape of every other refusal, and close the connection."""
+        body = json.dumps({"detail": refused.detail}).encode()
+        await send({"type": "http.response.start", "status": refused.status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
