@@ -4,8 +4,9 @@
    `POST /v1/protect:sync` over HTTP on 127.0.0.1 (API key, streamed body, decode, Protector call,
    PNG encode, JSON) and, interleaved, by the direct engine call `protect_arrays` in this process.
    Each HTTP request's overhead is its wall time minus the engine time the server measured for that
-   very call (`engine_seconds`: the wall time of `protect_arrays` inside the Protector), so the engine's own run-to-run noise on a shared CPU does not enter
-   the difference; the in-process direct call's median is printed beside it as a cross-check.
+   very call (`engine_seconds`: the wall time of `protect_arrays` inside the Protector), so the
+   engine's own run-to-run noise on a shared CPU does not enter the difference; the in-process direct
+   call's median is printed beside it as a cross-check.
 2. Concurrency. `--clients` threads (at most the server's pending-job capacity, loopback only) each
    submit `--jobs` jobs and poll them to the end, bounded by `--timeout` seconds. errors = refused
    submissions or failed jobs; lost = jobs that are unknown (404) or still pending at the deadline.
@@ -152,8 +153,8 @@ def main() -> None:
 
     ensure_tiny_model(os.environ["CAPRAY_CACHE"])
     os.environ.update(proxy_env(cfg.serve.max_request_bytes))  # as `capray serve` starts its Ray
-    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=False,
-             runtime_env={"env_vars": {"CAPRAY_CACHE": os.environ["CAPRAY_CACHE"]}})
+    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=256 * 1024**2,
+             log_to_driver=False, runtime_env={"env_vars": {"CAPRAY_CACHE": os.environ["CAPRAY_CACHE"]}})
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -20,6 +20,7 @@ import os
 from typing import Any, Awaitable, Callable
 
 from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 
 from capray.serve.limits import RequestError, check_declared_length, too_large
 
@@ -35,10 +36,8 @@ def proxy_env(limit: int) -> dict[str, str]:
     return {CALLBACK_ENV: CALLBACK, LIMIT_ENV: str(limit)}
 
 
-def proxy_middlewares() -> list:
+def proxy_middlewares() -> list[Middleware]:
     """Ray's proxy callback: the middlewares every HTTP proxy on this node wraps its app in."""
-    from starlette.middleware import Middleware
-
     return [Middleware(BodyLimit, limit=int(os.environ[LIMIT_ENV]))]
 
 
