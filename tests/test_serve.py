@@ -773,10 +773,11 @@ def test_capray_serve_starts_its_ray_with_the_proxy_body_limit(monkeypatch, tmp_
 
 def _bare_protector(cfg, stuck_after_s: float = 60.0):
     """A Protector replica without Serve or models (the engine is monkeypatched)."""
-    from capray.serve.app import Protector
+    from capray.protector import Protector
+    from capray.serve.app import ProtectorDeployment
 
-    replica = Protector.func_or_class.__new__(Protector.func_or_class)
-    replica.model_config, replica.stuck_after_s, replica.models = cfg.model, stuck_after_s, None
+    replica = ProtectorDeployment.func_or_class.__new__(ProtectorDeployment.func_or_class)
+    replica.protector, replica.stuck_after_s = Protector(cfg, models=None), stuck_after_s
     replica.device_lock, replica.busy_since = asyncio.Lock(), None
     replica.sharding, replica.scoring_pool = cfg.sharding, None
     return replica
@@ -787,7 +788,7 @@ def test_an_abandoned_group_stops_at_the_next_pgd_step_and_frees_the_device(monk
     running the remaining steps for no one while every other group waits for the device."""
     import threading
 
-    import capray.attack.api
+    import capray.protector
     from capray.config import load_config
     from capray.serve.app import Abandoned
 
@@ -804,7 +805,7 @@ def test_an_abandoned_group_stops_at_the_next_pgd_step_and_frees_the_device(monk
             raise
         return [255 - a for a in rgbs], _record(len(rgbs), identity)
 
-    monkeypatch.setattr(capray.attack.api, "protect_arrays", engine)
+    monkeypatch.setattr(capray.protector, "protect_arrays", engine)
     cfg = load_config(preset="smoke")
     replica = _bare_protector(cfg)
 
@@ -828,7 +829,7 @@ def test_a_cancelled_protector_call_keeps_the_device_until_the_engine_really_sto
     and the health check must report a call stuck past the time limit so Serve replaces the replica."""
     import threading
 
-    import capray.attack.api
+    import capray.protector
     from capray.config import load_config
 
     release, started = threading.Event(), threading.Event()
@@ -840,7 +841,7 @@ def test_a_cancelled_protector_call_keeps_the_device_until_the_engine_really_sto
         progress(2, 4)
         return [255 - a for a in rgbs], _record(len(rgbs), identity)
 
-    monkeypatch.setattr(capray.attack.api, "protect_arrays", engine)
+    monkeypatch.setattr(capray.protector, "protect_arrays", engine)
     cfg = load_config(preset="smoke")
     replica = _bare_protector(cfg, stuck_after_s=0.05)
 

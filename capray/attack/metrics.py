@@ -14,7 +14,7 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 def from_uint8(array: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 → (3, H, W) float32 in [-1, 1]; exact inverse of `to_uint8` on the grid."""
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(array, dtype=np.uint8, order="C")).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def image_metrics(clean: torch.Tensor, protected: torch.Tensor) -> dict[str, float]:

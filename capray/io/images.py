@@ -74,17 +74,8 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 8,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise BadImage(f"{w}x{h} = {w * h} pixels is over the {max_pixels_key} limit of "
-                               f"{max_pixels} (decompression-bomb guard)")
-            if min(w, h) < min_side:
-                raise BadImage(f"{w}x{h} is too small (shorter side under {min_side} px)")
-            frames = getattr(img, "n_frames", 1)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb, alpha, notes = _to_rgb_alpha(img)
+            return decoded_from_pil(Image.open(io.BytesIO(data)), max_pixels=max_pixels, min_side=min_side,
+                                    max_pixels_key=max_pixels_key)
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -93,6 +84,21 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 8,
         raise BadImage(f"decompression bomb refused: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage(f"could not decode image: {exc}") from None
+
+
+def decoded_from_pil(img: Image.Image, *, max_pixels: int, min_side: int = 8,
+                     max_pixels_key: str = "batch.max_image_pixels") -> DecodedImage:
+    """An opened (possibly not yet loaded) PIL image → RGB uint8 (+ alpha), checked before its pixels load."""
+    w, h = img.size
+    if w * h > max_pixels:
+        raise BadImage(f"{w}x{h} = {w * h} pixels is over the {max_pixels_key} limit of "
+                       f"{max_pixels} (decompression-bomb guard)")
+    if min(w, h) < min_side:
+        raise BadImage(f"{w}x{h} is too small (shorter side under {min_side} px)")
+    frames = getattr(img, "n_frames", 1)
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    rgb, alpha, notes = _to_rgb_alpha(img)
     if frames > 1:
         notes.append("animated image: first frame used")
     return DecodedImage(rgb=np.ascontiguousarray(rgb), alpha=alpha, notes=notes)

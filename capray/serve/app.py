@@ -1,7 +1,7 @@
 """The Ray Serve application: stateless CPU FastAPI `Ingress` replicas in front of an autoscaling GPU `Protector`.
 
-* `Protector` loads the models once per replica and runs THE engine call through
-  `capray.attack.api.protect_arrays` — the same function the batch job's actors use, so a
+* `Protector` (class `ProtectorDeployment`) holds one `capray.Protector` per replica (models loaded once)
+  and calls it for each group — the same object the batch job's actors hold, so a
   group protected online or in bulk with the same config, seed and identity gets the same pixels.
   It streams progress (PGD steps done / total) back to the caller while the engine runs.
 * `Ingress` authenticates (`auth.py`), enforces every limit before the work it prevents
@@ -90,20 +90,19 @@ class Abandoned(RuntimeError):
     """Raised in the engine's thread at a PGD step boundary once nobody waits for the group any more."""
 
 
-@serve.deployment(name="Protector")
-class Protector:
-    """One GPU (or CPU) replica: models resident, one group at a time through the engine."""
+@serve.deployment(name="Protector")  # the deployment's name is what serve configs and k8s/ refer to
+class ProtectorDeployment:
+    """One GPU (or CPU) replica: a `capray.Protector` resident, one group at a time through it."""
 
     def __init__(self, config: dict[str, Any], scoring_pool: DeploymentHandle | None = None):
-        from capray.attack.engine import load_models
         from capray.distributed.pool import PoolClient
+        from capray.protector import Protector
 
         cfg = CaprayConfig.model_validate(config)
-        self.model_config = cfg.model
         self.sharding = cfg.sharding  # server-owned: a request cannot turn it on or size it
         self.scoring_pool = PoolClient.for_serve(scoring_pool) if scoring_pool is not None else None
         self.stuck_after_s = cfg.serve.job_timeout_s + 60
-        self.models = load_models(cfg.model)
+        self.protector = Protector.from_config(cfg)
         # One group at a time on the device: a second ongoing request waits here (Serve still counts it,
         # so the autoscaler sees the load) instead of doubling GPU memory and sharing the models across threads.
         self.device_lock = asyncio.Lock()
@@ -114,11 +113,10 @@ class Protector:
 
         `progress=False` (the sync endpoint, which has no one to tell) streams the result alone: each
         event is a Ray object and a hop through the event loops, a measurable part of a small request."""
-        from capray.attack.api import protect_arrays
         from capray.distributed.candidates import evaluator_factory_for
 
         cfg = CaprayConfig.model_validate(config)
-        if cfg.model != self.model_config:
+        if cfg.model != self.protector.config.model:
             raise ValueError("this replica serves a different model configuration")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -136,8 +134,7 @@ class Protector:
         await self.device_lock.acquire()
         self.busy_since = time.monotonic()
         sharded = evaluator_factory_for(self.sharding, self.scoring_pool)
-        work = asyncio.ensure_future(asyncio.to_thread(protect_arrays, rgbs, cfg, identity, self.models,
-                                                       step_done, sharded))
+        work = asyncio.ensure_future(asyncio.to_thread(self._protect, rgbs, cfg, identity, step_done, sharded))
         work.add_done_callback(self._engine_done)
         try:
             if progress:
@@ -153,6 +150,10 @@ class Protector:
         finally:
             if not work.done():
                 abandoned.set()
+
+    def _protect(self, rgbs, cfg, identity, step_done, sharded):
+        result = self.protector(rgbs, identity, config=cfg, progress=step_done, evaluator_factory=sharded)
+        return result.arrays, result.record
 
     def _engine_done(self, work: asyncio.Future) -> None:
         if not work.cancelled():
@@ -378,7 +379,7 @@ def app_from_config(cfg: CaprayConfig, listen_host: str | None = None) -> serve.
     if cfg.sharding.mode != "off":
         pool = ScoringPoolDeployment.options(**scoring_pool_options(cfg.sharding)).bind(
             cfg.model.model_dump_json(), cfg.sharding.model_dump_json())
-    protector = Protector.options(**protector_options(cfg.serve)).bind(config, pool)
+    protector = ProtectorDeployment.options(**protector_options(cfg.serve)).bind(config, pool)
     return Ingress.options(**ingress_options(cfg.serve)).bind(protector, config, listen_host or cfg.serve.host)
 
 
