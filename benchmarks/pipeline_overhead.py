@@ -50,8 +50,7 @@ def in_process(src: Path, out: Path, cfg) -> tuple[float, list[float]]:
     import torch
 
     from capray.batch.plan import make_plan, write_run_file
-    from capray.batch.sources import check_identity, plan_info
-    from capray.batch.stages import ProtectActor, commit_rows, decode_group, write_group
+    from capray.batch.stages import CheckStage, CommitStage, DecodeStage, ProtectStage, WriteStage
     from capray.io.discover import iter_identity_names
     from capray.io.storage import get_fs
 
@@ -59,15 +58,17 @@ def in_process(src: Path, out: Path, cfg) -> tuple[float, list[float]]:
     plan = make_plan(str(src), str(out), cfg)
     write_run_file(plan, cfg)
     t0 = time.perf_counter()
-    actor = ProtectActor(cfg.model_dump_json())
+    actor = ProtectStage(cfg.model_dump_json())
+    check = CheckStage(cfg, plan.output, input_root=plan.input, allowed=None, resuming=plan.resuming)
+    decode, write = DecodeStage(cfg), WriteStage(cfg, plan.output)
+    commit = CommitStage(cfg, plan.output, plan.run_id)
     load_s = time.perf_counter() - t0
     times = []
     fs, root = get_fs(plan.input)
     for names, _ in iter_identity_names(fs, root):
         for name in sorted(names):
-            row = check_identity({"identity": name, "uris": None}, cfg, plan_info(plan))
-            written = write_group(actor.protect(decode_group(row, cfg)), cfg, plan.output)
-            commit_rows([written], cfg, plan.output, plan.run_id)
+            row = check.process({"identity": name, "uris": None})
+            commit.commit([write.process(actor.process(decode.process(row)))])
             times.append(time.perf_counter())
     return load_s, times
 

@@ -41,13 +41,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from latency_fs import LatencyFS, driver_requests, register  # noqa: E402
 
-from capray.batch.stages import ProtectActor  # noqa: E402
+from capray.batch.stages import ProtectStage  # noqa: E402
 
 
-class PassThroughActor(ProtectActor):
+class PassThroughActor(ProtectStage):
     """The engine stand-in: no models, the photos come back unchanged with a minimal record."""
 
-    def load_models(self):
+    def load_protector(self):
         return None
 
     def run_engine(self, rgbs, identity):
@@ -118,7 +118,7 @@ def run(src: Path, out: Path, cfg) -> dict:
     before = driver_requests()
     with PeakRSS() as rss:
         summary = protect(f"latency://{src}", f"latency://{out}", cfg, show_progress=False,
-                          actor_cls=PassThroughActor,
+                          protect_stage=PassThroughActor,
                           on_result=lambda s: first or first.append(time.perf_counter() - start))
     return {"first_commit_s": first[0] if first else None, "peak_rss_mb": rss.peak / 2**20,
             "driver_requests": driver_requests() - before, "summary": summary,

@@ -204,26 +204,26 @@ class KillOnce:
 
     MARKER = ""
 
-    def protect(self, row):
+    def process(self, row):
         if not os.path.exists(self.MARKER):
             Path(self.MARKER).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().protect(row)
+        return super().process(row)
 
 
 def test_actor_killed_mid_group_is_retried_and_completes(ray_cluster, tmp_path):
     from ray import cloudpickle
 
     from capray.batch.command import protect
-    from capray.batch.stages import ProtectActor
+    from capray.batch.stages import ProtectStage
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     marker = tmp_path / "killed"
-    actor_cls = type("KillingActor", (KillOnce, ProtectActor), {"MARKER": str(marker)})
+    actor_cls = type("KillingActor", (KillOnce, ProtectStage), {"MARKER": str(marker)})
     src = tmp_path / "in"
     for ident in ("coffee", "chelsea"):
         shutil.copytree(SAMPLES / ident, src / ident)
-    summary = protect(str(src), str(tmp_path / "out"), cheap_config(), actor_cls=actor_cls, show_progress=False)
+    summary = protect(str(src), str(tmp_path / "out"), cheap_config(), protect_stage=actor_cls, show_progress=False)
     assert marker.exists(), "the fault was never injected"
     assert (summary.ok, summary.failed, summary.unfinished) == (2, 0, 0)
     rows = rows_by_identity(tmp_path / "out")

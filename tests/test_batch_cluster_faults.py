@@ -69,7 +69,7 @@ def test_actors_request_the_configured_gpus_on_a_cluster_without_gpus(ray_cluste
     assert _actor_remote_args(build_dataset(plan, half, None))["num_gpus"] == 0.5
 
 
-def test_only_the_embedded_local_ray_falls_back_to_cpu(monkeypatch, capsys):
+def test_only_the_embedded_local_ray_falls_back_to_cpu(monkeypatch, caplog):
     import torch
 
     from capray.batch.resources import embedded_cpu_fallback
@@ -83,7 +83,7 @@ def test_only_the_embedded_local_ray_falls_back_to_cpu(monkeypatch, capsys):
     assert embedded_cpu_fallback(cfg, None) is cfg
     monkeypatch.delenv("RAY_ADDRESS")
     local = embedded_cpu_fallback(cfg, None)
-    assert local.batch.gpus_per_actor == 0 and "on the CPU" in capsys.readouterr().err
+    assert local.batch.gpus_per_actor == 0 and "on the CPU" in caplog.text
     assert local.config_hash() == cfg.config_hash()  # a batch setting: same pixels, resumable
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert embedded_cpu_fallback(cfg, None) is cfg
@@ -96,12 +96,12 @@ class Replaced(BaseException):
 
 
 def fake_actor(cfg, engine):
-    """A ProtectActor without models whose engine is `engine(identity)`; `end_process` raises Replaced."""
+    """A ProtectStage without models whose engine is `engine(identity)`; `end_process` raises Replaced."""
     from capray.attack.api import ProtectionRecord
-    from capray.batch.stages import ProtectActor
+    from capray.batch.stages import ProtectStage
 
-    class Actor(ProtectActor):
-        def load_models(self):
+    class Actor(ProtectStage):
+        def load_protector(self):
             return None
 
         def run_engine(self, rgbs, identity):
@@ -126,7 +126,7 @@ def test_engine_errors_are_retried_then_recorded_with_the_reason():
         calls.append(identity)
         raise RuntimeError("out of host memory")
 
-    out = fake_actor(cfg, engine).protect(group_row("a"))
+    out = fake_actor(cfg, engine).process(group_row("a"))
     assert calls == ["a"] * 3 and out["attempts"] == 3 and out["pixels"] is None
     assert out["error"] == "protection failed after 3 attempts: RuntimeError: out of host memory"
 
@@ -143,10 +143,10 @@ def test_a_sticky_device_error_replaces_the_actor_and_the_attempt_count_survives
     sick = fake_actor(cfg, cuda_error)
     sick.ledger = shared
     with pytest.raises(Replaced, match="CUDA error"):
-        sick.protect(group_row("a"))  # replaced after one error, not after actor_error_limit
+        sick.process(group_row("a"))  # replaced after one error, not after actor_error_limit
     healthy = fake_actor(cfg, lambda identity: None)
     healthy.ledger = shared
-    out = healthy.protect(group_row("a"))  # Ray's retry of the same group on the new actor
+    out = healthy.process(group_row("a"))  # Ray's retry of the same group on the new actor
     assert out["error"] is None and out["attempts"] == 2 and shared.in_flight() == 0
 
 
@@ -159,7 +159,7 @@ def test_a_group_that_kills_every_process_fails_after_its_retries():
         assert shared.begin("poison")[0] <= 3
     actor = fake_actor(cfg, lambda identity: pytest.fail("a fourth attempt ran"))
     actor.ledger = shared
-    out = actor.protect(group_row("poison"))
+    out = actor.process(group_row("poison"))
     assert out["attempts"] == 3 and "after 3 attempts" in out["error"] and "died" in out["error"]
 
 
@@ -176,11 +176,11 @@ def test_the_watchdog_stops_a_hung_group_and_the_retry_reports_the_timeout():
     actor.end_process, actor.ledger = (lambda reason: ended.set()), shared
     started = time.monotonic()
     with pytest.raises(Replaced):
-        actor.protect(group_row("hang"))
+        actor.process(group_row("hang"))
     assert ended.is_set() and time.monotonic() - started < 20
     retry = fake_actor(cfg, lambda identity: pytest.fail("a timed-out group ran again"))
     retry.ledger = shared
-    out = retry.protect(group_row("hang"))
+    out = retry.process(group_row("hang"))
     assert out["error"].startswith("timed out") and "group_timeout_s=0.5" in out["error"]
 
 
@@ -221,7 +221,7 @@ def test_poison_and_hung_groups_fail_alone_and_the_job_finishes(ray_cluster, tmp
     from ray import cloudpickle
 
     from capray.batch.command import protect
-    from capray.batch.stages import ProtectActor
+    from capray.batch.stages import ProtectStage
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     src = tmp_path / "in"
@@ -229,8 +229,8 @@ def test_poison_and_hung_groups_fail_alone_and_the_job_finishes(ray_cluster, tmp
     shutil.copytree(SAMPLES / "coffee", src / "poison")
     shutil.copytree(SAMPLES / "coffee", src / "hang")
     cfg = cheap_config(batch={"group_retries": 1, "group_timeout_s": 45, "num_actors": 1})
-    actor_cls = type("PoisonActor", (PoisonAndHang, ProtectActor), {})
-    summary = protect(str(src), str(tmp_path / "out"), cfg, actor_cls=actor_cls, show_progress=False)
+    actor_cls = type("PoisonActor", (PoisonAndHang, ProtectStage), {})
+    summary = protect(str(src), str(tmp_path / "out"), cfg, protect_stage=actor_cls, show_progress=False)
     assert (summary.ok, summary.failed, summary.unfinished) == (2, 2, 0)
     rows = rows_by_identity(tmp_path / "out")
     assert {i: r["status"] for i, r in rows.items()} == {"coffee": "ok", "chelsea": "ok", "poison": "failed",
@@ -246,15 +246,15 @@ def test_an_actor_with_a_sticky_cuda_error_is_replaced_and_every_group_succeeds(
     from ray import cloudpickle
 
     from capray.batch.command import protect
-    from capray.batch.stages import ProtectActor
+    from capray.batch.stages import ProtectStage
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     src = tmp_path / "in"
     copy_samples(src, "coffee", "chelsea", "astronaut")
     marker, pids = tmp_path / "sick", tmp_path / "healthy-pids"
-    actor_cls = type("SickActor", (SickFirstActor, ProtectActor), {"MARKER": str(marker), "PIDS": str(pids)})
+    actor_cls = type("SickActor", (SickFirstActor, ProtectStage), {"MARKER": str(marker), "PIDS": str(pids)})
     cfg = cheap_config(batch={"group_retries": 2, "actor_error_limit": 5, "num_actors": 1})
-    summary = protect(str(src), str(tmp_path / "out"), cfg, actor_cls=actor_cls, show_progress=False)
+    summary = protect(str(src), str(tmp_path / "out"), cfg, protect_stage=actor_cls, show_progress=False)
     assert marker.exists(), "the fault was never injected"
     assert (summary.ok, summary.failed, summary.unfinished) == (3, 0, 0)
     rows = rows_by_identity(tmp_path / "out")
@@ -267,10 +267,10 @@ def test_an_actor_with_a_sticky_cuda_error_is_replaced_and_every_group_succeeds(
 class DropOne:
     """Mixin: the actor raises for 'dropped' outside the engine's try (a bug in capray, not the engine)."""
 
-    def protect(self, row):
+    def process(self, row):
         if row["identity"] == "dropped":
             raise TypeError("a bug outside the engine call")
-        return super().protect(row)
+        return super().process(row)
 
 
 @pytest.mark.ray
@@ -278,7 +278,7 @@ def test_an_unexpected_error_gets_a_row_and_an_uncommittable_identity_is_named(r
     from ray import cloudpickle
 
     from capray.batch.command import protect
-    from capray.batch.stages import ProtectActor
+    from capray.batch.stages import ProtectStage
     from capray.io.manifest import state_uri
     from capray.io.naming import safe_name
 
@@ -288,8 +288,8 @@ def test_an_unexpected_error_gets_a_row_and_an_uncommittable_identity_is_named(r
     shutil.copytree(SAMPLES / "coffee", src / "dropped")
     shutil.copytree(SAMPLES / "coffee", src / "stuck row")
     Path(state_uri(str(out), safe_name("stuck row"))).mkdir(parents=True)  # its commit cannot finish
-    actor_cls = type("DropActor", (DropOne, ProtectActor), {})
-    summary = protect(str(src), str(out), cheap_config(), actor_cls=actor_cls, show_progress=False)
+    actor_cls = type("DropActor", (DropOne, ProtectStage), {})
+    summary = protect(str(src), str(out), cheap_config(), protect_stage=actor_cls, show_progress=False)
     assert (summary.ok, summary.failed, summary.unfinished) == (1, 1, 1) and summary.exit_code == 1
     assert summary.unfinished_identities == ["stuck row"]
     err = capsys.readouterr().err
@@ -324,18 +324,19 @@ def test_transient_errors_are_told_apart_from_missing_or_forbidden_files():
 
 
 def test_a_forbidden_photo_is_a_transient_failure_a_missing_one_an_input_failure(tmp_path, monkeypatch):
-    from capray.batch import stages
+    from capray.batch.stages import decode
+    from capray.batch.stages.decode import DecodeStage
 
     copy_samples(tmp_path, "coffee")
     photo, cfg = str(tmp_path / "coffee" / "coffee_1.png"), cheap_config()
-    missing = stages.decode_group({"identity": "a", "uris": [str(tmp_path / "gone.png")], "problem": None}, cfg)
+    missing = DecodeStage(cfg).process({"identity": "a", "uris": [str(tmp_path / "gone.png")], "problem": None})
     assert missing["failure"] == "input"
 
     def forbidden(fs, path, max_bytes):
         raise PermissionError(13, "AccessDenied (KMS key not usable by this role)")
 
-    monkeypatch.setattr(stages, "read_bytes", forbidden)  # an IAM/KMS mistake refuses every photo alike
-    denied = stages.decode_group({"identity": "a", "uris": [photo], "problem": None}, cfg)
+    monkeypatch.setattr(decode, "read_bytes", forbidden)  # an IAM/KMS mistake refuses every photo alike
+    denied = DecodeStage(cfg).process({"identity": "a", "uris": [photo], "problem": None})
     assert denied["failure"] == "transient" and "AccessDenied" in denied["error"]  # a rerun retries it
 
 
@@ -346,7 +347,7 @@ def _failed_row(prev_outputs):
 
 
 def test_a_failed_row_carries_the_model_notes_like_an_ok_one(tmp_path):
-    from capray.batch.stages import write_group
+    from capray.batch.stages.write import write_group
     from capray.io.manifest import ManifestRow
 
     cfg = cheap_config()
@@ -356,8 +357,8 @@ def test_a_failed_row_carries_the_model_notes_like_an_ok_one(tmp_path):
     assert row.status == "failed" and row.notes == list(cfg.model.notes)
 
 
-def test_removing_stale_outputs_never_touches_files_outside_output(tmp_path, capsys):
-    from capray.batch.stages import write_group
+def test_removing_stale_outputs_never_touches_files_outside_output(tmp_path, caplog):
+    from capray.batch.stages.write import write_group
     from capray.io.manifest import ManifestRow
 
     out, old = tmp_path / "out", tmp_path / "old-out"  # the state was written when OUTPUT was old-out
@@ -369,7 +370,7 @@ def test_removing_stale_outputs_never_touches_files_outside_output(tmp_path, cap
     assert not (out / "a" / "0.png").exists() and (old / "a" / "0.png").exists()
     assert ManifestRow.model_validate_json(written["row"]).removed_output_uris == [inside]
     assert written["published"] == []
-    assert f"not removing {outside}" in capsys.readouterr().err
+    assert f"not removing {outside}" in caplog.text
 
 
 FLAKY_FS = r'''
@@ -513,7 +514,7 @@ def test_concurrent_jobs_get_exactly_one_lease(tmp_path):
     got[0].release()
 
 
-def test_a_renewed_lease_stays_held_an_abandoned_one_expires_and_force_unlock_takes_over(tmp_path, capsys):
+def test_a_renewed_lease_stays_held_an_abandoned_one_expires_and_force_unlock_takes_over(tmp_path, caplog):
     import json
 
     from capray.batch.lease import LEASE_FILE, LeaseHeld, acquire
@@ -527,10 +528,11 @@ def test_a_renewed_lease_stays_held_an_abandoned_one_expires_and_force_unlock_ta
     live._thread.join()
     time.sleep(1.2)  # its pid (ours) is alive: only the TTL frees it
     taker = acquire(out, ttl_s=0.9)
-    assert "not renewed" in capsys.readouterr().err
+    assert "not renewed" in caplog.text
+    caplog.clear()
     assert not live.renew() and "taken over by job " + taker.job_id in live.lost  # the old holder would stop
     forced = acquire(out, ttl_s=60, force=True)  # --force-unlock: at once
-    assert "--force-unlock" in capsys.readouterr().err
+    assert "--force-unlock" in caplog.text
     assert json.loads(lease_file.read_text())["job_id"] == forced.job_id
     taker._stop.set()
     forced.release()
@@ -587,20 +589,20 @@ def test_an_identity_named_like_another_ones_hashed_folder_gets_its_own():
 def test_an_identity_that_would_take_over_another_ones_folder_fails(tmp_path):
     """The done-check compares the identity recorded in the folder's state (a hash collision, or names
     equal but for case on a case-insensitive store, simulated here by a state written for another name)."""
-    from capray.batch.sources import check_identity
+    from capray.batch.stages import CheckStage
     from capray.io import manifest
     from capray.io.naming import safe_name
 
     src, out = tmp_path / "in", tmp_path / "out"
     copy_samples(src, "coffee")
     manifest.write_state(str(out), safe_name("coffee"), manifest.IdentityState(identity="Coffee", status="ok"), None)
-    info = {"input": str(src), "output": str(out), "resuming": True}
-    row = check_identity({"identity": "coffee"}, cheap_config(), info)
+    check = CheckStage(cheap_config(), str(out), input_root=str(src), allowed=None, resuming=True)
+    row = check.process({"identity": "coffee"})
     assert "share the output folder 'coffee'" in row["problem"] and "'Coffee'" in row["problem"]
     assert row["failure"] == manifest.FAILURE_INPUT and row["safe"] != safe_name("coffee")  # its row lands elsewhere
     manifest.write_state(str(out), safe_name("coffee"), manifest.IdentityState(identity="coffee", status="failed",
                                                                                 failure_class="transient"), None)
-    assert check_identity({"identity": "coffee"}, cheap_config(), info)["problem"] is None  # its own folder
+    assert check.process({"identity": "coffee"})["problem"] is None  # its own folder
 
 
 # -- 7. URI allowlist ------------------------------------------------------------------------------------------
@@ -630,7 +632,7 @@ def test_allowed_input_prefixes_widen_the_default():
 
 def test_a_manifest_row_outside_the_prefix_fails_its_identity_only(tmp_path):
     from capray.batch.plan import make_plan
-    from capray.batch.stages import decode_group
+    from capray.batch.stages import DecodeStage
     from capray.io.allowlist import allowed_prefixes
 
     lib, secret = tmp_path / "lib", tmp_path / "secret"
@@ -642,7 +644,8 @@ def test_a_manifest_row_outside_the_prefix_fails_its_identity_only(tmp_path):
     plan = make_plan(str(manifest), str(tmp_path / "out"), cfg)
     allowed = allowed_prefixes(plan.input, cfg.batch.allowed_input_prefixes)
     rows = {"coffee": str(lib / "coffee" / "coffee_1.png"), "thief": str(secret / "chelsea" / "chelsea_1.png")}
-    decoded = {i: decode_group({"identity": i, "uris": [u], "problem": None}, cfg, allowed) for i, u in rows.items()}
+    decoded = {i: DecodeStage(cfg, allowed).process({"identity": i, "uris": [u], "problem": None})
+               for i, u in rows.items()}
     assert decoded["coffee"].get("error") is None and decoded["coffee"]["pixels"]
     err = decoded["thief"]["error"]
     assert "outside the allowed input locations" in err and "batch.allowed_input_prefixes" in err
@@ -652,23 +655,24 @@ def test_a_manifest_row_outside_the_prefix_fails_its_identity_only(tmp_path):
 def test_the_check_stage_refuses_uris_outside_the_prefix_before_any_request(tmp_path, monkeypatch):
     import pyarrow as pa
 
-    from capray.batch import sources
-    from capray.batch.stages import decode_group
+    from capray.batch.rows import CANDIDATE_SCHEMA
+    from capray.batch.stages import CheckStage, DecodeStage, check
+    from capray.io.allowlist import allowed_prefixes
 
     lib = tmp_path / "lib"
     copy_samples(lib, "coffee")
     good = str(lib / "coffee" / "coffee_1.png")
     bad = {"metadata": "http://169.254.169.254/latest/meta-data", "local": "file:///etc/passwd",
            "tenant": "s3://other-tenant/a.png", "chained": "zip://a.png::s3://photos/x.zip"}
-    requested, real = [], sources.get_fs
-    monkeypatch.setattr(sources, "get_fs", lambda uri, so=None: requested.append(uri) or real(uri, so))
+    requested, real = [], check.get_fs
+    monkeypatch.setattr(check, "get_fs", lambda uri, so=None: requested.append(uri) or real(uri, so))
     candidates = [{"identity": "coffee", "uris": [good], "sizes": [None], "versions": [None]}] + [
         {"identity": name, "uris": [good, uri], "sizes": [None, None], "versions": [None, None]}
         for name, uri in bad.items()]  # no size/ETag: the check would stat each photo
     cfg = cheap_config()
-    info = {"input": str(lib / "list.csv"), "output": str(tmp_path / "out"), "resuming": False}
-    table = sources.check_batch(pa.Table.from_pylist(candidates, schema=sources.CANDIDATE_SCHEMA),
-                                cfg.model_dump_json(), info, None)
+    stage = CheckStage(cfg, str(tmp_path / "out"), input_root=None, resuming=False,
+                       allowed=allowed_prefixes(str(lib / "list.csv"), cfg.batch.allowed_input_prefixes))
+    table = stage(pa.Table.from_pylist(candidates, schema=CANDIDATE_SCHEMA))
     planned = {r["identity"]: r for r in table.to_pylist()}
     assert requested == [good], "a refused URI (or its identity's other photos) was requested"
     assert planned["coffee"]["problem"] is None and planned["coffee"]["failure"] is None
@@ -677,7 +681,7 @@ def test_the_check_stage_refuses_uris_outside_the_prefix_before_any_request(tmp_
         assert row["failure"] == "input" and repr(uri) in row["problem"], row["problem"]
         assert "1 of 2 photo URIs refused; nothing read for this identity" in row["problem"]
         assert row["fingerprint"]  # unchanged input is skipped by the next run's done-check, not retried
-        decoded = decode_group(row, cfg)
+        decoded = DecodeStage(cfg).process(row)
         assert decoded["failure"] == "input" and decoded.get("pixels") is None
 
 
@@ -698,7 +702,7 @@ def test_on_s3_the_lease_is_a_conditional_create_and_retries_are_configured(moto
     assert not fs.exists(f"leases/out/{LEASE_FILE}")
 
 
-def test_force_unlock_takes_a_held_output_over_and_the_old_holder_finds_out(tmp_path, capsys):
+def test_force_unlock_takes_a_held_output_over_and_the_old_holder_finds_out(tmp_path, caplog):
     from capray.batch import command
     from capray.batch.lease import acquire
 
@@ -710,7 +714,7 @@ def test_force_unlock_takes_a_held_output_over_and_the_old_holder_finds_out(tmp_
     argv = [str(tmp_path / "in"), str(out), "--preset", "smoke", "--quiet"]
     assert command.run(parser.parse_args(argv)) == 2
     assert command.run(parser.parse_args(argv + ["--force-unlock"])) == 0
-    assert "taking over the lease on OUTPUT (--force-unlock)" in capsys.readouterr().err
+    assert "taking over the lease on OUTPUT (--force-unlock)" in caplog.text
     assert (out / "run.json").exists() and not (out / ".capray-lease.json").exists()  # released at the end
     assert not holder.renew() and "taken over" in holder.lost
     holder._stop.set()

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from capray.batch.stages import ProtectActor
+from capray.batch.stages import ProtectStage
 from capray.config import load_config
 
 pytestmark = pytest.mark.ray
@@ -23,11 +23,11 @@ pytestmark = pytest.mark.ray
 FLAKY = "flaky"
 
 
-class StandIn(ProtectActor):
+class StandIn(ProtectStage):
     """No models; each photo comes back with every pixel +1 (mod 256), so outputs differ from inputs.
     The identity named FLAKY always raises, like a device error."""
 
-    def load_models(self):
+    def load_protector(self):
         return None
 
     def run_engine(self, rgbs, identity):
@@ -59,7 +59,7 @@ def save(path: Path, seed: int, size: int = 24) -> None:
 def run(src, out, cfg=None, **kw):
     from capray.batch.command import protect
 
-    return protect(str(src), str(out), cfg or config(), show_progress=False, actor_cls=StandIn, **kw)
+    return protect(str(src), str(out), cfg or config(), show_progress=False, protect_stage=StandIn, **kw)
 
 
 def rows(out: Path) -> dict[str, dict]:

@@ -328,7 +328,7 @@ def test_the_manifest_has_the_contract_columns_with_their_types():
 def test_every_record_field_is_declared_once_and_reaches_the_manifest_and_serve():
     """ProtectionRecord declares the record; the manifest row and Serve's result extend it, never re-declare."""
     from capray.attack.api import ProtectionRecord
-    from capray.batch.stages import SUMMARY_SCHEMA
+    from capray.batch.rows import SUMMARY_SCHEMA
     from capray.serve.schemas import ProtectResult
 
     record_fields = set(ProtectionRecord.model_fields)
@@ -337,7 +337,7 @@ def test_every_record_field_is_declared_once_and_reaches_the_manifest_and_serve(
         assert record_fields <= set(extension.model_fields)
     assert record_fields <= set(manifest.SCHEMA.names)
     shared = [n for n in SUMMARY_SCHEMA.names if n in manifest.SCHEMA.names]
-    assert all(SUMMARY_SCHEMA.field(n).type == manifest.SCHEMA.field(n).type for n in shared) and len(shared) == 7
+    assert all(SUMMARY_SCHEMA.field(n).type == manifest.SCHEMA.field(n).type for n in shared) and len(shared) == 8
 
 
 def test_a_record_round_trips_through_a_commit_file(tmp_path):
@@ -381,7 +381,7 @@ def test_plan_refuses_overlap_and_config_change(tmp_path, smoke_config):
 
 
 def test_group_problems_are_input_failures(tmp_path):
-    from capray.batch.sources import group_problem
+    from capray.batch.stages.check import group_problem
     from capray.io.discover import Photo
 
     out = str(tmp_path / "out")

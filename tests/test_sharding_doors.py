@@ -112,7 +112,7 @@ def test_capray_protect_shards_over_the_pool_with_the_pixels_of_local_scoring(ra
     from ray import cloudpickle
 
     from capray.batch.command import protect
-    from capray.batch.stages import ProtectActor
+    from capray.batch.stages import ProtectStage
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     src = tmp_path / "in" / "alice"
@@ -120,10 +120,10 @@ def test_capray_protect_shards_over_the_pool_with_the_pixels_of_local_scoring(ra
     for i, rgb in enumerate(_photos()):
         Image.fromarray(rgb).save(src / f"p{i}.png")
     loans = tmp_path / "loans"
-    counting = type("CountingActor", (CountsLoans, ProtectActor), {"PATH": str(loans)})
+    counting = type("CountingActor", (CountsLoans, ProtectStage), {"PATH": str(loans)})
     on, off = _config(), _config(mode="off")
     assert protect(str(tmp_path / "in"), str(tmp_path / "on"), on, show_progress=False,
-                   actor_cls=counting).ok == 1
+                   protect_stage=counting).ok == 1
     assert int(loans.read_text()) > 0  # the protect actor borrowed the scoring actor
     assert protect(str(tmp_path / "in"), str(tmp_path / "off"), off, show_progress=False).ok == 1
     for i in range(3):

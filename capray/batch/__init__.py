@@ -1,1 +1,14 @@
-"""`capray protect`: bulk protection on Ray Data (read groups → decode → protect → encode+write → manifest)."""
+"""The bulk job: Ray Data stages (`capray.batch.stages`) chained into a processor (`build_processor`),
+and `capray protect`, the listing stage in front of the same processor (`capray.batch.command`)."""
+
+from __future__ import annotations
+
+__all__ = ["Processor", "build_processor"]
+
+
+def __getattr__(name: str):  # lazy: `capray --help` imports the command modules, not pyarrow and the stages
+    if name in __all__:
+        from capray.batch import processor
+
+        return getattr(processor, name)
+    raise AttributeError(name)

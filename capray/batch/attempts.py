@@ -12,11 +12,13 @@ first, so the retried task can say it. Finished groups are dropped: the ledger h
 
 from __future__ import annotations
 
+import logging
 import contextlib
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class AttemptLedger:
@@ -54,8 +56,7 @@ class LedgerClient:
             try:
                 self._remote = ray.get_actor(name)
             except ValueError as exc:  # not found: count here rather than fail the actor
-                print(f"capray: attempt ledger {name} not found ({exc}); counting attempts in this actor",
-                      file=sys.stderr)
+                log.warning("attempt ledger %s not found (%s); counting attempts in this actor", name, exc)
 
     def _call(self, method: str, *args):
         if self._remote is not None:
@@ -64,8 +65,8 @@ class LedgerClient:
             try:
                 return ray.get(getattr(self._remote, method).remote(*args), timeout=60)
             except Exception as exc:  # the ledger's node went away: count here (bounded per actor)
-                print(f"capray: the attempt ledger is unreachable ({type(exc).__name__}: {exc}); "
-                      "counting attempts in this actor", file=sys.stderr)
+                log.warning("the attempt ledger is unreachable (%s: %s); counting attempts in this actor",
+                            type(exc).__name__, exc)
                 self._remote = None
         return getattr(self._local, method)(*args)
 

@@ -15,10 +15,10 @@ The name starts with a dot, which identity names never do, so it can never be an
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capray.io.storage import get_fs, is_local, join, write_bytes_atomic
+
+log = logging.getLogger(__name__)
 
 LEASE_FILE = ".capray-lease.json"
 
@@ -106,13 +108,12 @@ class Lease:
         while not self._stop.wait(self.ttl_s / 3):
             try:
                 if not self.renew():
-                    print(f"capray protect: {self.lost}; stopping this job", file=sys.stderr)
+                    log.error("%s; stopping this job", self.lost)
                     if self.on_lost is not None:
                         self.on_lost()
                     return
             except Exception as exc:  # a storage hiccup: try again next period (the TTL leaves room)
-                print(f"capray protect: renewing the output lease failed ({type(exc).__name__}: {exc})",
-                      file=sys.stderr)
+                log.warning("renewing the output lease failed (%s: %s)", type(exc).__name__, exc)
 
     def release(self) -> None:
         self._stop.set()
@@ -202,8 +203,7 @@ def acquire(output: str, ttl_s: float, storage_options: dict[str, Any] | None = 
             raise LeaseHeld(f"OUTPUT is in use by another capray job: {describe(current)} (lease {uri}). "
                             f"Wait for it to finish; a lease not renewed for {ttl_s:.0f}s "
                             "(batch.lease_ttl_s) expires, and --force-unlock takes it over at once")
-        print(f"capray protect: taking over the lease on OUTPUT ({why}): was {describe(current)}",
-              file=sys.stderr)
+        log.warning("taking over the lease on OUTPUT (%s): was %s", why, describe(current))
         try:
             fs.rm_file(path)
         except FileNotFoundError:

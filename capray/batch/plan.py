@@ -21,6 +21,7 @@ from capray.io.discover import MANIFEST_SUFFIXES, is_folder, is_manifest, manife
 from capray.io.storage import get_fs, inside, join, normalize_uri, overlaps, redact, remove_stale_temps, write_bytes_atomic
 
 RUN_FILE = "run.json"
+DATASET_INPUT = "ray.data.Dataset"  # run.json's `input` when a processor was applied to a caller's Dataset
 
 
 class UsageError(Exception):
@@ -31,7 +32,7 @@ class UsageError(Exception):
 class Plan:
     input: str
     output: str
-    kind: str  # "folder" or "manifest"
+    kind: str  # "folder", "manifest" (a catalog file of identity, uri rows) or "dataset" (processor)
     manifest_files: list[str]  # URIs of the manifest input's files (a handful, even for 100M photos)
     resuming: bool  # OUTPUT holds an earlier run: the done-check reads each identity's committed state
     run_id: str  # names this run's commit files
@@ -80,6 +81,17 @@ def make_plan(input_uri: str, output_uri: str, cfg: CaprayConfig) -> Plan:
         kind, files = _check_input(input_uri, output_uri, so)
     except (FileNotFoundError, ValueError, PermissionError) as exc:
         raise UsageError(str(exc)) from None
+    return _plan(input_uri, output_uri, kind, files, cfg)
+
+
+def dataset_plan(output_uri: str, cfg: CaprayConfig) -> Plan:
+    """The plan of a processor applied to a Dataset the caller built: nothing to list, OUTPUT checked."""
+    return _plan(DATASET_INPUT, normalize_uri(output_uri), "dataset", [], cfg)
+
+
+def _plan(input_uri: str, output_uri: str, kind: str, files: list[str], cfg: CaprayConfig) -> Plan:
+    """Check OUTPUT against the run it may hold (same engine config to resume) and name this run."""
+    so = cfg.batch.storage_options
     previous = _previous_run(output_uri, so)
     if previous and previous.get("config_hash") != cfg.config_hash():
         raise UsageError(f"OUTPUT {output_uri} holds a run with engine config {previous.get('config_hash')}, "

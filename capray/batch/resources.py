@@ -10,11 +10,13 @@ on the CPU and says so once.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from typing import Any
 
 from capray.config import BatchConfig, CaprayConfig
+
+log = logging.getLogger(__name__)
 
 
 def actor_pool_args(b: BatchConfig) -> dict[str, Any]:
@@ -32,7 +34,7 @@ def embedded_cpu_fallback(cfg: CaprayConfig, address: str | None) -> CaprayConfi
 
     if torch.cuda.is_available():
         return cfg
-    print("capray protect: no CUDA device on this machine; the embedded local Ray runs the protect (and "
-          "scoring) actors on the CPU (batch.gpus_per_actor=0, sharding.gpus_per_actor=0)", file=sys.stderr)
+    log.warning("no CUDA device on this machine; the embedded local Ray runs the protect (and scoring) actors "
+                "on the CPU (batch.gpus_per_actor=0, sharding.gpus_per_actor=0)")
     return cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"gpus_per_actor": 0.0}),
                                   "sharding": cfg.sharding.model_copy(update={"gpus_per_actor": 0.0})})

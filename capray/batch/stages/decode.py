@@ -1,0 +1,68 @@
+"""Stage 3, decode (CPU tasks): read every photo of the identity through fsspec and decode it safely.
+
+A group with any unusable photo fails as a whole, with every bad file and its reason in the error:
+CAP optimises the group together, and publishing part of it silently would lose photos.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from typing import Any
+
+from capray.batch.rows import GROUP_SCHEMA
+from capray.batch.stages.base import Stage, short_error
+from capray.io import manifest
+from capray.io.allowlist import uri_problem
+from capray.io.images import BadImage, decode_image
+from capray.io.storage import TransientStorageError, get_fs, is_transient, read_bytes
+
+# An unreadable photo is the input's fault when the file is gone or not a file; other OSErrors
+# (timeouts, throttling, connection resets) are the infrastructure's, and the next run retries them.
+# So is a refused read (PermissionError): an IAM policy or KMS key misconfigured for the job refuses
+# every photo alike, and once it is fixed a rerun must retry them, not skip them as failed for good.
+INPUT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+class DecodeStage(Stage):
+    """Plan rows → group rows with the decoded pixels. `allowed`: prefixes the photo URIs must lie
+    under (`capray.io.allowlist`), checked again where the bytes are read; None: no check."""
+
+    output_schema = GROUP_SCHEMA
+
+    def __init__(self, cfg, allowed: list[str] | None = None):
+        super().__init__(cfg)
+        self.allowed = allowed
+
+    def process(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = dict(row, started_at=time.time())
+        if row.get("problem"):
+            return dict(out, error=row["problem"], failure=row.get("failure") or manifest.FAILURE_INPUT)
+        b = self.cfg.batch
+        pixels, shapes, alphas, notes, bad, transient = [], [], [], [], [], False
+        for uri in row["uris"]:
+            name = posixpath.basename(uri) or uri
+            try:
+                if not uri:
+                    raise BadImage("empty URI in the input catalog")
+                refused = uri_problem(uri, self.allowed) if self.allowed is not None else None
+                if refused:
+                    raise BadImage(refused)
+                fs, path = get_fs(uri, b.storage_options)
+                decoded = decode_image(read_bytes(fs, path, b.max_file_bytes), max_pixels=b.max_image_pixels,
+                                       min_side=b.min_image_side)
+            except (BadImage, ValueError, OSError) as exc:  # OSError: missing file, permission, network
+                if is_transient(exc):  # the store, not the photo: Ray Data retries the task
+                    raise TransientStorageError(f"reading {uri}: {short_error(exc)}") from exc
+                bad.append(f"{name}: {exc if isinstance(exc, BadImage) else short_error(exc)}")
+                transient |= isinstance(exc, OSError) and not isinstance(exc, INPUT_OS_ERRORS)
+                continue
+            pixels.append(decoded.rgb.tobytes())
+            shapes.append(list(decoded.rgb.shape[:2]))
+            alphas.append(decoded.alpha.tobytes() if decoded.alpha is not None else None)
+            notes.extend(f"{name}: {n}" for n in decoded.notes)
+        if bad:
+            return dict(out, error=f"{len(bad)} of {len(row['uris'])} photos unusable; nothing written for this "
+                                   f"identity: " + "; ".join(bad),
+                        failure=manifest.FAILURE_TRANSIENT if transient else manifest.FAILURE_INPUT)
+        return dict(out, pixels=pixels, shapes=shapes, alphas=alphas, photo_notes=notes)
