@@ -1,4 +1,5 @@
-"""The docs: the MkDocs site builds strictly, the README's links resolve, and the README stays a front page."""
+"""The docs: the MkDocs site builds strictly, the README's links resolve, its Python quickstart runs, and the
+README stays a front page."""
 
 from __future__ import annotations
 
@@ -69,3 +70,33 @@ def test_the_readme_is_a_front_page():
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; topics belong in docs/"
     first_screen = [line.split("#", 1)[0].strip() for line in lines[:40]]
     assert "make demo" in first_screen and "make test" in first_screen
+
+
+def _readme_block(after_heading: str) -> str:
+    """The first ```python block under the README heading `after_heading`."""
+    text = README.read_text()
+    section = text[text.index(after_heading):]
+    match = re.search(r"^```python\n(.*?)^```", section, flags=re.M | re.S)
+    assert match, f"no python block under {after_heading!r}"
+    return match.group(1)
+
+
+def test_the_readme_python_quickstart_runs_and_protects(tiny_model_dir, tmp_path, monkeypatch):
+    """The front page's Python example, run as written: same sizes out, ε held, the tiny model labelled."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(_readme_block("### Python"), "README.md", "exec"), scope)  # noqa: S102 - our own README
+    result, photos = scope["result"], scope["photos"]
+    assert len(photos) >= 2 and len(result.images) == len(photos)
+    for path, image, array in zip(photos, result.images, result.arrays):
+        original = np.array(Image.open(path).convert("RGB"))
+        assert image.size == Image.open(path).size and array.shape == original.shape
+        eps_255 = result.record.linf_255_max
+        assert 0 < np.abs(array.astype(int) - original).max() <= eps_255 <= 0.05 * 127.5 + 0.5
+    assert (tmp_path / "astronaut_1.protected.png").is_file()
+    assert any("tiny random model" in note for note in result.record.notes)
+    images, record = result  # unpacks as (images, record)
+    assert record is result.record and len(images) == len(photos)
