@@ -30,8 +30,8 @@ from capray.batch.resources import actor_pool_args
 from capray.batch.settle import NAMES_KEPT, report_uncommitted
 from capray.batch.sources import candidates, check_batch, plan_info
 from capray.batch.stages import ProtectActor, commit_batch, decode_batch, write_batch
-from capray.cli import EXIT_FAILED, EXIT_INPUT_FAILED, EXIT_OK
 from capray.config import CaprayConfig
+from capray.exit_codes import EXIT_FAILED, EXIT_INPUT_FAILED, EXIT_OK
 from capray.io.allowlist import allowed_prefixes
 from capray.io.storage import TransientStorageError, get_fs, join, write_bytes_atomic
 

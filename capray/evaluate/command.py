@@ -10,7 +10,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clean", required=True, help="clean photos: DIR/<identity>/<photos>")
     parser.add_argument("--protected", default="", help="comma-separated `capray protect` output folders")
     parser.add_argument("--out", required=True, help="report folder (must not overlap the inputs)")
-    from capray.cli import add_config_options
+    from capray.config_args import add_config_options
 
     add_config_options(parser, set_example="evaluate.train_steps=500")  # no --preset: smoke for 'tiny', else paper
     parser.add_argument("--transform", action="append", default=[], metavar="SPEC",
@@ -26,7 +26,7 @@ def budget_for(cfg) -> str:
 
 
 def build_config(args: argparse.Namespace):
-    from capray.cli import config_from_args
+    from capray.config_args import config_from_args
 
     flags: dict = {}
     if args.transform:
@@ -38,7 +38,7 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when every photo set of every identity was evaluated, 1 when some failed, 2 for unusable input."""
-    from capray.cli import describe, expected_errors, report
+    from capray.errors import describe, expected_errors, report
     from capray.evaluate.pipeline import evaluate
     from capray.models.preflight import PreflightError, preflight
 

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from capray.cli import describe, report
+    from capray.errors import describe, report
     from capray.models.fetch import CacheDirs, FetchError, fetch
 
     try:

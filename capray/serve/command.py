@@ -13,7 +13,7 @@ import threading
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from capray.cli import add_config_options
+    from capray.config_args import add_config_options
 
     add_config_options(parser, set_example="serve.max_replicas=2")
     parser.add_argument("--host", help="HTTP host (default: serve.host)")
@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_args(args: argparse.Namespace):
-    """What the Serve app is built from: the same precedence rule as every front door (`cli.overrides_from_args`)."""
-    from capray.cli import overrides_from_args
+    """What the Serve app is built from: the same precedence rule as every front door (`config_args.overrides_from_args`)."""
+    from capray.config_args import overrides_from_args
     from capray.serve.app import ServeArgs
 
     flags = {key: value for key, value in (("host", args.host), ("port", args.port)) if value}
@@ -36,7 +36,7 @@ def serve_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from capray.cli import describe, expected_errors, report
+    from capray.errors import describe, expected_errors, report
 
     try:
         sargs = serve_args(args)
