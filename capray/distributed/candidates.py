@@ -23,9 +23,9 @@ the runner (same candidates, same draw: same scores), and the pool replaces the 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
-import sys
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,6 +37,8 @@ import torch
 
 from capray.attack.cap import Candidates, EvaluationContext, InProcessEvaluator, as_candidates
 from capray.attack.randomness import NoiseDraw
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -201,8 +203,8 @@ class PooledEvaluator:
                     scores.append(torch.from_numpy(ray.get(ref)).to(scores[0].device))
                     self.remote_candidates += shard.m
                 except _SCORING_FAILURES as exc:
-                    print(f"capray: scoring actor {pid} failed ({type(exc).__name__}); re-scoring its "
-                          f"{shard.m} candidate(s) locally", file=sys.stderr)
+                    log.warning("scoring actor %s failed (%s); re-scoring its %d candidate(s) locally",
+                                pid, type(exc).__name__, shard.m)
                     dead.append(pid)
                     self.used.pop(pid, None)
                     _cancel(ref)

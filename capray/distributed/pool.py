@@ -15,12 +15,14 @@ Nothing ever waits on the pool:
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any, Callable
+
+log = logging.getLogger(__name__)
 
 
 class ScoringPool:
@@ -68,7 +70,7 @@ class ScoringPool:
                         ray.get(ref)
                         self.ready.append(wid)
                     except Exception as exc:  # noqa: BLE001 - a worker that cannot load its models is not replaced
-                        print(f"capray: scoring actor {wid} failed to start: {exc}", file=sys.stderr)
+                        log.warning("scoring actor %s failed to start: %s", wid, exc)
                         self.workers.pop(wid, None)
             stale = time.monotonic() - 2 * self.sharding.shard_timeout_s
             for lease, (ids, since) in list(self.leases.items()):
@@ -149,7 +151,7 @@ class PoolClient:
         try:
             handle = ray.get_actor(name)
         except ValueError as exc:
-            print(f"capray: scoring pool {name} not found ({exc}); scoring locally", file=sys.stderr)
+            log.warning("scoring pool %s not found (%s); scoring locally", name, exc)
             return None
         return cls(handle, lambda ref: ray.get(ref, timeout=10.0))
 
@@ -161,7 +163,7 @@ class PoolClient:
         try:
             return self.resolve(self.handle.borrow.remote(want))
         except Exception as exc:  # noqa: BLE001 - no pool, no sharding; the group still completes
-            print(f"capray: scoring pool unavailable ({type(exc).__name__}); scoring locally", file=sys.stderr)
+            log.warning("scoring pool unavailable (%s); scoring locally", type(exc).__name__)
             return None, []
 
     def give_back(self, lease: str | None, dead: list[int]) -> None:

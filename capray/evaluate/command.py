@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from capray.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,20 +47,20 @@ def run(args: argparse.Namespace) -> int:
         cfg = build_config(args)
     except expected_errors() as exc:
         report("evaluate", args, f"configuration error: {describe(exc)}", exc)
-        return 2
+        return EXIT_USAGE
     try:
         preflight(cfg.model)  # on the driver, before evaluate starts Ray
     except PreflightError as exc:
         report("evaluate", args, describe(exc), exc)
-        return 2
+        return EXIT_USAGE
     protected = [p for p in args.protected.split(",") if p.strip()]
     try:
         result = evaluate(args.clean, protected, args.out, cfg, use_ray=not args.no_ray,
                           identities=args.identity or None, address=args.address)
     except (OSError, ValueError) as exc:  # missing folder, overlap, unreachable or forbidden storage
         report("evaluate", args, describe(exc), exc)
-        return 2
+        return EXIT_USAGE
     incomplete = [f"{r['identity']} ({r['status']})" for r in result["identities"] if r["status"] != "ok"]
-    if incomplete:
-        print(f"capray evaluate: not fully evaluated (see the report): {', '.join(incomplete)}", file=sys.stderr)
-    return 1 if incomplete else 0
+    if incomplete:  # the command's own last line, not a log record
+        report("evaluate", args, f"not fully evaluated (see the report): {', '.join(incomplete)}")
+    return EXIT_FAILED if incomplete else EXIT_OK
