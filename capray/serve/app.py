@@ -42,6 +42,7 @@ from ray.serve.handle import DeploymentHandle
 from capray.attack.api import ProtectionRecord
 from capray.config import CaprayConfig, ServeConfig, ShardingConfig, load_config
 from capray.distributed.pool import ScoringPool
+from capray.metrics import SERVE_GROUPS, Metric
 from capray.serve import errors
 from capray.serve.auth import AuthError, KeyRing, check_exposure
 from capray.serve.body_limit import missing_guard
@@ -202,8 +203,6 @@ def _job_status(state: JobState, result: ProtectResult | None, base: str) -> Job
 @serve.ingress(api)
 class Ingress:
     async def __init__(self, protector: DeploymentHandle, config: dict[str, Any], listen_host: str):
-        from ray.serve.metrics import Counter
-
         self.protector = protector
         self.config = CaprayConfig.model_validate(config)
         s = self.config.serve
@@ -217,17 +216,16 @@ class Ingress:
         self.runner = JobRunner(self.store, self.config, self._protect, self.tag)
         self.sync_in_flight = 0
         self.uploads = UploadSlots(s.max_uploads_in_flight)
-        self.finished = Counter("capray_serve_groups_total", description="protection requests finished, by outcome",
-                                tag_keys=("outcome",))
+        self.finished = Metric(SERVE_GROUPS, serve=True)
         self.sweeper = asyncio.get_running_loop().create_task(self.runner.sweep_forever())
 
     async def _protect(self, rgbs, cfg, identity, on_progress):
         try:
             out = await _call_protector(self.protector, rgbs, cfg, identity, on_progress)
         except BaseException as exc:  # a busy refusal is retried by the runner: not a failed group
-            self.finished.inc(tags={"outcome": "busy" if errors.is_busy(exc) else "failed"})
+            self.finished.inc(outcome="busy" if errors.is_busy(exc) else "failed")
             raise
-        self.finished.inc(tags={"outcome": "ok"})
+        self.finished.inc(outcome="ok")
         return out
 
     def _caller(self, request: Request) -> str:
