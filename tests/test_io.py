@@ -329,10 +329,10 @@ def test_every_record_field_is_declared_once_and_reaches_the_manifest_and_serve(
     """ProtectionRecord declares the record; the manifest row and Serve's result extend it, never re-declare."""
     from capray.attack.api import ProtectionRecord
     from capray.batch.stages import SUMMARY_SCHEMA
-    from capray.serve.schemas import ProtectResult
+    from capray.serve.schemas import JobResult
 
     record_fields = set(ProtectionRecord.model_fields)
-    for extension in (manifest.ManifestRow, ProtectResult):
+    for extension in (manifest.ManifestRow, JobResult):
         assert not record_fields & set(extension.__annotations__), extension  # own fields only
         assert record_fields <= set(extension.model_fields)
     assert record_fields <= set(manifest.SCHEMA.names)

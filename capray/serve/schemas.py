@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from capray.attack.api import ProtectionRecord
 
+# One word per state, as in the batch manifest (ok | failed): a finished job is `ok`, never `done`.
+JobStatusWord = Literal["pending", "ok", "failed"]
+
 
 class PhotoIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -46,7 +49,7 @@ class PhotoOut(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
-class ProtectResult(ProtectionRecord):
+class JobResult(ProtectionRecord):
     """The engine's `ProtectionRecord` for the group, plus the protected photos themselves."""
 
     photos: list[PhotoOut]
@@ -67,11 +70,11 @@ class Progress(BaseModel):
 
 class JobStatus(BaseModel):
     job_id: str
-    status: Literal["pending", "done", "failed"]
+    status: JobStatusWord
     created_at: float
     finished_at: float | None = None
     progress: Progress
     attempts: int = Field(description="runs started (a rerun follows a runner lost to a restart)")
     error: str | None = None
     result_zip_url: str | None = None
-    result: ProtectResult | None = Field(None, description="when done; photos carry their download `url`")
+    result: JobResult | None = Field(None, description="when ok; photos carry their download `url`")
