@@ -16,7 +16,7 @@ import ray
 import torch
 
 from capray import protect_group
-from capray.distributed.candidates import CandidateScorer
+from capray.distributed.candidates import ScoringActor
 
 pytestmark = pytest.mark.ray
 
@@ -126,7 +126,7 @@ def test_peers_fetch_a_phase_once_and_cache_by_phase(pool, one_thread):
     assert all(evaluator.key not in ray.get(p.cached.remote()) for p in peers)
 
 
-class DiesOnFirstScore(CandidateScorer):
+class DiesOnFirstScore(ScoringActor):
     """The first scoring call in the whole pool ends its process, mid-call (a crash, OOM kill, lost node)."""
 
     MARKER = ""

@@ -57,7 +57,9 @@ class StepRecord:
 
 
 @dataclass
-class ProtectResult:
+class GroupResult:
+    """What `protect_group` returns for one group: tensors and records (`attack.api` turns it into a record)."""
+
     images: list[torch.Tensor]  # protected photos, (3, H, W) in [-1, 1], original sizes, on CPU
     steps: list[StepRecord]
     metrics: list[dict[str, float]]
@@ -411,7 +413,7 @@ def protect_group(
     references: torch.Tensor | list[torch.Tensor] | None = None,
     evaluator_factory: Callable[..., Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> ProtectResult:
+) -> GroupResult:
     """Protect one identity group.
 
     `images`: the group's photos in [-1, 1], (N, 3, H, W) or a list of (3, H, W) of any sizes — the
@@ -439,7 +441,7 @@ def protect_group(
     attack.timings["total_s"] = time.perf_counter() - start
     protected = [img.detach().float().cpu() for img in attack.layout.unflatten(attack.x)]
     metrics = [image_metrics(clean, prot) for clean, prot in zip(photos, protected)]
-    return ProtectResult(
+    return GroupResult(
         images=protected, steps=attack.steps, metrics=metrics, timings=attack.timings,
         method=config.attack.method, cap_enabled=attack.cap_on, consistency_before=before,
         consistency_after=after, surrogate_mode=attack.surrogate_mode(), notes=attack.notes,

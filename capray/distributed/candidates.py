@@ -60,7 +60,7 @@ class PhaseState:
         return sum(t.numel() * t.element_size() for t in self.unet_state.values())
 
 
-class CandidateScorer:
+class ScoringActor:
     """A scoring actor's body: SD parts resident, a few phases' UNets cached by (group, phase)."""
 
     def __init__(self, model_config_json: str, torch_threads: int | None = None, cache_phases: int = 2):
@@ -118,7 +118,7 @@ class CandidateScorer:
         return evaluator(candidates.shard(start, stop).to(parts.device), draw).cpu().numpy()
 
 
-CandidateWorker = ray.remote(max_restarts=0, max_task_retries=0)(CandidateScorer)
+CandidateWorker = ray.remote(max_restarts=0, max_task_retries=0)(ScoringActor)
 
 _SCORING_FAILURES = (ray.exceptions.RayError, ray.exceptions.GetTimeoutError)
 
