@@ -7,19 +7,13 @@ a GPU run see the same timesteps and noise.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
+from capray.models.seeds import cpu_generator, derive_seed
 
-def derive_seed(*parts: object) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def cpu_generator(*parts: object) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(derive_seed(*parts))
+__all__ = ["NoiseDraw", "cpu_generator", "derive_seed", "draw_noise"]  # the seeds are used from here too
 
 
 @dataclass(frozen=True)

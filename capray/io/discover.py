@@ -220,7 +220,7 @@ def _dataset(fs: Any, path: str):
     import pyarrow as pa
     import pyarrow.dataset as pads
 
-    from capray.io.manifest import arrow_fs
+    from capray.io.storage import arrow_fs
 
     lower = path.lower()
     if lower.endswith(".parquet"):
