@@ -93,12 +93,12 @@ def test_sharded_equals_local(pool, one_thread, method):
 
 def test_peers_fetch_a_phase_once_and_cache_by_phase(pool, one_thread):
     """A peer scores many calls of one phase on one fetched copy of its weights."""
-    from capray.distributed.candidates import PooledEvaluator, PhaseState
     from capray.attack.cap import EvaluationContext, InProcessEvaluator
     from capray.attack.engine import load_models
     from capray.attack.group import GroupLayout
     from capray.attack.losses import reconstruction_loss
     from capray.attack.randomness import draw_noise
+    from capray.distributed.candidates import PhaseState, PooledEvaluator
     from capray.models.sd import encode_prompt
 
     cfg = _exact_config("aspl")
@@ -140,11 +140,11 @@ class DiesOnFirstScore(ScoringActor):
 
 
 def test_a_scoring_actor_dying_mid_step_changes_nothing(ray_cluster, tiny_model_dir, tmp_path, one_thread):
+    from ray import cloudpickle
+
     from capray.attack.engine import load_models
     from capray.distributed.candidates import evaluator_factory_for
     from capray.distributed.pool import PoolClient, scoring_pool
-
-    from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the pool actor builds this test's workers
     cfg = _exact_config("aspl")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.lint  # static: reads the source, imports nothing of capray
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "capray"
 

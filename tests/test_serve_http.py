@@ -17,7 +17,6 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from conftest import PROXY_MAX_REQUEST_BYTES
 from test_serve import PHOTOS, _photo, _png, _png_array
 
@@ -300,7 +299,7 @@ def _stream_post(port: int, total: int, headers: dict[str, str], chunk: int = 1 
         while sent < total and not select.select([sock], [], [], 0)[0]:
             sock.sendall(block)
             sent += chunk
-    except (BrokenPipeError, ConnectionResetError, socket.timeout):
+    except (TimeoutError, BrokenPipeError, ConnectionResetError):
         pass
     reply = b""
     try:
@@ -309,7 +308,7 @@ def _stream_post(port: int, total: int, headers: dict[str, str], chunk: int = 1 
             if not data:
                 break
             reply += data
-    except (ConnectionResetError, socket.timeout):
+    except (TimeoutError, ConnectionResetError):
         pass
     sock.close()
     status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else 0

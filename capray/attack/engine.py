@@ -8,15 +8,15 @@ dynamic ratio from PGD step k̂ on. Everything random is drawn from generators s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from capray.attack import cap as cap_search
 from capray.attack.group import GroupLayout
-from capray.attack.losses import (FeatureTap, consistency_part, feature_interference, reconstruction_loss,
-                                  style_stats)
+from capray.attack.losses import FeatureTap, consistency_part, feature_interference, reconstruction_loss, style_stats
 from capray.attack.metrics import image_metrics
 from capray.attack.pgd import sign_step
 from capray.attack.randomness import NoiseDraw, draw_noise

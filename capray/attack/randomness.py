@@ -24,11 +24,11 @@ class NoiseDraw:
     noise: torch.Tensor  # (N, C, h, w)
     vae_noise: torch.Tensor  # (N, C, h, w)
 
-    def select(self, index: torch.Tensor) -> "NoiseDraw":
+    def select(self, index: torch.Tensor) -> NoiseDraw:
         """The given rows, e.g. `arange(q0, q1) % N` for a chunk of candidate-major scoring rows."""
         return NoiseDraw(self.timesteps[index], self.noise[index], self.vae_noise[index])
 
-    def rows(self, start: int, stop: int) -> "NoiseDraw":
+    def rows(self, start: int, stop: int) -> NoiseDraw:
         """Rows start..stop-1 (e.g. the instance vs class halves of a training batch)."""
         return NoiseDraw(self.timesteps[start:stop], self.noise[start:stop], self.vae_noise[start:stop])
 

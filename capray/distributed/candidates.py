@@ -51,7 +51,7 @@ class PhaseState:
     resolution: int
 
     @classmethod
-    def of(cls, context: EvaluationContext) -> "PhaseState":
+    def of(cls, context: EvaluationContext) -> PhaseState:
         return cls({k: v.detach().cpu() for k, v in context.unet.state_dict().items()},
                    context.cond.detach().cpu(), context.layout, context.resolution)
 

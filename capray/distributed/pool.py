@@ -19,8 +19,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class ScoringPool:
                         log.warning("scoring actor %s failed to start: %s", wid, exc)
                         self.workers.pop(wid, None)
             stale = time.monotonic() - 2 * self.sharding.shard_timeout_s
-            for lease, (ids, since) in list(self.leases.items()):
+            for lease, (_ids, since) in list(self.leases.items()):
                 if since < stale:  # its runner is gone
                     self.give_back(lease, [])
 
@@ -145,7 +145,7 @@ class PoolClient:
         self.handle, self.resolve, self.timeout_s = handle, resolve, timeout_s
 
     @classmethod
-    def for_actor(cls, name: str) -> "PoolClient | None":
+    def for_actor(cls, name: str) -> PoolClient | None:
         import ray
 
         try:
@@ -156,7 +156,7 @@ class PoolClient:
         return cls(handle, lambda ref: ray.get(ref, timeout=10.0))
 
     @classmethod
-    def for_serve(cls, handle: Any) -> "PoolClient":
+    def for_serve(cls, handle: Any) -> PoolClient:
         return cls(handle, lambda response: response.result(timeout_s=10.0))
 
     def borrow(self, want: int) -> tuple[str | None, list[tuple[int, Any]]]:

@@ -7,8 +7,9 @@ manifest file is scanned in record batches (`iter_manifest_groups`).
 
 A manifest is Parquet, CSV or JSON Lines with one row per photo and columns `identity`, `uri`
 (optional `size` and `etag`/`version` spare a HEAD per photo when fingerprinting). The input may be
-one file or a glob of such files (`s3://b/export/part-*.parquet`, an export split in parts). Grouping streams, so it needs
-**each identity's rows in one file, and every file sorted by identity** (`ORDER BY identity`); a file
+one file or a glob of such files (`s3://b/export/part-*.parquet`, an export split in parts). Grouping
+streams, so it needs **each identity's rows in one file, and every file sorted by identity**
+(`ORDER BY identity`); a file
 that is not sorted is refused with an error naming the file and the first out-of-order row, before
 any of its groups are used. Relative URIs are resolved against the file's own folder; a URI listed
 twice for one identity is used once.

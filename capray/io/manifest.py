@@ -59,8 +59,8 @@ class ManifestRow(ProtectionRecord):
         None, description="input: the photos/name are at fault, not retried until the input changes; "
                           "transient: engine or infrastructure, retried by the next run")
     input_fingerprint: str | None = Field(None, description="digest of input URIs, sizes and ETags/mtimes")
-    removed_output_uris: list[str] = Field(default_factory=list,
-                                           description="earlier outputs deleted because their source is gone or changed")
+    removed_output_uris: list[str] = Field(
+        default_factory=list, description="earlier outputs deleted because their source is gone or changed")
 
 
 class IdentityState(BaseModel):

@@ -19,7 +19,8 @@ from capray.models.cache import cache_root, exclusive
 
 
 def class_image_dir(parts: Any, cfg: SurrogateConfig, resolution: int) -> Path:
-    key = hashlib.sha256(f"{parts.model_id}|{cfg.class_prompt}|{resolution}|{cfg.class_sample_steps}".encode()).hexdigest()[:12]
+    spec = f"{parts.model_id}|{cfg.class_prompt}|{resolution}|{cfg.class_sample_steps}"
+    key = hashlib.sha256(spec.encode()).hexdigest()[:12]
     return cache_root(cfg.class_images_dir) / "class-images" / key
 
 

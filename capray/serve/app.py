@@ -50,7 +50,7 @@ from capray.serve.limits import RequestError, UploadSlots, check_pixels, effecti
 from capray.serve.requests import decode_photos, read_submission
 from capray.serve.results import build_result, result_zip
 from capray.serve.runner import JobRunner
-from capray.serve.schemas import JobAccepted, JobStatus, Progress, ProtectRequest, JobResult
+from capray.serve.schemas import JobAccepted, JobResult, JobStatus, Progress, ProtectRequest
 from capray.serve.store import JobState, JobStore
 
 APP_NAME = "capray"
@@ -315,7 +315,7 @@ class Ingress:
             protected, record = await asyncio.wait_for(
                 self._protect([d.rgb for d in decoded], cfg, sub.identity, None),
                 timeout=self.config.serve.job_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RequestError(504, errors.timed_out(self.config.serve.job_timeout_s)) from None
         except Exception as exc:  # noqa: BLE001 - a short, stable message; the detail goes to the log
             message = errors.public_error(exc)
@@ -338,7 +338,8 @@ class ServeArgs(BaseModel):
 
     config_path: str | None = Field(None, description="capray YAML/JSON config file on the cluster")
     preset: Literal["smoke", "paper"] | None = None
-    overrides: dict[str, Any] = Field(default_factory=dict, description="nested overrides, e.g. {serve: {max_replicas: 8}}")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="nested overrides, e.g. {serve: {max_replicas: 8}}")
 
     def load(self) -> CaprayConfig:
         return load_config(self.config_path, preset=self.preset, overrides=self.overrides)

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_args(args: argparse.Namespace):
-    """What the Serve app is built from: the same precedence rule as every front door (`config_args.overrides_from_args`)."""
+    """What the Serve app is built from, by the precedence rule of every front door (`overrides_from_args`)."""
     from capray.config_args import overrides_from_args
     from capray.serve.app import ServeArgs
 

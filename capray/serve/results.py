@@ -10,7 +10,7 @@ from typing import Any
 
 from capray.attack.api import ProtectionRecord
 from capray.config import CaprayConfig
-from capray.serve.schemas import PhotoOut, JobResult
+from capray.serve.schemas import JobResult, PhotoOut
 
 
 def build_result(names: list[str | None], decoded: list[Any], protected: list[Any],

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from capray.config import CaprayConfig
 from capray.serve import errors
@@ -92,7 +93,7 @@ class JobRunner:
                 try:
                     await asyncio.wait_for(stop.wait(), self.heartbeat_s)
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 state.lease_until = time.time() + self.limits.job_lease_s
                 try:
@@ -160,7 +161,7 @@ class JobRunner:
         while True:
             started: list[float] = []
 
-            def progress(done: int, total: int) -> None:
+            def progress(done: int, total: int, started: list[float] = started) -> None:  # this attempt's clock
                 if not started:
                     started.append(time.monotonic())
                 on_progress(done, total)

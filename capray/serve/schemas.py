@@ -15,7 +15,8 @@ JobStatusWord = Literal["pending", "ok", "failed"]
 class PhotoIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    data: str = Field(..., description="the photo file (PNG, JPEG, WebP…) base64-encoded; a data: URL prefix is allowed")
+    data: str = Field(..., description="the photo file (PNG, JPEG, WebP…) base64-encoded; "
+                                       "a data: URL prefix is allowed")
     name: str | None = Field(None, max_length=200, description="echoed back, e.g. the file name")
 
 
