@@ -44,6 +44,7 @@ second at the best batch size, `mfu` is projected identity FLOPs / (identity_s �
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -53,9 +54,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 # -- the full-size SD 2.1-base architecture (stabilityai/stable-diffusion-2-1-base configs) -----------
 
@@ -156,7 +158,7 @@ class PeakMemory:
     def __init__(self, device: Any):
         self.device, self.gb = device, 0.0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         import torch
 
         if self.device.type == "cuda":
@@ -417,7 +419,7 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
             cands = (x + cfg.attack.alpha * signs).clamp(-1, 1)
             del signs
             scorer = cap_search.InProcessEvaluator(candidate_loss, attack.layout, res, bs * n)
-            ms = clock.ms(lambda: scorer(cands, plain_draw))
+            ms = clock.ms(functools.partial(scorer, cands, plain_draw))
             out["candidates"][bs] = {"ms": ms, "images_per_s": bs * n / (ms / 1e3), "peak_gb": mem.peak_now()}
         cands = None
     if out["candidates"]:
@@ -454,7 +456,9 @@ def measure(args: argparse.Namespace, models: Any, cfg: Any, clock: Clock) -> di
         out["memory_by_n"] = memory_by_group_size(args, models, cfg, net)
     with attempt(out, "deterministic mode"):
         out["deterministic"] = determinism_check(args, models, cfg, clock, net)
-    del net, attack
+    # Free the surrogate and the attack's tensors for the next measurement; rebound rather than deleted,
+    # because the closures above still name them (none of them runs again).
+    net = attack = None
     gc.collect()
     return out
 
@@ -699,7 +703,8 @@ def report(args: argparse.Namespace, cfg: Any, name: str, setup_s: float, peak_t
     transfer = figures.get("phase_transfer")
     if transfer:
         print(f"sharding, per PGD phase: {transfer['gb']:.3f} GB of UNet weights; "
-              f"device→host {transfer['d2h_ms']:.1f} ms once, host→device {transfer['h2d_ms']:.1f} ms per scoring actor (+ the object store between nodes)")
+              f"device→host {transfer['d2h_ms']:.1f} ms once, host→device {transfer['h2d_ms']:.1f} ms per scoring "
+              "actor (+ the object store between nodes)")
     for n, v in figures.get("memory_by_n", {}).items():
         print(f"CAP step peak memory, N = {n:3d} photos (image_batch_size {cfg.attack.image_batch_size}): "
               f"{v['peak_gb']:.2f} GB  ({v['seconds']:.1f} s)")

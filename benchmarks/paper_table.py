@@ -9,8 +9,8 @@ augmentations of skimage's astronaut) — which checks the plumbing, not the pap
 
 As in the paper, "Anti-DB" is the mean of the FSMG and ASPL rows. Data layout: ``ROOT/<identity>/``
 holding the photos to protect, or ``ROOT/<identity>/set_B/`` (Anti-DreamBooth's layout; set_B is the
-set that gets protected and attacked, and a clean ``set_A`` next to it is what the surrogate learns from). Prints the table and ends with
-``RESULT paper_table identities=<n> backends=<names>``.
+set that gets protected and attacked, and a clean ``set_A`` next to it is what the surrogate learns from).
+Prints the table and ends with ``RESULT paper_table identities=<n> backends=<names>``.
 """
 
 from __future__ import annotations
@@ -54,13 +54,16 @@ def collect(data: Path | None, size: int, limit: int | None) -> dict[str, list[t
 
         base = skdata.astronaut()
         rng = np.random.default_rng(0)
-        variants = [base, base[:, ::-1], np.clip(base * 0.9 + 10, 0, 255), np.clip(base + rng.normal(0, 4, base.shape), 0, 255)]
-        return {"astronaut": [(f"astronaut_{i}", center_square(v.astype(np.uint8), size)) for i, v in enumerate(variants)]}
+        variants = [base, base[:, ::-1], np.clip(base * 0.9 + 10, 0, 255),
+                    np.clip(base + rng.normal(0, 4, base.shape), 0, 255)]
+        return {"astronaut": [(f"astronaut_{i}", center_square(v.astype(np.uint8), size))
+                              for i, v in enumerate(variants)]}
     for ident in sorted(p for p in data.iterdir() if p.is_dir()):
         folder = ident / "set_B" if (ident / "set_B").is_dir() else ident
         photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
         if photos:
-            groups[ident.name] = [(p.stem, center_square(np.asarray(Image.open(p).convert("RGB")), size)) for p in photos]
+            groups[ident.name] = [(p.stem, center_square(np.asarray(Image.open(p).convert("RGB")), size))
+                                  for p in photos]
         if limit and len(groups) >= limit:
             break
     return groups
@@ -164,9 +167,10 @@ def main() -> int:
     print(f"paper_table: {len(groups)} identities, model={args.model}, preset={preset}, {size}px", flush=True)
     t0 = time.perf_counter()
     refs = {ident: references(args.data, ident, size) for ident in groups}
-    print(f"surrogate references (set_A): {sum(r is not None for r in refs.values())}/{len(refs)} identities", flush=True)
-    folders = protect_all(groups, args.out / "protected", cfg, [m.strip() for m in args.methods.split(",") if m.strip()],
-                          refs)
+    print(f"surrogate references (set_A): {sum(r is not None for r in refs.values())}/{len(refs)} identities",
+          flush=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    folders = protect_all(groups, args.out / "protected", cfg, methods, refs)
     t_protect = time.perf_counter() - t0
     result = evaluate(clean, folders, args.out / "eval", cfg, use_ray=not args.no_ray)
     rows = table_rows(result["identities"])

@@ -84,11 +84,11 @@ def latency(url: str, body: dict, rgbs: list[np.ndarray], cfg, reps: int) -> tup
 
 
 def concurrent(url: str, body: dict, clients: int, jobs: int, timeout: float) -> tuple[int, int, int]:
-    """(jobs done, errors, lost) for `clients` threads each submitting and polling `jobs` jobs."""
+    """(jobs ok, errors, lost) for `clients` threads each submitting and polling `jobs` jobs."""
     import httpx
 
     deadline = time.monotonic() + timeout
-    counts = {"done": 0, "errors": 0, "lost": 0}
+    counts = {"ok": 0, "errors": 0, "lost": 0}
     lock = threading.Lock()
 
     def client_loop() -> None:
@@ -109,7 +109,7 @@ def concurrent(url: str, body: dict, clients: int, jobs: int, timeout: float) ->
                         break  # unknown: lost
                     status = resp.json()["status"]
                     if status != "pending":
-                        outcome = "done" if status == "done" else "errors"
+                        outcome = "ok" if status == "ok" else "errors"
                         break
                     time.sleep(0.25)
                 with lock:
@@ -120,7 +120,7 @@ def concurrent(url: str, body: dict, clients: int, jobs: int, timeout: float) ->
         t.start()
     for t in threads:
         t.join(timeout + 60)
-    return counts["done"], counts["errors"], counts["lost"]
+    return counts["ok"], counts["errors"], counts["lost"]
 
 
 def main() -> None:
@@ -165,8 +165,8 @@ def main() -> None:
               f"p50 {percentile(overhead, 50):.1f} ms, p95 {percentile(overhead, 95):.1f} ms "
               f"(direct in-process engine call: median {statistics.median(direct):.0f} ms)", flush=True)
         t0 = time.perf_counter()
-        done, errors, lost = concurrent(url, body, args.clients, args.jobs, args.timeout)
-        print(f"{args.clients} clients x {args.jobs} jobs: {done} done, {errors} errors, {lost} lost "
+        ok, errors, lost = concurrent(url, body, args.clients, args.jobs, args.timeout)
+        print(f"{args.clients} clients x {args.jobs} jobs: {ok} ok, {errors} errors, {lost} lost "
               f"in {time.perf_counter() - t0:.1f} s", flush=True)
     finally:
         serve.shutdown()

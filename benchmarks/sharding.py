@@ -232,7 +232,8 @@ def main() -> None:
         ray.shutdown()
     bulk_ratio = statistics.median(ratios)
     print(f"single-group speedup {alone / shared:.3f}; two-process CPU capacity {capacity:.2f} cores; bulk auto/off "
-          f"per pair {', '.join(f'{r:.3f}' for r in ratios)} ({args.runners} runner(s), {args.actors} scoring actor(s))")
+          f"per pair {', '.join(f'{r:.3f}' for r in ratios)} "
+          f"({args.runners} runner(s), {args.actors} scoring actor(s))")
     print(f"RESULT sharding single_group_speedup={alone / shared:.3f} bulk_auto_vs_off={bulk_ratio:.3f} "
           f"actors={args.actors + 1}")
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-import traceback
-from typing import TYPE_CHECKING, Callable
 
-if TYPE_CHECKING:
-    from capray.config import CaprayConfig
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT_FAILED = 0, 1, 2, 3  # 3: see `capray protect`'s exit codes
+from capray.errors import describe, expected_errors, report
+from capray.exit_codes import EXIT_FAILED, EXIT_USAGE
+from capray.logs import FORMATS, LEVELS, configure_logging
 
 COMMANDS = {
     "protect": ("capray.batch.command", "protect photos of many identities on Ray (the main job)"),
@@ -28,68 +26,22 @@ COMMANDS = {
 }
 
 
-def add_config_options(parser: argparse.ArgumentParser, *, set_example: str = "attack.eps=0.03") -> None:
-    """The options every front door shares: where the config comes from, the model, the cluster."""
-    parser.add_argument("--config", help="YAML/JSON config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override any config value, e.g. --set {set_example} (repeatable)")
-    parser.add_argument("--model", help="SD model: hub id, local SD-format directory, or 'tiny' (sets model.sd; "
-                                         "default: SD 2.1 base)")
-    parser.add_argument("--preset", choices=["smoke", "paper"],
-                        help="'smoke': the tiny random model and tiny budgets for a CPU; 'paper': the paper's "
-                             "settings (§5)")
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+def add_logging_options(parser: argparse.ArgumentParser) -> None:
+    """How log records look (`capray.logs`); the environment sets them for a container without editing its args."""
+    parser.add_argument("--log-level", type=str.upper, choices=LEVELS, metavar="{DEBUG,INFO,WARNING,ERROR}",
+                        default=os.environ.get("CAPRAY_LOG_LEVEL", "INFO").upper(),
+                        help="capray's log records at this level and above (default INFO, env CAPRAY_LOG_LEVEL)")
+    parser.add_argument("--log-format", type=str.lower, choices=FORMATS,
+                        default=os.environ.get("CAPRAY_LOG_FORMAT", "text").lower(),
+                        help="log records as text or one JSON object per line, workers' too (default text, "
+                             "env CAPRAY_LOG_FORMAT)")
 
 
-def overrides_from_args(args: argparse.Namespace, flags: dict | None = None) -> dict:
-    """`--set` values with the command's dedicated flags (`--model` and `flags`) merged over them.
-
-    The one precedence rule of every front door: preset → config file → `--set` → dedicated flags
-    (later wins). `load_config` applies the first three in that order; this puts the flags last.
-    """
-    from capray.config import deep_merge, parse_set
-
-    dedicated = {"model": {"sd": args.model}} if getattr(args, "model", None) else {}
-    return deep_merge(parse_set(args.set), deep_merge(dedicated, flags or {}))
-
-
-def config_from_args(args: argparse.Namespace, flags: dict | None = None, *,
-                     default_preset: Callable[[CaprayConfig], str | None] | None = None) -> CaprayConfig:
-    """The effective config of a front door (see `overrides_from_args` for the precedence rule).
-
-    `default_preset` picks a preset from the config as it stands without one, for commands whose
-    sensible budget depends on the model (evaluate: smoke for the tiny model, paper otherwise).
-    """
-    from capray.config import load_config
-
-    overrides = overrides_from_args(args, flags)
-    preset = args.preset
-    if preset is None and default_preset is not None:
-        preset = default_preset(load_config(args.config, overrides=overrides))
-    return load_config(args.config, preset=preset, overrides=overrides)
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "this input or setup cannot work": one line, exit 2, no traceback."""
-    from pydantic import ValidationError
-
-    return ValueError, ValidationError, OSError
-
-
-def describe(exc: BaseException) -> str:
-    """An error as one line (pydantic's multi-line report becomes `key: problem; …`)."""
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-
-
-def report(command: str, args: argparse.Namespace, message: str, exc: BaseException | None = None) -> None:
-    """One line on stderr, `capray COMMAND: message`; the traceback before it with --debug."""
-    if exc is not None and getattr(args, "debug", False):
-        traceback.print_exception(exc, file=sys.stderr)
-    print(f"capray {command}: {message}", file=sys.stderr)
+def split_logging_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(--log-level/--log-format, the rest of argv): like --debug, they may stand anywhere, nested commands too."""
+    pre = argparse.ArgumentParser(prog="capray", add_help=False, allow_abbrev=False)
+    add_logging_options(pre)
+    return pre.parse_known_args(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="capray", description="Group-aware photo protection against unauthorized personalization (CAP), on Ray.")
     debug_help = "show tracebacks (by default an expected error is one line)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    add_logging_options(parser)  # for --help: main() takes them out of argv wherever they stand
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -109,8 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Dispatch; whatever a command lets escape is still one line (exit 2 expected, 1 otherwise)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])  # --debug anywhere, nested commands too
+    logging_options, argv = split_logging_options(argv)
+    parser = build_parser()
+    args = parser.parse_args([a for a in argv if a != "--debug"])  # --debug anywhere, nested commands too
     args.debug = "--debug" in argv
+    args.log_level, args.log_format = logging_options.log_level, logging_options.log_format
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as exc:  # a bad $CAPRAY_LOG_LEVEL/$CAPRAY_LOG_FORMAT (argparse checks the flags)
+        parser.error(f"{exc} ($CAPRAY_LOG_LEVEL / $CAPRAY_LOG_FORMAT)")
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt:

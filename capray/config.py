@@ -128,7 +128,7 @@ class CAPConfig(_Strict):
         32, ge=1, description="images per no-grad scoring forward (candidates × photos, cut into chunks)")
 
     @model_validator(mode="after")
-    def _one_gradient_draw(self) -> "CAPConfig":
+    def _one_gradient_draw(self) -> CAPConfig:
         if self.score_draw == "gradient" and self.score_draws != 1:
             raise ValueError("cap.score_draws averages fresh draws; with cap.score_draw=gradient there is only "
                              "the gradient's one draw (set score_draws=1 or score_draw=fresh)")
@@ -243,7 +243,7 @@ class ServeConfig(_Strict):
     graceful_shutdown_timeout_s: float = Field(900.0, ge=0, description="let a running group finish on scale-down")
 
     @model_validator(mode="after")
-    def _check_scaling(self) -> "ServeConfig":
+    def _check_scaling(self) -> ServeConfig:
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"serve.max_replicas ({self.max_replicas}) < serve.min_replicas ({self.min_replicas})")
         if self.max_ongoing_requests <= self.target_ongoing_requests:
@@ -282,7 +282,8 @@ class EvaluateConfig(_Strict):
         default_factory=list, description="robustness: 'jpeg:75', 'blur:1.5', 'resize:0.5' applied before training"
     )
     face_backend: Literal["auto", "insightface", "opencv"] = Field(
-        "auto", description="'insightface' = the paper's RetinaFace-R50 + ArcFace (weights needed); 'opencv' = YuNet + SFace"
+        "auto", description="'insightface' = the paper's RetinaFace-R50 + ArcFace (weights needed); "
+                            "'opencv' = YuNet + SFace"
     )
     insightface_root: str | None = Field(None, description="insightface model root (holds models/antelopev2)")
     clip_iqa_weights: str | None = Field(None, description="local CLIP directory (transformers format) for CLIP-IQA")
@@ -321,7 +322,7 @@ class CaprayConfig(_Strict):
     sharding: ShardingConfig = ShardingConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "CaprayConfig":
+    def _check(self) -> CaprayConfig:
         if self.attack.alpha > self.attack.eps:
             raise ValueError(f"alpha ({self.attack.alpha}) larger than eps ({self.attack.eps})")
         return self

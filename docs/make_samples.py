@@ -1,8 +1,9 @@
 """The bundled sample identities (capray/samples/<identity>/*.png) and how they were made.
 
 They come from scikit-image's public-domain test images; regenerate them with
-`python docs/make_samples.py` (needs scikit-image; a development script, not part of the package). Each "identity" is a set of crops,
-flips and small rescales of one picture, so a group has the shared look that CAP keeps consistent.
+`python docs/make_samples.py` (needs scikit-image; a development script, not part of the package).
+Each "identity" is a set of crops, flips and small rescales of one picture, so a group has the shared
+look that CAP keeps consistent.
 """
 
 from __future__ import annotations

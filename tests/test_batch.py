@@ -178,8 +178,8 @@ def test_same_config_and_seed_give_same_png_bytes_as_the_in_process_engine(corpu
     """Pipeline run twice → identical bytes; and equal to the engine called directly in this process."""
     import torch
 
-    from capray.batch.command import protect
     from capray.attack.api import protect_arrays
+    from capray.batch.command import protect
 
     src = tmp_path / "in"
     shutil.copytree(corpus_run["src"] / "chelsea", src / "chelsea")

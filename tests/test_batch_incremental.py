@@ -70,7 +70,8 @@ def rows(out: Path) -> dict[str, dict]:
 
 
 def digest(folder: Path) -> dict[str, tuple[str, int]]:
-    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.iterdir())}
 
 
 def pixels(path: Path) -> np.ndarray:

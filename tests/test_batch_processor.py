@@ -54,7 +54,8 @@ def test_processor_protects_a_dataset_built_in_memory_and_returns_records(ray_cl
 
     from capray.batch import build_processor
 
-    cfg = load_config(preset="smoke", overrides={"batch": {"cpus_per_actor": 0.25, "gpus_per_actor": 0, "records_per_commit": 2}})
+    cfg = load_config(preset="smoke", overrides={"batch": {"cpus_per_actor": 0.25, "gpus_per_actor": 0,
+                                                           "records_per_commit": 2}})
     alice, bob = _photos(tmp_path / "db" / "a", 2, 0), _photos(tmp_path / "db" / "b", 3, 1)
     rows = [{"identity": "alice", "uris": alice}, {"identity": "bob", "uris": bob},
             {"identity": "ghost", "uris": [str(tmp_path / "db" / "gone.png")]}]

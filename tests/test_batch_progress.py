@@ -42,7 +42,7 @@ def test_metrics_count_statuses_rates_and_lambdas():
     assert "capray_pgd_steps_per_second_sum 4.0" in text  # 8 steps / 2 s
     assert "capray_chosen_lambda_count 3.0" in text and "capray_chosen_lambda_sum 14.0" in text
     assert 'capray_chosen_lambda_bucket{le="4.0"} 2.0' in text
-    assert "capray_identity_seconds_count 2.0" in text
+    assert "capray_identity_duration_seconds_count 2.0" in text
 
 
 def test_a_retried_task_reporting_the_same_work_again_is_counted_once():

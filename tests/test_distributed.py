@@ -16,7 +16,7 @@ import ray
 import torch
 
 from capray import protect_group
-from capray.distributed.candidates import CandidateScorer
+from capray.distributed.candidates import ScoringActor
 
 pytestmark = pytest.mark.ray
 
@@ -93,12 +93,12 @@ def test_sharded_equals_local(pool, one_thread, method):
 
 def test_peers_fetch_a_phase_once_and_cache_by_phase(pool, one_thread):
     """A peer scores many calls of one phase on one fetched copy of its weights."""
-    from capray.distributed.candidates import PooledEvaluator, PhaseState
     from capray.attack.cap import EvaluationContext, InProcessEvaluator
     from capray.attack.engine import load_models
     from capray.attack.group import GroupLayout
     from capray.attack.losses import reconstruction_loss
     from capray.attack.randomness import draw_noise
+    from capray.distributed.candidates import PhaseState, PooledEvaluator
     from capray.models.sd import encode_prompt
 
     cfg = _exact_config("aspl")
@@ -126,7 +126,7 @@ def test_peers_fetch_a_phase_once_and_cache_by_phase(pool, one_thread):
     assert all(evaluator.key not in ray.get(p.cached.remote()) for p in peers)
 
 
-class DiesOnFirstScore(CandidateScorer):
+class DiesOnFirstScore(ScoringActor):
     """The first scoring call in the whole pool ends its process, mid-call (a crash, OOM kill, lost node)."""
 
     MARKER = ""
@@ -140,11 +140,11 @@ class DiesOnFirstScore(CandidateScorer):
 
 
 def test_a_scoring_actor_dying_mid_step_changes_nothing(ray_cluster, tiny_model_dir, tmp_path, one_thread):
+    from ray import cloudpickle
+
     from capray.attack.engine import load_models
     from capray.distributed.candidates import evaluator_factory_for
     from capray.distributed.pool import PoolClient, scoring_pool
-
-    from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the pool actor builds this test's workers
     cfg = _exact_config("aspl")

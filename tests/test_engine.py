@@ -102,8 +102,8 @@ def test_static_ratio_content_loss_and_separate_references(tiny_models, smoke_co
 def test_simac_feature_loss_detach_option_changes_the_gradient(tiny_models, smoke_config):
     images = group(8)
     common = {"method": "simac", "simac": {"feature_weight": 1000.0}}
-    a = protect_group(images, smoke_config(attack={**common, "simac": {"feature_weight": 1000.0, "feature_detach": True}},
-                                           cap={"enabled": False}), identity="f", models=tiny_models)
+    detached = {**common, "simac": {"feature_weight": 1000.0, "feature_detach": True}}
+    a = protect_group(images, smoke_config(attack=detached, cap={"enabled": False}), identity="f", models=tiny_models)
     b = protect_group(images, smoke_config(attack=common, cap={"enabled": False}), identity="f", models=tiny_models)
     assert any(not torch.equal(x, y) for x, y in zip(a.images, b.images))
 

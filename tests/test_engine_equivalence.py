@@ -102,7 +102,8 @@ def test_scoring_draw_is_independent_of_the_gradient_draw_by_default(fp64_models
     gradient_draws = [GroupAttack(fp64_models, cfg, "draws", images, None, None).draw_for_step(k) for k in range(2)]
     assert len(seen) == 2  # one scoring call per step: every distinct candidate batched together
     for k, draw in enumerate(seen):
-        same = torch.equal(draw.noise, gradient_draws[k].noise) and torch.equal(draw.timesteps, gradient_draws[k].timesteps)
+        same = (torch.equal(draw.noise, gradient_draws[k].noise)
+                and torch.equal(draw.timesteps, gradient_draws[k].timesteps))
         assert same == (score_draw == "gradient")
     if score_draw == "fresh":
         assert not torch.equal(seen[0].noise, seen[1].noise)  # a new draw every step

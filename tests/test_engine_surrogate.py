@@ -55,7 +55,7 @@ def test_fp32_master_weights_are_loaded_as_fp32_not_upcast_from_bf16(tiny_models
     fp32_unet = tiny_models.parts.unet  # the same weights loaded as fp32
     assert next(master.unet.parameters()).dtype == torch.float32
     assert next(upcast.unet.parameters()).dtype == torch.bfloat16
-    for ours, disk, rounded in zip(master.unet.parameters(), fp32_unet.parameters(), upcast.unet.parameters()):
+    for ours, disk, _ in zip(master.unet.parameters(), fp32_unet.parameters(), upcast.unet.parameters()):
         assert torch.equal(ours, disk)
     assert any(not torch.equal(ours, rounded.float()) for ours, rounded in
                zip(master.unet.parameters(), upcast.unet.parameters()))  # bf16 rounding would have shown

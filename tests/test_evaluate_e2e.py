@@ -46,7 +46,8 @@ def test_cli_options_map_onto_the_config():
     assert cfg.evaluate.transforms == ["jpeg:75", "blur:1"] and cfg.evaluate.images_per_prompt == 3
     assert cfg.evaluate.train_steps == 1000 and cfg.evaluate.learning_rate == 5e-7 and cfg.evaluate.batch_size == 2
     # no preset: the tiny model gets the smoke budget, a real model the paper's protocol
-    assert command.build_config(parser.parse_args(["--clean", "c", "--out", "o", "--model", "tiny"])).evaluate.train_steps == 2
+    cfg = command.build_config(parser.parse_args(["--clean", "c", "--out", "o", "--model", "tiny"]))
+    assert cfg.evaluate.train_steps == 2
     real = command.build_config(parser.parse_args(["--clean", "c", "--out", "o", "--model", "x/sd21"]))
     assert real.evaluate.train_steps == 1000 and real.model.sd == "x/sd21"
 
@@ -55,10 +56,12 @@ def test_cli_refuses_unusable_input(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     (tmp_path / "clean" / "alice").mkdir(parents=True)
-    assert command.run(parser.parse_args(["--clean", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--model", "tiny"])) == 2
+    argv = ["--clean", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--model", "tiny"]
+    assert command.run(parser.parse_args(argv)) == 2
     assert "no such folder" in capsys.readouterr().err
     inside = str(tmp_path / "clean" / "report")
-    assert command.run(parser.parse_args(["--clean", str(tmp_path / "clean"), "--out", inside, "--no-ray", "--model", "tiny"])) == 2
+    argv = ["--clean", str(tmp_path / "clean"), "--out", inside, "--no-ray", "--model", "tiny"]
+    assert command.run(parser.parse_args(argv)) == 2
     assert "overlaps" in capsys.readouterr().err
     assert command.run(parser.parse_args(["--clean", str(tmp_path / "clean"), "--out", str(tmp_path / "o"),
                                           "--transform", "sharpen:2", "--no-ray", "--model", "tiny"])) == 2
@@ -129,7 +132,8 @@ def _sources(photo_dirs, cfg):
     from capray.evaluate.layout import plan_sources
     from capray.evaluate.transforms import parse_transform
 
-    return plan_sources(photo_dirs / "clean", [photo_dirs / "prot"], [parse_transform(t) for t in cfg.evaluate.transforms])
+    transforms = [parse_transform(t) for t in cfg.evaluate.transforms]
+    return plan_sources(photo_dirs / "clean", [photo_dirs / "prot"], transforms)
 
 
 def test_lora_attacker_trains_only_adapters(tiny_models, smoke_config, faces_dir):

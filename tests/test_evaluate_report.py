@@ -101,7 +101,8 @@ def fake_metrics(fdfr: float, ism: float | None) -> dict:
         return {"value": x, "backend": backend, "reason": reason, "n": 2}
 
     return {"FDFR": v(fdfr, "YuNet"), "ISM": v(ism, "SFace"), "SER-FIQ": v(None, "SFace dropout", "no face detected"),
-            "BRISQUE": v(20.0, "brisque (LIVE SVM)"), "CLIP-IQA": v(None, "unavailable: no CLIP weights", "no CLIP weights")}
+            "BRISQUE": v(20.0, "brisque (LIVE SVM)"),
+            "CLIP-IQA": v(None, "unavailable: no CLIP weights", "no CLIP weights")}
 
 
 def test_report_renders_tables_and_every_image(tmp_path, astronaut):

@@ -231,7 +231,7 @@ def write_manifest(path, rows, fmt):
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_manifest_groups(tmp_path, fmt):
-    from capray.io.discover import iter_manifest_groups
+    from capray.io.discover import iter_catalog_groups
 
     rows = [{"identity": "a", "uri": "/abs/1.png"}, {"identity": "b", "uri": "p/2.png"},
             {"identity": "b", "uri": "p/1.png"}, {"identity": "b", "uri": "p/1.png"},
@@ -239,7 +239,7 @@ def test_manifest_groups(tmp_path, fmt):
     path = tmp_path / f"m.{fmt}"
     write_manifest(path, rows, fmt)
     fs, p = get_fs(str(path))
-    groups = list(iter_manifest_groups(fs, p))
+    groups = list(iter_catalog_groups(fs, p))
     assert [(g.identity, g.uris) for g in groups] == [
         ("a", ["/abs/1.png"]), ("b", [str(tmp_path / "p/1.png"), str(tmp_path / "p/2.png")]),
         ("c", ["s3://bucket/c.png"])]
@@ -247,32 +247,32 @@ def test_manifest_groups(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_unsorted_manifest_is_refused_not_misgrouped(tmp_path, fmt):
-    from capray.io.discover import iter_manifest_groups
+    from capray.io.discover import iter_catalog_groups
 
     rows = [{"identity": "a", "uri": "/1.png"}, {"identity": "b", "uri": "/2.png"}, {"identity": "a", "uri": "/3.png"}]
     path = tmp_path / f"m.{fmt}"
     write_manifest(path, rows, fmt)
     fs, p = get_fs(str(path))
     with pytest.raises(ValueError, match=r"not sorted by identity: row 3 has 'a' after 'b'"):
-        next(iter_manifest_groups(fs, p))
+        next(iter_catalog_groups(fs, p))
 
 
 def test_manifest_without_required_columns_is_refused(tmp_path):
-    from capray.io.discover import iter_manifest_groups
+    from capray.io.discover import iter_catalog_groups
 
     (tmp_path / "m.csv").write_text("person,path\na,b\n")
     fs, p = get_fs(str(tmp_path / "m.csv"))
     with pytest.raises(ValueError, match="identity"):
-        list(iter_manifest_groups(fs, p))
+        list(iter_catalog_groups(fs, p))
 
 
 def test_manifest_glob_names_every_part(tmp_path):
-    from capray.io.discover import manifest_files
+    from capray.io.discover import catalog_files
 
     for name in ("part-1.csv", "part-0.csv", "other.txt"):
         (tmp_path / name).write_text("identity,uri\n")
     fs, p = get_fs(str(tmp_path / "part-*.csv"))
-    assert [os.path.basename(f) for f in manifest_files(fs, p)] == ["part-0.csv", "part-1.csv"]
+    assert [os.path.basename(f) for f in catalog_files(fs, p)] == ["part-0.csv", "part-1.csv"]
 
 
 # -- manifest ----------------------------------------------------------------------------------------
@@ -329,10 +329,10 @@ def test_every_record_field_is_declared_once_and_reaches_the_manifest_and_serve(
     """ProtectionRecord declares the record; the manifest row and Serve's result extend it, never re-declare."""
     from capray.attack.api import ProtectionRecord
     from capray.batch.rows import SUMMARY_SCHEMA
-    from capray.serve.schemas import ProtectResult
+    from capray.serve.schemas import JobResult
 
     record_fields = set(ProtectionRecord.model_fields)
-    for extension in (manifest.ManifestRow, ProtectResult):
+    for extension in (manifest.ManifestRow, JobResult):
         assert not record_fields & set(extension.__annotations__), extension  # own fields only
         assert record_fields <= set(extension.model_fields)
     assert record_fields <= set(manifest.SCHEMA.names)

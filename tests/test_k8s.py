@@ -14,7 +14,7 @@ import json
 import shlex
 import shutil
 import subprocess
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -74,7 +74,8 @@ def _apply_replacements(docs: list[dict], replacements: list[dict]) -> None:
 
 def _build(path: Path) -> list[dict]:
     kz = yaml.safe_load((path / "kustomization.yaml").read_text())
-    assert set(kz) <= KNOWN_KUSTOMIZE_FIELDS, f"{path}: fields this renderer does not apply: {set(kz) - KNOWN_KUSTOMIZE_FIELDS}"
+    unknown = set(kz) - KNOWN_KUSTOMIZE_FIELDS
+    assert not unknown, f"{path}: fields this renderer does not apply: {unknown}"
     docs: list[dict] = []
     for res in kz.get("resources", []):
         item = path / res
@@ -89,7 +90,7 @@ def _build(path: Path) -> list[dict]:
     return docs
 
 
-@lru_cache(maxsize=None)
+@cache
 def _render_cached(name: str) -> str:
     docs = [d for d in _build(TARGETS[name]) if d["metadata"].get("annotations", {}).get(LOCAL_CONFIG) != "true"]
     return json.dumps(docs)
@@ -242,8 +243,9 @@ def test_rayjob_requests_gpus_exactly_when_its_cluster_has_them_and_reruns_at_mo
 
 @pytest.mark.parametrize("name", ["base", "gpu"])
 def test_gpu_clusters_have_the_essentials(name):
-    import capray
     import ray
+
+    import capray
 
     docs = render(name)
     specs = cluster_specs(docs)
@@ -257,7 +259,8 @@ def test_gpu_clusters_have_the_essentials(name):
     assert worker["minReplicas"] == 0 <= worker["maxReplicas"]
     pod = worker["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    resources = container["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     assert "ray stop" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
     for template in (spec["headGroupSpec"]["template"], worker["template"]):

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from capray.attack import cap
-from capray.attack.cap import (CandidateScorer, CandidateSet, InProcessEvaluator, fast_search, reference_search,
-                               repeats)
+from capray.attack.cap import CandidateScorer, CandidateSet, InProcessEvaluator, fast_search, reference_search, repeats
 from capray.attack.group import GroupLayout
 from capray.attack.pgd import sign_step
 from capray.attack.randomness import NoiseDraw
@@ -32,6 +31,11 @@ def synthetic(seed: int, p: int = 600):
     return x0, x, g_re, g_c, loss_fn, draw
 
 
+def direction(g_re, g_c):
+    """The reference search's step direction for ratio r (bound to this iteration's gradients)."""
+    return lambda xx, r: g_re - r * g_c
+
+
 def shared_scorer(loss_fn, draw, image_batch_size: int) -> CandidateScorer:
     return CandidateScorer(InProcessEvaluator(loss_fn, LAYOUT, SIDE, image_batch_size), lambda r: [draw], shared=True)
 
@@ -40,7 +44,7 @@ def test_fast_equals_reference_on_synthetic_losses():
     for seed in range(5):
         x0, x, g_re, g_c, loss_fn, draw = synthetic(seed)
         ev = shared_scorer(loss_fn, draw, 7)
-        ref = reference_search(x, x0, lambda xx, r: g_re - r * g_c, range(0, 101), 0.005, 0.05, ev)
+        ref = reference_search(x, x0, direction(g_re, g_c), range(0, 101), 0.005, 0.05, ev)
         fast = fast_search(x, x0, g_re, g_c, range(0, 101), 0.005, 0.05, ev, batch_size=7)
         assert fast.ratio == ref.ratio
         assert torch.equal(fast.next_x, ref.next_x)
@@ -95,7 +99,7 @@ def test_fast_equals_reference_with_per_candidate_draws(k):
     for seed in range(3):
         x0, x, g_re, g_c, loss_fn, _ = synthetic(seed)
         scorer = per_ratio_scorer(loss_fn, k)
-        ref = reference_search(x, x0, lambda xx, r: g_re - r * g_c, range(0, 41), 0.005, 0.05, scorer)
+        ref = reference_search(x, x0, direction(g_re, g_c), range(0, 41), 0.005, 0.05, scorer)
         fast = fast_search(x, x0, g_re, g_c, range(0, 41), 0.005, 0.05, scorer, batch_size=8)
         assert fast.ratio == ref.ratio and torch.equal(fast.next_x, ref.next_x)
         assert fast.distinct == ref.distinct
@@ -136,7 +140,7 @@ def test_runs_are_found_span_by_span(monkeypatch, span):
         if span is not None:
             monkeypatch.setattr(cap, "SPAN", span)
         ev = shared_scorer(loss_fn, draw, 6)
-        ref = reference_search(x, x0, lambda xx, r: g_re - r * g_c, range(0, 101), 0.005, 0.05, ev)
+        ref = reference_search(x, x0, direction(g_re, g_c), range(0, 101), 0.005, 0.05, ev)
         fast = fast_search(x, x0, g_re, g_c, range(0, 101), 0.005, 0.05, ev, batch_size=5)
         assert (fast.ratio, fast.best_loss, fast.distinct, fast.losses) == (ref.ratio, ref.best_loss, ref.distinct,
                                                                             {r: ref.losses[r] for r in fast.losses})
@@ -175,7 +179,8 @@ def test_engine_fast_equals_reference_over_steps_and_groups(fp64_models, smoke_c
         images = torch.rand(n, 3, 64, 64, generator=gen) * 2 - 1
         runs = {}
         for search in ("fast", "reference"):
-            cfg = smoke_config(seed=seed, model={"dtype": "fp64"}, attack={"method": "fsmg", "pgd_steps": 4, "fsmg_train_steps": 0},
+            cfg = smoke_config(seed=seed, model={"dtype": "fp64"},
+                               attack={"method": "fsmg", "pgd_steps": 4, "fsmg_train_steps": 0},
                                cap={"ratio_max": 12, "start_fraction": 0.0, "search": search})
             from capray import protect_group
 

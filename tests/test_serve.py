@@ -476,7 +476,7 @@ def test_store_keeps_the_job_and_a_lost_runner_is_replaced(job_store):
         await asyncio.sleep(max(0.0, store.state(state.job_id).lease_until - time.time()) + 0.1)
         await other.sweep()
         done = await _until_settled(other, state.job_id)
-        assert (done.status, done.attempts, done.steps_done, done.steps_total) == ("done", 2, 2, 2)
+        assert (done.status, done.attempts, done.steps_done, done.steps_total) == ("ok", 2, 2, 2)
         assert store.pending_ids() == []
         for i, clean in enumerate(PHOTOS):
             assert np.array_equal(_png_array(store.photo(state.job_id, i)), 255 - clean)
@@ -561,12 +561,12 @@ def test_busy_protectors_are_retried_and_the_time_limit_counts_from_the_start(tm
         return await _until_settled(runner, state.job_id)
 
     retried = asyncio.run(scenario(busy_twice))
-    assert retried.status == "done" and len(calls) == 3 and calls[2] - calls[1] >= calls[1] - calls[0]
+    assert retried.status == "ok" and len(calls) == 3 and calls[2] - calls[1] >= calls[1] - calls[0]
     t0 = time.monotonic()
     busy = asyncio.run(scenario(always_busy, job_timeout_s=0.3))
     assert busy.status == "failed" and busy.error == errors.BUSY and 0.25 < time.monotonic() - t0 < 5
     late = asyncio.run(scenario(queued_then_runs, job_timeout_s=0.7))  # 0.9 s in all, 0.4 s of it running
-    assert late.status == "done", late.error
+    assert late.status == "ok", late.error
     idle = asyncio.run(scenario(never_starts, job_timeout_s=0.3))
     assert idle.status == "failed" and idle.error == errors.not_started(0.3)
 
@@ -585,15 +585,36 @@ def test_status_writes_never_overwrite_a_finished_job_or_another_runners(tmp_pat
     assert not store.put_state(state.model_copy(update={"steps_done": 9}), "r2")  # another runner's job
     assert not store.finish(state.model_copy(), [b"png"], b"{}", "r2") and store.photo(job_id, 0) is None
     assert store.state(job_id).steps_done == 1
-    assert store.finish(state.model_copy(), [b"png"], b"{}", "r1") and store.state(job_id).status == "done"
+    assert store.finish(state.model_copy(), [b"png"], b"{}", "r1") and store.state(job_id).status == "ok"
     late = state.model_copy(update={"steps_done": 2})  # a heartbeat, or a second runner that timed out
     assert not store.put_state(late, "r1") and not store.fail(late.model_copy(), "timed out", "r1")
-    assert store.state(job_id).status == "done" and store.photo(job_id, 0) == b"png"
+    assert store.state(job_id).status == "ok" and store.photo(job_id, 0) == b"png"
+
+
+def test_a_store_written_with_the_old_done_status_reads_as_ok(tmp_path):
+    """Jobs finished before Serve's statuses matched the manifest's (`done`) still answer, as `ok`."""
+    import json
+
+    from capray.serve.store import JobRequest, JobState, JobStore
+
+    store = JobStore(str(tmp_path / "store"))
+    job_id = "b" * 32
+    state = JobState(job_id=job_id, owner="k1", created_at=0, updated_at=0, runner="r1", attempts=1)
+    store.create(JobRequest(job_id=job_id, owner="k1", identity="x", names=["p0"], config={}, created_at=0),
+                 [b"photo"], state)
+    assert store.finish(state.model_copy(), [b"png"], b"{}", "r1")
+    status_file = tmp_path / "store" / "jobs" / job_id / "status.json"
+    old = json.loads(status_file.read_text())
+    assert old["status"] == "ok"
+    status_file.write_text(json.dumps({**old, "status": "done"}))  # as the previous version wrote it
+    assert store.state(job_id).status == "ok" and not store.held_by(job_id, None)
+    with pytest.raises(ValueError):
+        JobState.model_validate({**old, "status": "finished"})  # only the one old word is translated
 
 
 def test_a_heartbeat_write_in_flight_lands_before_the_final_one_never_after(tmp_path):
     """A heartbeat already writing in a worker thread when the job finishes: `cancel()` would not stop it,
-    and its stale `pending` would land over `done` (the job then lost: pending, no runner, no marker)."""
+    and its stale `pending` would land over `ok` (the job then lost: pending, no runner, no marker)."""
     import threading
 
     in_flight = threading.Event()
@@ -628,7 +649,7 @@ def test_a_heartbeat_write_in_flight_lands_before_the_final_one_never_after(tmp_
         return settled, store.state(state.job_id), store
 
     settled, later, store = asyncio.run(scenario())
-    assert settled.status == later.status == "done" and later.runner is None and store.pending_ids() == []
+    assert settled.status == later.status == "ok" and later.runner is None and store.pending_ids() == []
 
 
 def test_a_runner_whose_job_was_taken_over_writes_nothing_more(tmp_path):

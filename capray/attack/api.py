@@ -29,7 +29,7 @@ class RunInfo(BaseModel):
     capray_version: str = __version__
 
     @classmethod
-    def of(cls, cfg: Any) -> "RunInfo":
+    def of(cls, cfg: Any) -> RunInfo:
         return cls(method=cfg.attack.method, config_hash=cfg.config_hash(), model_id=cfg.model.sd, seed=cfg.seed)
 
     def run_fields(self) -> dict[str, Any]:
@@ -61,7 +61,7 @@ class ProtectionRecord(RunInfo):
                                          "(protect_arrays: attack, conversions and quality metrics)")
 
     @classmethod
-    def unprotected(cls, cfg: Any, identity: str) -> "ProtectionRecord":
+    def unprotected(cls, cfg: Any, identity: str) -> ProtectionRecord:
         """The record of a group the engine never ran on: the run's fields and the model's notes only."""
         return cls(**RunInfo.of(cfg).run_fields(), identity=identity, notes=list(cfg.model.notes))
 

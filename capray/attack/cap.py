@@ -34,8 +34,9 @@ deduplicated. Both searches take the same scorer, so they choose the same λ und
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol, Union
+from typing import Any, Protocol
 
 import torch
 
@@ -71,10 +72,10 @@ class CandidateSet:
             direction = direction - self.ratios[j] * self.grad_cons[span]
         return sign_step(self.x[span], self.x0[span], direction, self.alpha, self.eps)
 
-    def shard(self, start: int, stop: int) -> "CandidateSet":
+    def shard(self, start: int, stop: int) -> CandidateSet:
         return replace(self, ratios=self.ratios[start:stop])
 
-    def to(self, device: Any) -> "CandidateSet":
+    def to(self, device: Any) -> CandidateSet:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(device)
 
@@ -95,17 +96,17 @@ class StackedCandidates:
     def values(self, j: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self.rows[j, start:stop]
 
-    def shard(self, start: int, stop: int) -> "StackedCandidates":
+    def shard(self, start: int, stop: int) -> StackedCandidates:
         return StackedCandidates(self.rows[start:stop])
 
-    def to(self, device: Any) -> "StackedCandidates":
+    def to(self, device: Any) -> StackedCandidates:
         return StackedCandidates(self.rows.detach().to(device))
 
 
-Candidates = Union[CandidateSet, StackedCandidates]
+Candidates = CandidateSet | StackedCandidates
 
 
-def as_candidates(candidates: "Candidates | torch.Tensor") -> Candidates:
+def as_candidates(candidates: Candidates | torch.Tensor) -> Candidates:
     return StackedCandidates(candidates) if isinstance(candidates, torch.Tensor) else candidates
 
 

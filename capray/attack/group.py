@@ -48,7 +48,7 @@ class PhotoBatch:
     start: int
     stop: int
     flat: slice
-    layout: "GroupLayout"
+    layout: GroupLayout
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class GroupLayout:
     shapes: tuple[tuple[int, int, int], ...]  # (3, H, W) per photo
 
     @classmethod
-    def of(cls, images: list[torch.Tensor]) -> "GroupLayout":
+    def of(cls, images: list[torch.Tensor]) -> GroupLayout:
         return cls(tuple(tuple(img.shape) for img in images))  # type: ignore[misc]
 
     @property

@@ -20,7 +20,8 @@ def vae_latents(vae: Any, images: torch.Tensor, vae_noise: torch.Tensor) -> torc
     return (dist.mean + dist.std * vae_noise) * vae.config.scaling_factor
 
 
-def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def diffusion_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     return noise
@@ -108,7 +109,7 @@ class FeatureTap:
         if self.enabled:
             self.outputs.append(out)
 
-    def capture(self) -> "FeatureTap":
+    def capture(self) -> FeatureTap:
         self.outputs = []
         self.enabled = True
         return self

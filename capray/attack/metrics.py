@@ -5,16 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from capray.models.pixels import from_uint8, to_uint8
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) in [-1, 1] → (H, W, 3) uint8, rounding to nearest (the PNG the user gets)."""
-    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return arr.permute(1, 2, 0).numpy()
-
-
-def from_uint8(array: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 → (3, H, W) float32 in [-1, 1]; exact inverse of `to_uint8` on the grid."""
-    return torch.from_numpy(np.array(array, dtype=np.uint8, order="C")).permute(2, 0, 1).float() / 127.5 - 1.0
+__all__ = ["from_uint8", "image_metrics", "to_uint8"]  # the conversions are used from here too (attack.api)
 
 
 def image_metrics(clean: torch.Tensor, protected: torch.Tensor) -> dict[str, float]:

@@ -7,19 +7,13 @@ a GPU run see the same timesteps and noise.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
+from capray.models.seeds import cpu_generator, derive_seed
 
-def derive_seed(*parts: object) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def cpu_generator(*parts: object) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(derive_seed(*parts))
+__all__ = ["NoiseDraw", "cpu_generator", "derive_seed", "draw_noise"]  # the seeds are used from here too
 
 
 @dataclass(frozen=True)
@@ -30,11 +24,11 @@ class NoiseDraw:
     noise: torch.Tensor  # (N, C, h, w)
     vae_noise: torch.Tensor  # (N, C, h, w)
 
-    def select(self, index: torch.Tensor) -> "NoiseDraw":
+    def select(self, index: torch.Tensor) -> NoiseDraw:
         """The given rows, e.g. `arange(q0, q1) % N` for a chunk of candidate-major scoring rows."""
         return NoiseDraw(self.timesteps[index], self.noise[index], self.vae_noise[index])
 
-    def rows(self, start: int, stop: int) -> "NoiseDraw":
+    def rows(self, start: int, stop: int) -> NoiseDraw:
         """Rows start..stop-1 (e.g. the instance vs class halves of a training batch)."""
         return NoiseDraw(self.timesteps[start:stop], self.noise[start:stop], self.vae_noise[start:stop])
 

@@ -9,7 +9,8 @@ code, a set that has not shrunk enough after the last round is kept as it is ins
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ def select_timesteps(
         gen = cpu_generator(*seed_parts, i)
         keep = torch.ones(num_train_timesteps, dtype=torch.bool)
         x = x0.clone()
-        for it in range(cfg.max_select_iters):
+        for _ in range(cfg.max_select_iters):
             alive = keep.nonzero().flatten()
             if len(alive) <= cfg.keep_timesteps:
                 break

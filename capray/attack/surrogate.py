@@ -29,7 +29,7 @@ class Surrogate:
     text_encoder: Any
 
     @classmethod
-    def from_parts(cls, parts: Any, master_weights: str = "fp32") -> "Surrogate":
+    def from_parts(cls, parts: Any, master_weights: str = "fp32") -> Surrogate:
         """A fresh trainable copy: of the weights as loaded from disk (`parts.master`, never upcast
         from the compute dtype), or of the compute weights themselves with `master_weights: model`."""
         if master_weights == "model":
@@ -39,16 +39,16 @@ class Surrogate:
         unet, text = (copy.deepcopy(m).to(parts.device, dtype).requires_grad_(False) for m in source)
         return cls(unet, text)
 
-    def copy(self) -> "Surrogate":
+    def copy(self) -> Surrogate:
         return Surrogate(copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder))
 
-    def to(self, device: torch.device | str) -> "Surrogate":
+    def to(self, device: torch.device | str) -> Surrogate:
         self.unet.to(device)
         self.text_encoder.to(device)
         return self
 
     @torch.no_grad()
-    def load_from(self, other: "Surrogate") -> "Surrogate":
+    def load_from(self, other: Surrogate) -> Surrogate:
         """Overwrite these weights with `other`'s in place (across devices too): ASPL re-copies the
         surrogate every outer loop, and reusing one allocation keeps a full-size UNet from fragmenting
         the allocator."""
@@ -57,7 +57,7 @@ class Surrogate:
                 dst.copy_(src)
         return self
 
-    def compute_copy(self, dtype: torch.dtype) -> "Surrogate":
+    def compute_copy(self, dtype: torch.dtype) -> Surrogate:
         """The same networks in the compute dtype, for PGD passes (no weight gradients there).
 
         Under autocast, frozen fp32 weights are re-cast on every forward; one cast per phase is cheaper.

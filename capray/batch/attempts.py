@@ -12,8 +12,8 @@ first, so the retried task can say it. Finished groups are dropped: the ledger h
 
 from __future__ import annotations
 
-import logging
 import contextlib
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any

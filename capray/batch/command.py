@@ -15,14 +15,14 @@ import os
 import shutil
 import sys
 
-from capray.cli import EXIT_FAILED, EXIT_INPUT_FAILED, EXIT_OK, EXIT_USAGE  # noqa: F401  (re-exported)
+from capray.exit_codes import EXIT_FAILED, EXIT_INPUT_FAILED, EXIT_OK, EXIT_USAGE  # noqa: F401  (re-exported)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="folder/prefix ROOT/<identity>/<photos>, or a manifest "
+    parser.add_argument("input", help="folder/prefix ROOT/<identity>/<photos>, or a catalog file "
                                       "(.parquet/.csv/.jsonl with columns identity, uri); local or s3://")
     parser.add_argument("output", help="output folder/prefix (must not overlap the input); rerun to resume")
-    from capray.cli import add_config_options
+    from capray.config_args import add_config_options
 
     add_config_options(parser)
     parser.add_argument("--method", choices=["fsmg", "aspl", "simac"], help="baseline attack")
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from capray.cli import config_from_args
+    from capray.config_args import config_from_args
 
     flags: dict = {}
     if args.method:
@@ -91,7 +91,7 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
 def run(args: argparse.Namespace) -> int:
     from capray.batch.lease import LeaseHeld
     from capray.batch.plan import UsageError
-    from capray.cli import describe, expected_errors, report
+    from capray.errors import describe, expected_errors, report
 
     try:
         cfg = build_config(args)

@@ -15,8 +15,8 @@ The name starts with a dot, which identity names never do, so it can never be an
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import socket
 import threading
@@ -87,7 +87,7 @@ class Lease:
     def _fs(self):
         return get_fs(self.uri, self.storage_options)
 
-    def start(self) -> "Lease":
+    def start(self) -> Lease:
         self._thread = threading.Thread(target=self._renew_loop, name="capray-lease", daemon=True)
         self._thread.start()
         return self
@@ -126,7 +126,7 @@ class Lease:
         if current is not None and current.get("job_id") == self.job_id:
             fs.rm_file(path)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc) -> None:

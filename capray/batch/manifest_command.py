@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     compact = sub.add_parser("compact", help="merge the commit files of OUT/manifest/, latest row per identity")
     compact.add_argument("output", help="the OUTPUT folder/prefix of a `capray protect` run")
-    from capray.cli import add_config_options
+    from capray.config_args import add_config_options
 
     add_config_options(compact, set_example="batch.manifest_rows_per_file=50000")
     compact.add_argument("--force-unlock", action="store_true",
@@ -30,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from capray.batch import lease
     from capray.batch.compact import compact
-    from capray.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_from_args, describe, expected_errors, report
     from capray.cluster import connect_ray
+    from capray.config_args import config_from_args
+    from capray.errors import describe, expected_errors, report
+    from capray.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
     from capray.io.storage import normalize_uri
 
     try:

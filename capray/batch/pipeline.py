@@ -26,9 +26,9 @@ from capray.batch.progress import Progress
 from capray.batch.settle import NAMES_KEPT, report_uncommitted
 from capray.batch.stages import ProtectStage
 from capray.batch.stages.listing import candidates
-from capray.cli import EXIT_FAILED, EXIT_INPUT_FAILED, EXIT_OK
 from capray.config import CaprayConfig
 from capray.distributed.pool import scoring_pool
+from capray.exit_codes import EXIT_FAILED, EXIT_INPUT_FAILED, EXIT_OK
 from capray.io.allowlist import allowed_prefixes
 from capray.io.storage import get_fs, join, write_bytes_atomic
 
@@ -103,7 +103,7 @@ def run_job(plan: Plan, cfg: CaprayConfig, *, protect_stage: type = ProtectStage
     counts = ray.get(tally.snapshot.remote())
     progress.listed(counts, final=True)
     progress.finish()
-    expected_sources = 1 if plan.kind == "folder" else len(plan.manifest_files)
+    expected_sources = 1 if plan.kind == "folder" else len(plan.catalog_files)
     errors = list(counts["source_errors"])
     if counts["sources_done"] < expected_sources and not errors:
         errors.append(f"{expected_sources - counts['sources_done']} input listing task(s) did not finish")

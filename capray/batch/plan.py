@@ -11,14 +11,23 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from capray import __version__
 from capray.config import CaprayConfig
 from capray.io import manifest
-from capray.io.discover import MANIFEST_SUFFIXES, is_folder, is_manifest, manifest_files
-from capray.io.storage import get_fs, inside, join, normalize_uri, overlaps, redact, remove_stale_temps, write_bytes_atomic
+from capray.io.discover import CATALOG_SUFFIXES, catalog_files, is_catalog, is_folder
+from capray.io.storage import (
+    get_fs,
+    inside,
+    join,
+    normalize_uri,
+    overlaps,
+    redact,
+    remove_stale_temps,
+    write_bytes_atomic,
+)
 
 RUN_FILE = "run.json"
 DATASET_INPUT = "ray.data.Dataset"  # run.json's `input` when a processor was applied to a caller's Dataset
@@ -32,8 +41,8 @@ class UsageError(Exception):
 class Plan:
     input: str
     output: str
-    kind: str  # "folder", "manifest" (a catalog file of identity, uri rows) or "dataset" (processor)
-    manifest_files: list[str]  # URIs of the manifest input's files (a handful, even for 100M photos)
+    kind: str  # "folder", "catalog" (files of identity, uri rows) or "dataset" (a processor's caller's Dataset)
+    catalog_files: list[str]  # URIs of the catalog input's files (a handful, even for 100M photos)
     resuming: bool  # OUTPUT holds an earlier run: the done-check reads each identity's committed state
     run_id: str  # names this run's commit files
     started_at: str
@@ -54,18 +63,18 @@ def _previous_run(output: str, so: dict[str, Any]) -> dict[str, Any] | None:
 def _check_input(input_uri: str, output_uri: str, so: dict[str, Any]) -> tuple[str, list[str]]:
     fs, path = get_fs(input_uri, so)
     fs.invalidate_cache(path)  # a rerun must see the input as it is now, not a cached listing
-    if is_manifest(input_uri):
-        files = manifest_files(fs, path)
+    if is_catalog(input_uri):
+        files = catalog_files(fs, path)
         if not files:
-            raise FileNotFoundError(f"manifest {input_uri} not found")
+            raise FileNotFoundError(f"catalog {input_uri} not found")
         uris = [f if "://" not in input_uri else fs.unstrip_protocol(f) for f in files]
         for uri in uris:
             if inside(uri, output_uri):
-                raise UsageError(f"the input manifest {uri} lies inside OUTPUT {output_uri}")
-        return "manifest", uris
+                raise UsageError(f"the input catalog {uri} lies inside OUTPUT {output_uri}")
+        return "catalog", uris
     if not is_folder(fs, path):  # not `fs.isdir`: on S3 that lists the whole ROOT here, on the driver
-        raise FileNotFoundError(f"input {input_uri} is neither a folder/prefix nor a manifest "
-                                f"({', '.join(MANIFEST_SUFFIXES)})")
+        raise FileNotFoundError(f"input {input_uri} is neither a folder/prefix nor a catalog "
+                                f"({', '.join(CATALOG_SUFFIXES)})")
     if overlaps(input_uri, output_uri):
         raise UsageError(f"OUTPUT {output_uri} overlaps INPUT {input_uri}; choose an output outside the input")
     return "folder", []
@@ -100,7 +109,7 @@ def _plan(input_uri: str, output_uri: str, kind: str, files: list[str], cfg: Cap
         fs, path = manifest.manifest_path(output_uri, so)
         remove_stale_temps(fs, path)
         remove_stale_temps(fs, join(path, manifest.STATE_DIR))
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     run_id = now.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     return Plan(input_uri, output_uri, kind, files, previous is not None, run_id, now.isoformat(timespec="seconds"))
 

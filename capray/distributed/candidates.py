@@ -23,9 +23,9 @@ the runner (same candidates, same draw: same scores), and the pool replaces the 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
-import sys
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,6 +38,8 @@ import torch
 from capray.attack.cap import Candidates, EvaluationContext, InProcessEvaluator, as_candidates
 from capray.attack.randomness import NoiseDraw
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class PhaseState:
@@ -49,7 +51,7 @@ class PhaseState:
     resolution: int
 
     @classmethod
-    def of(cls, context: EvaluationContext) -> "PhaseState":
+    def of(cls, context: EvaluationContext) -> PhaseState:
         return cls({k: v.detach().cpu() for k, v in context.unet.state_dict().items()},
                    context.cond.detach().cpu(), context.layout, context.resolution)
 
@@ -58,7 +60,7 @@ class PhaseState:
         return sum(t.numel() * t.element_size() for t in self.unet_state.values())
 
 
-class CandidateScorer:
+class ScoringActor:
     """A scoring actor's body: SD parts resident, a few phases' UNets cached by (group, phase)."""
 
     def __init__(self, model_config_json: str, torch_threads: int | None = None, cache_phases: int = 2):
@@ -116,7 +118,7 @@ class CandidateScorer:
         return evaluator(candidates.shard(start, stop).to(parts.device), draw).cpu().numpy()
 
 
-CandidateWorker = ray.remote(max_restarts=0, max_task_retries=0)(CandidateScorer)
+CandidateWorker = ray.remote(max_restarts=0, max_task_retries=0)(ScoringActor)
 
 _SCORING_FAILURES = (ray.exceptions.RayError, ray.exceptions.GetTimeoutError)
 
@@ -201,8 +203,8 @@ class PooledEvaluator:
                     scores.append(torch.from_numpy(ray.get(ref)).to(scores[0].device))
                     self.remote_candidates += shard.m
                 except _SCORING_FAILURES as exc:
-                    print(f"capray: scoring actor {pid} failed ({type(exc).__name__}); re-scoring its "
-                          f"{shard.m} candidate(s) locally", file=sys.stderr)
+                    log.warning("scoring actor %s failed (%s); re-scoring its %d candidate(s) locally",
+                                pid, type(exc).__name__, shard.m)
                     dead.append(pid)
                     self.used.pop(pid, None)
                     _cancel(ref)

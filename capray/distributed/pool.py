@@ -15,12 +15,14 @@ Nothing ever waits on the pool:
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class ScoringPool:
@@ -68,10 +70,10 @@ class ScoringPool:
                         ray.get(ref)
                         self.ready.append(wid)
                     except Exception as exc:  # noqa: BLE001 - a worker that cannot load its models is not replaced
-                        print(f"capray: scoring actor {wid} failed to start: {exc}", file=sys.stderr)
+                        log.warning("scoring actor %s failed to start: %s", wid, exc)
                         self.workers.pop(wid, None)
             stale = time.monotonic() - 2 * self.sharding.shard_timeout_s
-            for lease, (ids, since) in list(self.leases.items()):
+            for lease, (_ids, since) in list(self.leases.items()):
                 if since < stale:  # its runner is gone
                     self.give_back(lease, [])
 
@@ -143,25 +145,25 @@ class PoolClient:
         self.handle, self.resolve, self.timeout_s = handle, resolve, timeout_s
 
     @classmethod
-    def for_actor(cls, name: str) -> "PoolClient | None":
+    def for_actor(cls, name: str) -> PoolClient | None:
         import ray
 
         try:
             handle = ray.get_actor(name)
         except ValueError as exc:
-            print(f"capray: scoring pool {name} not found ({exc}); scoring locally", file=sys.stderr)
+            log.warning("scoring pool %s not found (%s); scoring locally", name, exc)
             return None
         return cls(handle, lambda ref: ray.get(ref, timeout=10.0))
 
     @classmethod
-    def for_serve(cls, handle: Any) -> "PoolClient":
+    def for_serve(cls, handle: Any) -> PoolClient:
         return cls(handle, lambda response: response.result(timeout_s=10.0))
 
     def borrow(self, want: int) -> tuple[str | None, list[tuple[int, Any]]]:
         try:
             return self.resolve(self.handle.borrow.remote(want))
         except Exception as exc:  # noqa: BLE001 - no pool, no sharding; the group still completes
-            print(f"capray: scoring pool unavailable ({type(exc).__name__}); scoring locally", file=sys.stderr)
+            log.warning("scoring pool unavailable (%s); scoring locally", type(exc).__name__)
             return None, []
 
     def give_back(self, lease: str | None, dead: list[int]) -> None:

@@ -18,8 +18,8 @@ from PIL import Image
 
 from capray.attack.randomness import derive_seed
 from capray.attack.surrogate import Surrogate, train_surrogate
-from capray.models.class_images import ensure_class_images
 from capray.config import CaprayConfig, EvaluateConfig, SurrogateConfig
+from capray.models.class_images import ensure_class_images
 
 
 def attacker_surrogate_config(cfg: CaprayConfig) -> SurrogateConfig:
@@ -80,7 +80,8 @@ def _train_lora(surrogate: Surrogate, parts: Any, instances: torch.Tensor, class
 
 
 @torch.no_grad()
-def generate(parts: Any, surrogate: Surrogate, cfg: CaprayConfig, seed_parts: tuple[Any, ...]) -> dict[str, list[np.ndarray]]:
+def generate(parts: Any, surrogate: Surrogate, cfg: CaprayConfig,
+             seed_parts: tuple[Any, ...]) -> dict[str, list[np.ndarray]]:
     """`images_per_prompt` images for each prompt (HxWx3 uint8), seeded per (prompt, batch)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from capray.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clean", required=True, help="clean photos: DIR/<identity>/<photos>")
     parser.add_argument("--protected", default="", help="comma-separated `capray protect` output folders")
     parser.add_argument("--out", required=True, help="report folder (must not overlap the inputs)")
-    from capray.cli import add_config_options
+    from capray.config_args import add_config_options
 
     add_config_options(parser, set_example="evaluate.train_steps=500")  # no --preset: smoke for 'tiny', else paper
     parser.add_argument("--transform", action="append", default=[], metavar="SPEC",
@@ -26,7 +27,7 @@ def budget_for(cfg) -> str:
 
 
 def build_config(args: argparse.Namespace):
-    from capray.cli import config_from_args
+    from capray.config_args import config_from_args
 
     flags: dict = {}
     if args.transform:
@@ -38,7 +39,7 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when every photo set of every identity was evaluated, 1 when some failed, 2 for unusable input."""
-    from capray.cli import describe, expected_errors, report
+    from capray.errors import describe, expected_errors, report
     from capray.evaluate.pipeline import evaluate
     from capray.models.preflight import PreflightError, preflight
 
@@ -46,20 +47,20 @@ def run(args: argparse.Namespace) -> int:
         cfg = build_config(args)
     except expected_errors() as exc:
         report("evaluate", args, f"configuration error: {describe(exc)}", exc)
-        return 2
+        return EXIT_USAGE
     try:
         preflight(cfg.model)  # on the driver, before evaluate starts Ray
     except PreflightError as exc:
         report("evaluate", args, describe(exc), exc)
-        return 2
+        return EXIT_USAGE
     protected = [p for p in args.protected.split(",") if p.strip()]
     try:
         result = evaluate(args.clean, protected, args.out, cfg, use_ray=not args.no_ray,
                           identities=args.identity or None, address=args.address)
     except (OSError, ValueError) as exc:  # missing folder, overlap, unreachable or forbidden storage
         report("evaluate", args, describe(exc), exc)
-        return 2
+        return EXIT_USAGE
     incomplete = [f"{r['identity']} ({r['status']})" for r in result["identities"] if r["status"] != "ok"]
-    if incomplete:
-        print(f"capray evaluate: not fully evaluated (see the report): {', '.join(incomplete)}", file=sys.stderr)
-    return 1 if incomplete else 0
+    if incomplete:  # the command's own last line, not a log record
+        report("evaluate", args, f"not fully evaluated (see the report): {', '.join(incomplete)}")
+    return EXIT_FAILED if incomplete else EXIT_OK

@@ -31,7 +31,7 @@ class EvalFiles:
     min_image_side: int = BatchConfig.model_fields["min_image_side"].default
 
     @classmethod
-    def from_config(cls, cfg: CaprayConfig) -> "EvalFiles":
+    def from_config(cls, cfg: CaprayConfig) -> EvalFiles:
         b = cfg.batch
         return cls(dict(b.storage_options), b.max_file_bytes, b.max_image_pixels, b.min_image_side)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from os import PathLike
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable
+from os import PathLike
+from typing import Any
 
 from capray.config import CaprayConfig
 from capray.evaluate.files import EvalFiles

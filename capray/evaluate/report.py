@@ -234,11 +234,13 @@ def _table_html(table: dict[str, Any], keys: list[str], backends: dict[str, str]
             cells.append(f'<td class="{cls}"{title}>{_fmt(mean)}</td>')
         for name, _, spec in vis_cols:
             v = row["visibility"].get(name)
-            cells.append(f'<td class="{"na" if v is None else ""}">{"—" if row["group"] == "clean" else _fmt(v, spec)}</td>')
+            shown = "—" if row["group"] == "clean" else _fmt(v, spec)
+            cells.append(f'<td class="{"na" if v is None else ""}">{shown}</td>')
         ids = f"{row['identities']}" + (f' <span class="err">({row["failed"]} failed)</span>' if row["failed"] else "")
         cls = ' class="clean"' if row["group"] == "clean" else ""
         body.append(f"<tr{cls}><td>{html.escape(row['label'])}</td>{''.join(cells)}<td>{ids}</td></tr>")
-    return f"<table class='metrics'><thead><tr><th>photo set</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (f"<table class='metrics'><thead><tr><th>photo set</th>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
 
 
 def _backend_html(backends: dict[str, str]) -> str:
@@ -269,8 +271,9 @@ def render(out: str | PathLike, results: list[dict[str, Any]], meta: dict[str, A
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>capray evaluate</title><style>{CSS}</style>"
              "</head><body><header><h1>capray evaluate — can an attacker still learn the face?</h1>"
-             f"<p>{_plural(len(results), 'identity', 'identities')} · DreamBooth {meta['train_steps']} steps (lr {meta['learning_rate']:g}, "
-             f"batch {meta['batch_size']}{', LoRA' if meta.get('lora') else ''}) on <code>{html.escape(meta['model'])}</code> · "
+             f"<p>{_plural(len(results), 'identity', 'identities')} · DreamBooth {meta['train_steps']} steps "
+             f"(lr {meta['learning_rate']:g}, batch {meta['batch_size']}{', LoRA' if meta.get('lora') else ''}) "
+             f"on <code>{html.escape(meta['model'])}</code> · "
              f"{meta['images_per_prompt']} images × {len(meta['prompts'])} prompts</p></header><main>"]
     if meta["model"] == "tiny":
         parts.append("<section class='warn'><b>Tiny random model.</b> The attacker here is a few-thousand-parameter "
@@ -292,7 +295,7 @@ def render(out: str | PathLike, results: list[dict[str, Any]], meta: dict[str, A
         for row in figures.get(res["identity"], []):
             parts.append(f"<div class='figrow {row['kind']}'><div class='lbl'>{html.escape(row['label'])}</div>"
                          f"<img src='{html.escape(row['src'])}' alt='{html.escape(row['label'])}'></div>")
-        for key, entry in res.get("sources", {}).items():
+        for entry in res.get("sources", {}).values():
             if entry.get("status") == "failed":
                 parts.append(f"<p class='err'>{html.escape(entry['label'])}: {html.escape(entry.get('error', ''))}</p>")
             for err in entry.get("errors", []) or []:
@@ -308,8 +311,9 @@ def render(out: str | PathLike, results: list[dict[str, Any]], meta: dict[str, A
     html_path = join(out, "report.html")
     files.write(html_path, "".join(parts).encode("utf-8"))
 
-    md = [f"# capray evaluate\n\n{_plural(len(results), 'identity', 'identities')} · DreamBooth {meta['train_steps']} steps on "
-          f"`{meta['model']}` · {meta['images_per_prompt']} images × {len(meta['prompts'])} prompts\n"]
+    md = [f"# capray evaluate\n\n{_plural(len(results), 'identity', 'identities')} · "
+          f"DreamBooth {meta['train_steps']} steps on `{meta['model']}` · "
+          f"{meta['images_per_prompt']} images × {len(meta['prompts'])} prompts\n"]
     if meta["model"] == "tiny":
         md.append("> Tiny random model: its samples are noise, so these numbers check the pipeline, not protection.\n")
     for group, keys in groups(table):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -67,8 +68,8 @@ def evaluate_identity(task: IdentityTask, cfg: CaprayConfig) -> dict[str, Any]:
         result["reference_faces"] = n_ref
         result["clean_photos"] = sorted(clean)
 
-        from capray.models.class_images import ensure_class_images
         from capray.evaluate.attacker import attacker_surrogate_config
+        from capray.models.class_images import ensure_class_images
         from capray.models.sd import load_diffusion
 
         parts = load_diffusion(cfg.model)

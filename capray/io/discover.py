@@ -1,14 +1,15 @@
-"""Find the identities of a job, streamed: a folder/prefix `ROOT/<identity>/<photos>` or manifest file(s).
+"""Find the identities of a job, streamed: a folder/prefix `ROOT/<identity>/<photos>` or catalog file(s).
 
 Nothing here builds a list of the whole library. The identity folders under ROOT come out page by
 page (`iter_identity_names`; on S3 one ListObjectsV2 page of 1,000 prefixes at a time), one
 identity's photos are listed on their own (`list_photos`, run inside a distributed task), and a
-manifest file is scanned in record batches (`iter_manifest_groups`).
+catalog file is scanned in record batches (`iter_catalog_groups`).
 
-A manifest is Parquet, CSV or JSON Lines with one row per photo and columns `identity`, `uri`
+A catalog (the input list; "manifest" is OUT/manifest/, the output records) is Parquet, CSV or JSON Lines with one row per photo and columns `identity`, `uri`
 (optional `size` and `etag`/`version` spare a HEAD per photo when fingerprinting). The input may be
-one file or a glob of such files (`s3://b/export/part-*.parquet`, an export split in parts). Grouping streams, so it needs
-**each identity's rows in one file, and every file sorted by identity** (`ORDER BY identity`); a file
+one file or a glob of such files (`s3://b/export/part-*.parquet`, an export split in parts). Grouping
+streams, so it needs **each identity's rows in one file, and every file sorted by identity**
+(`ORDER BY identity`); a file
 that is not sorted is refused with an error naming the file and the first out-of-order row, before
 any of its groups are used. Relative URIs are resolved against the file's own folder; a URI listed
 twice for one identity is used once.
@@ -30,7 +31,7 @@ from typing import Any
 
 from capray.io.storage import is_local, normalize_uri
 
-MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
+CATALOG_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
 JUNK_NAMES = {"thumbs.db", "desktop.ini"}
 PAGE_SIZE = 1000  # S3's ListObjectsV2 page; also the unit the driver hands identity names on in
 SIZE_COLUMN, VERSION_COLUMNS = "size", ("etag", "e_tag", "version")
@@ -80,9 +81,9 @@ def _uri(fs: Any, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def is_manifest(uri: str) -> bool:
-    """A manifest file or a glob of manifest files (by suffix); anything else is a folder/prefix."""
-    return str(uri).rstrip("/").lower().endswith(MANIFEST_SUFFIXES)
+def is_catalog(uri: str) -> bool:
+    """A catalog file or a glob of catalog files (by suffix); anything else is a folder/prefix."""
+    return str(uri).rstrip("/").lower().endswith(CATALOG_SUFFIXES)
 
 
 def _version(entry: dict[str, Any]) -> str | None:
@@ -199,17 +200,17 @@ def list_photos(fs: Any, root: str, identity: str) -> IdentityGroup:
     return IdentityGroup(identity, sorted(photos, key=lambda p: p.uri), ignored)
 
 
-# -- manifests --------------------------------------------------------------------------------------
+# -- catalogs --------------------------------------------------------------------------------------
 
-def manifest_files(fs: Any, path: str) -> list[str]:
-    """The manifest file, or every file a glob names (`s3://b/export/part-*.parquet`), sorted."""
+def catalog_files(fs: Any, path: str) -> list[str]:
+    """The catalog file, or every file a glob names (`s3://b/export/part-*.parquet`), sorted."""
     if any(ch in path for ch in "*?["):
-        return sorted(f for f in fs.glob(path) if f.lower().endswith(MANIFEST_SUFFIXES))
+        return sorted(f for f in fs.glob(path) if f.lower().endswith(CATALOG_SUFFIXES))
     return [path] if fs.isfile(path) else []
 
 
 def _resolve(base: str, relative: str) -> str:
-    """`relative` against the manifest's folder, '..' collapsed, for local paths and URLs alike."""
+    """`relative` against the catalog's folder, '..' collapsed, for local paths and URLs alike."""
     if "://" in base:
         scheme, rest = base.split("://", 1)
         return f"{scheme}://{posixpath.normpath(posixpath.join(rest, relative))}"
@@ -220,7 +221,7 @@ def _dataset(fs: Any, path: str):
     import pyarrow as pa
     import pyarrow.dataset as pads
 
-    from capray.io.manifest import arrow_fs
+    from capray.io.storage import arrow_fs
 
     lower = path.lower()
     if lower.endswith(".parquet"):
@@ -239,31 +240,31 @@ def _batches(fs: Any, path: str, uri: str, columns: list[str]):
     try:
         dataset = _dataset(fs, path)
     except Exception as exc:  # pyarrow raises several types for malformed files
-        raise ValueError(f"could not read manifest {uri}: {exc}") from None
+        raise ValueError(f"could not read catalog {uri}: {exc}") from None
     names = dataset.schema.names
     missing = {"identity", "uri"} - set(names)
     if missing:
-        raise ValueError(f"manifest {uri} lacks column(s) {sorted(missing)}; needs 'identity' and 'uri'")
+        raise ValueError(f"catalog {uri} lacks column(s) {sorted(missing)}; needs 'identity' and 'uri'")
     try:
         yield from dataset.to_batches(columns=[c for c in columns if c in names])
     except Exception as exc:
-        raise ValueError(f"could not read manifest {uri}: {exc}") from None
+        raise ValueError(f"could not read catalog {uri}: {exc}") from None
 
 
 def check_sorted(fs: Any, path: str, uri: str) -> None:
-    """Refuse a manifest file whose rows are not sorted by identity (streamed grouping needs it)."""
+    """Refuse a catalog file whose rows are not sorted by identity (streamed grouping needs it)."""
     previous, row = None, 0
     for batch in _batches(fs, path, uri, ["identity"]):
         for ident in batch.column(0).to_pylist():
             ident = "" if ident is None else str(ident)
             if previous is not None and ident < previous:
-                raise ValueError(f"manifest {uri} is not sorted by identity: row {row + 1} has {ident!r} after "
+                raise ValueError(f"catalog {uri} is not sorted by identity: row {row + 1} has {ident!r} after "
                                  f"{previous!r}; write it with ORDER BY identity (each identity in one file)")
             previous, row = ident, row + 1
 
 
-def iter_manifest_groups(fs: Any, path: str) -> Iterator[IdentityGroup]:
-    """The identity groups of one manifest file, in file order, holding one group at a time."""
+def iter_catalog_groups(fs: Any, path: str) -> Iterator[IdentityGroup]:
+    """The identity groups of one catalog file, in file order, holding one group at a time."""
     uri = _uri(fs, path)
     check_sorted(fs, path, uri)
     base = posixpath.dirname(uri)
@@ -293,7 +294,7 @@ def iter_manifest_groups(fs: Any, path: str) -> Iterator[IdentityGroup]:
 
 
 def stat_photos(fs_for: Any, group: IdentityGroup) -> IdentityGroup:
-    """Fill in size/version of manifest photos that did not carry them (one HEAD each, in a worker)."""
+    """Fill in size/version of catalog photos that did not carry them (one HEAD each, in a worker)."""
     photos = []
     for photo in group.photos:
         if photo.uri and photo.size is None and photo.version is None:

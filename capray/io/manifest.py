@@ -32,8 +32,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from capray.attack.api import ProtectionRecord
-
-from capray.io.storage import get_fs, join, write_bytes_atomic
+from capray.io.storage import arrow_fs, get_fs, join, write_bytes_atomic
 
 MANIFEST_DIR = "manifest"
 STATE_DIR = "_state"
@@ -60,8 +59,8 @@ class ManifestRow(ProtectionRecord):
         None, description="input: the photos/name are at fault, not retried until the input changes; "
                           "transient: engine or infrastructure, retried by the next run")
     input_fingerprint: str | None = Field(None, description="digest of input URIs, sizes and ETags/mtimes")
-    removed_output_uris: list[str] = Field(default_factory=list,
-                                           description="earlier outputs deleted because their source is gone or changed")
+    removed_output_uris: list[str] = Field(
+        default_factory=list, description="earlier outputs deleted because their source is gone or changed")
 
 
 class IdentityState(BaseModel):
@@ -205,11 +204,3 @@ def state_of(row: ManifestRow, published: list[tuple[str, str]]) -> IdentityStat
     return IdentityState(identity=row.identity, status=row.status, failure_class=row.failure_class,
                          fingerprint=row.input_fingerprint, published=published, finished_at=row.finished_at)
 
-
-def arrow_fs(fs: Any):
-    """A pyarrow filesystem for an fsspec one (native for local disks)."""
-    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
-
-    from capray.io.storage import is_local
-
-    return LocalFileSystem() if is_local(fs) else PyFileSystem(FSSpecHandler(fs))

@@ -23,7 +23,7 @@ MAX_NAME_CHARS = 120
 NAME_HASH_CHARS = 16  # 64 bits: folder names of millions of identities must not collide
 RESERVED = {"manifest", "run.json", "metrics.prom"}  # entries of OUT that are not identity folders
 _UNSAFE = re.compile(r"[^\w.\-]", re.UNICODE)
-_LOOKS_HASHED = re.compile(r"-[0-9a-f]{%d}$" % NAME_HASH_CHARS)
+_LOOKS_HASHED = re.compile(rf"-[0-9a-f]{{{NAME_HASH_CHARS}}}$")
 
 
 def short_hash(text: str, n: int = 8) -> str:

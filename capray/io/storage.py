@@ -89,6 +89,14 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def arrow_fs(fs: fsspec.AbstractFileSystem):
+    """A pyarrow filesystem for an fsspec one (native for local disks)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    from pyarrow.fs import LocalFileSystem as ArrowLocalFileSystem
+
+    return ArrowLocalFileSystem() if is_local(fs) else PyFileSystem(FSSpecHandler(fs))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join URI parts with '/', whatever the filesystem (parts are already sanitised names)."""
     return posixpath.join(uri.rstrip("/"), *parts)

@@ -16,10 +16,10 @@ import fcntl
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 # The parts `capray.models.sd.load_diffusion` loads, and the files each needs.
 WEIGHTS_SUFFIXES = (".safetensors", ".bin")

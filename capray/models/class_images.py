@@ -19,7 +19,8 @@ from capray.models.cache import cache_root, exclusive
 
 
 def class_image_dir(parts: Any, cfg: SurrogateConfig, resolution: int) -> Path:
-    key = hashlib.sha256(f"{parts.model_id}|{cfg.class_prompt}|{resolution}|{cfg.class_sample_steps}".encode()).hexdigest()[:12]
+    spec = f"{parts.model_id}|{cfg.class_prompt}|{resolution}|{cfg.class_sample_steps}"
+    key = hashlib.sha256(spec.encode()).hexdigest()[:12]
     return cache_root(cfg.class_images_dir) / "class-images" / key
 
 
@@ -32,7 +33,7 @@ def ensure_class_images(parts: Any, cfg: SurrogateConfig, resolution: int) -> to
         return None
     from PIL import Image
 
-    from capray.attack.metrics import from_uint8
+    from capray.models.pixels import from_uint8
 
     folder = class_image_dir(parts, cfg, resolution)
     with exclusive(folder / ".lock"):
@@ -48,7 +49,7 @@ def ensure_class_images(parts: Any, cfg: SurrogateConfig, resolution: int) -> to
 def _generate(parts: Any, cfg: SurrogateConfig, resolution: int, folder: Path, start: int) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from capray.attack.randomness import cpu_generator
+    from capray.models.seeds import cpu_generator
 
     pipe = StableDiffusionPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,

@@ -6,9 +6,12 @@ Exit codes: 0 done; 2 the weights cannot be fetched here (one line says why and 
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from capray.config import REAL_SD_MODEL
+from capray.exit_codes import EXIT_OK, EXIT_USAGE
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,22 +33,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from capray.cli import describe, report
+    from capray.errors import describe, report
     from capray.models.fetch import CacheDirs, FetchError, fetch
 
     try:
         got = fetch(args.sd, revision=args.revision, style=args.style, cache_root=args.cache,
-                    verify=not args.no_verify, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                    verify=not args.no_verify, progress=lambda msg: log.info("%s", msg))
     except FetchError as exc:
         report("models fetch", args, describe(exc), exc)
-        return 2
+        return EXIT_USAGE
     verified = "" if args.no_verify else " (loads)"
     print(f"{args.sd}: {got.sd_snapshot}{verified}")
     print(f"{args.style} ImageNet weights: {got.style_file}{verified}")
     if args.cache:
         dirs = CacheDirs.at(args.cache)
         print(f"use it with HF_HOME={dirs.hub.parent} TORCH_HOME={dirs.checkpoints.parent.parent}")
-    return 0
+    return EXIT_OK
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -60,7 +63,7 @@ def run_list(args: argparse.Namespace) -> int:
     print("\n".join(format_entries(style_entries(dirs.checkpoints))))
     if not any(e.usable and e.name == REAL_SD_MODEL for e in sd):
         print(f"{REAL_SD_MODEL} (the default model) is not cached: run `capray models fetch`")
-    return 0
+    return EXIT_OK
 
 
 def run_tiny(args: argparse.Namespace) -> int:
@@ -68,7 +71,7 @@ def run_tiny(args: argparse.Namespace) -> int:
 
     path = build_tiny_model(args.path, seed=args.seed)
     print(f"tiny SD-format model written to {path} (a random network for tests and demos: not a protection)")
-    return 0
+    return EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,9 +9,9 @@ again; without network a missing part fails at once, before anything is written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from capray.config import REAL_SD_MODEL, ModelConfig
 from capray.models import cache
@@ -27,7 +27,7 @@ class CacheDirs:
     checkpoints: Path
 
     @classmethod
-    def at(cls, root: str | Path | None) -> "CacheDirs":
+    def at(cls, root: str | Path | None) -> CacheDirs:
         """The caches under a shared root, or the ones this environment uses."""
         if root is None:
             return cls(cache.hf_hub_cache(), cache.torch_checkpoints())

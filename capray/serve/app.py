@@ -12,7 +12,7 @@ API (`Authorization: Bearer <key>` on every route but healthz when keys are conf
   POST /v1/protect                      JSON {photos: [{data: base64, name?}], identity?, config?}
                                         or multipart: photo=@a.jpg (repeated), options={"identity", "config"}
                                         → 202 {job_id, status, status_url}
-  GET  /v1/jobs/{id}                    → {status: pending|done|failed, progress, error?, result?}
+  GET  /v1/jobs/{id}                    → {status: pending|ok|failed, progress, error?, result?}
   GET  /v1/jobs/{id}/photos/{index}     → one protected PNG (image/png)
   GET  /v1/jobs/{id}/result.zip         → every protected PNG + summary.json
   POST /v1/protect:sync                 same bodies → 200 result with base64 PNGs (small requests)
@@ -42,6 +42,7 @@ from ray.serve.handle import DeploymentHandle
 from capray.attack.api import ProtectionRecord
 from capray.config import CaprayConfig, ServeConfig, ShardingConfig, load_config
 from capray.distributed.pool import ScoringPool
+from capray.metrics import SERVE_GROUPS, Metric
 from capray.serve import errors
 from capray.serve.auth import AuthError, KeyRing, check_exposure
 from capray.serve.body_limit import missing_guard
@@ -49,7 +50,7 @@ from capray.serve.limits import RequestError, UploadSlots, check_pixels, effecti
 from capray.serve.requests import decode_photos, read_submission
 from capray.serve.results import build_result, result_zip
 from capray.serve.runner import JobRunner
-from capray.serve.schemas import JobAccepted, JobStatus, Progress, ProtectRequest, ProtectResult
+from capray.serve.schemas import JobAccepted, JobResult, JobStatus, Progress, ProtectRequest
 from capray.serve.store import JobState, JobStore
 
 APP_NAME = "capray"
@@ -189,22 +190,20 @@ async def _call_protector(handle: DeploymentHandle, rgbs: list[Any], cfg: Capray
     raise RuntimeError("the Protector ended without a result")
 
 
-def _job_status(state: JobState, result: ProtectResult | None, base: str) -> JobStatus:
+def _job_status(state: JobState, result: JobResult | None, base: str) -> JobStatus:
     if result is not None:
         for i, photo in enumerate(result.photos):
             photo.url = f"{base}/photos/{i}"
     return JobStatus(job_id=state.job_id, status=state.status, created_at=state.created_at,
                      finished_at=state.finished_at, attempts=state.attempts, error=state.error,
                      progress=Progress(steps_done=state.steps_done, steps_total=state.steps_total),
-                     result_zip_url=f"{base}/result.zip" if state.status == "done" else None, result=result)
+                     result_zip_url=f"{base}/result.zip" if state.status == "ok" else None, result=result)
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
     async def __init__(self, protector: DeploymentHandle, config: dict[str, Any], listen_host: str):
-        from ray.serve.metrics import Counter
-
         self.protector = protector
         self.config = CaprayConfig.model_validate(config)
         s = self.config.serve
@@ -218,17 +217,16 @@ class Ingress:
         self.runner = JobRunner(self.store, self.config, self._protect, self.tag)
         self.sync_in_flight = 0
         self.uploads = UploadSlots(s.max_uploads_in_flight)
-        self.finished = Counter("capray_serve_groups_total", description="protection requests finished, by outcome",
-                                tag_keys=("outcome",))
+        self.finished = Metric(SERVE_GROUPS, serve=True)
         self.sweeper = asyncio.get_running_loop().create_task(self.runner.sweep_forever())
 
     async def _protect(self, rgbs, cfg, identity, on_progress):
         try:
             out = await _call_protector(self.protector, rgbs, cfg, identity, on_progress)
         except BaseException as exc:  # a busy refusal is retried by the runner: not a failed group
-            self.finished.inc(tags={"outcome": "busy" if errors.is_busy(exc) else "failed"})
+            self.finished.inc(outcome="busy" if errors.is_busy(exc) else "failed")
             raise
-        self.finished.inc(tags={"outcome": "ok"})
+        self.finished.inc(outcome="ok")
         return out
 
     def _caller(self, request: Request) -> str:
@@ -263,7 +261,7 @@ class Ingress:
 
     async def _finished(self, request: Request, job_id: str) -> JobState:
         state = await self._owned(request, job_id)
-        if state.status != "done":
+        if state.status != "ok":
             raise RequestError(409, f"job is {state.status}, no result to download", job_id=job_id)
         return state
 
@@ -284,9 +282,9 @@ class Ingress:
     async def job_status(self, job_id: str, request: Request, response: Response) -> JobStatus:
         state = await self._owned(request, job_id)
         result = None
-        if state.status == "done":
+        if state.status == "ok":
             raw = await asyncio.to_thread(self.store.result, job_id)
-            result = ProtectResult.model_validate_json(raw) if raw else None
+            result = JobResult.model_validate_json(raw) if raw else None
         response.headers[REPLICA_HEADER] = self.tag
         return _job_status(state, result, str(request.url_for("job_status", job_id=job_id)))
 
@@ -303,14 +301,14 @@ class Ingress:
              responses={200: {"content": {"application/zip": {}}}})
     async def job_zip(self, job_id: str, request: Request) -> Response:
         await self._finished(request, job_id)
-        result = ProtectResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
+        result = JobResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
         pngs = [await asyncio.to_thread(self.store.photo, job_id, i) for i in range(len(result.photos))]
         body = await asyncio.to_thread(result_zip, result, pngs)
         return Response(body, media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="capray-{job_id}.zip"'})
 
-    @api.post("/v1/protect:sync", response_model=ProtectResult, openapi_extra=BODY_DOC)
-    async def protect_sync(self, request: Request) -> ProtectResult:
+    @api.post("/v1/protect:sync", response_model=JobResult, openapi_extra=BODY_DOC)
+    async def protect_sync(self, request: Request) -> JobResult:
         self._caller(request)
         async with self._admitted(request) as (sub, cfg, decoded):
             self.sync_in_flight += 1  # from here on it counts as a pending job
@@ -318,7 +316,7 @@ class Ingress:
             protected, record = await asyncio.wait_for(
                 self._protect([d.rgb for d in decoded], cfg, sub.identity, None),
                 timeout=self.config.serve.job_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RequestError(504, errors.timed_out(self.config.serve.job_timeout_s)) from None
         except Exception as exc:  # noqa: BLE001 - a short, stable message; the detail goes to the log
             message = errors.public_error(exc)
@@ -341,7 +339,8 @@ class ServeArgs(BaseModel):
 
     config_path: str | None = Field(None, description="capray YAML/JSON config file on the cluster")
     preset: Literal["smoke", "paper"] | None = None
-    overrides: dict[str, Any] = Field(default_factory=dict, description="nested overrides, e.g. {serve: {max_replicas: 8}}")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="nested overrides, e.g. {serve: {max_replicas: 8}}")
 
     def load(self) -> CaprayConfig:
         return load_config(self.config_path, preset=self.preset, overrides=self.overrides)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware

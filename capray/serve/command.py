@@ -7,13 +7,17 @@ Exit codes: 0 served until interrupted (or deployed with --detach, or printed th
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
-import sys
 import threading
+
+from capray.exit_codes import EXIT_OK, EXIT_USAGE
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from capray.cli import add_config_options
+    from capray.config_args import add_config_options
 
     add_config_options(parser, set_example="serve.max_replicas=2")
     parser.add_argument("--host", help="HTTP host (default: serve.host)")
@@ -26,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_args(args: argparse.Namespace):
-    """What the Serve app is built from: the same precedence rule as every front door (`cli.overrides_from_args`)."""
-    from capray.cli import overrides_from_args
+    """What the Serve app is built from, by the precedence rule of every front door (`overrides_from_args`)."""
+    from capray.config_args import overrides_from_args
     from capray.serve.app import ServeArgs
 
     flags = {key: value for key, value in (("host", args.host), ("port", args.port)) if value}
@@ -36,7 +40,7 @@ def serve_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from capray.cli import describe, expected_errors, report
+    from capray.errors import describe, expected_errors, report
 
     try:
         sargs = serve_args(args)
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             preflight(cfg.model)  # a model that cannot load would only crash-loop the replicas
     except expected_errors() as exc:
         report("serve", args, describe(exc), exc)
-        return 2
+        return EXIT_USAGE
     if not args.print_config:
         from capray.serve.auth import KeyRing, check_exposure
 
@@ -55,24 +59,23 @@ def run(args: argparse.Namespace) -> int:
         try:
             check_exposure(cfg.serve.host, keys, cfg.serve.allow_unauthenticated)
         except ValueError as exc:
-            print(f"capray serve: {exc}", file=sys.stderr)
-            return 2
+            report("serve", args, describe(exc), exc)
+            return EXIT_USAGE
         if not keys.configured:
-            print(f"capray serve: no API keys configured: anyone who can reach {cfg.serve.host} may call it",
-                  file=sys.stderr)
+            log.warning("no API keys configured: anyone who can reach %s may call it", cfg.serve.host)
     if args.print_config:
         import yaml
 
         from capray.serve.app import deploy_config
 
         print(yaml.safe_dump(deploy_config(sargs, route_prefix=args.route_prefix), sort_keys=False), end="")
-        return 0
+        return EXIT_OK
 
     import os
 
     if args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
         report("serve", args, "--detach needs a cluster (--address or $RAY_ADDRESS)")
-        return 2
+        return EXIT_USAGE
     import ray
     from ray import serve
 
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ.update(proxy_env(cfg.serve.max_request_bytes))
     started = connect_ray(args.address)
     if started and cfg.serve.gpus_per_replica > 0 and not ray.cluster_resources().get("GPU"):
-        print("capray serve: no GPU on this machine; the Protector runs on the CPU", file=sys.stderr)
+        log.warning("no GPU on this machine; the Protector runs on the CPU")
         cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"gpus_per_replica": 0.0})})
     s = cfg.serve
     try:
@@ -95,17 +98,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"capray serving on http://{s.host}:{s.port}{prefix}/v1/protect "
               f"(jobs: GET {prefix}/v1/jobs/<id>)", flush=True)
         for note in cfg.model.notes:
-            print(f"capray serve: {note}", file=sys.stderr, flush=True)
+            log.warning("%s", note)
         if args.detach:
-            return 0
+            return EXIT_OK
         stop = threading.Event()  # SIGTERM (a container stopping) ends the server as cleanly as Ctrl-C
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(1.0):
             pass
-        return 0
+        return EXIT_OK
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK
     finally:
         if not args.detach:
             serve.shutdown()

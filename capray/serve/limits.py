@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from pydantic import ValidationError
 

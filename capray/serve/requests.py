@@ -78,7 +78,8 @@ async def from_multipart(request: Any, limits: ServeConfig) -> Submission:
         form = await request.form(max_files=limits.max_photos + 1, max_fields=8, max_part_size=1_000_000)
     except StarletteHTTPException as exc:  # python-multipart's own refusals (too many files, bad framing)
         if "Too many files" in str(exc.detail):
-            raise RequestError(413, f"more than {limits.max_photos} photos; at most {limits.max_photos} per request")
+            raise RequestError(
+                413, f"more than {limits.max_photos} photos; at most {limits.max_photos} per request") from None
         raise RequestError(422, f"malformed multipart body: {exc.detail}") from None
     try:
         uploads = [v for k, v in form.multi_items() if k in PHOTO_FIELDS and isinstance(v, UploadFile)]

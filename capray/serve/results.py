@@ -10,11 +10,11 @@ from typing import Any
 
 from capray.attack.api import ProtectionRecord
 from capray.config import CaprayConfig
-from capray.serve.schemas import PhotoOut, ProtectResult
+from capray.serve.schemas import JobResult, PhotoOut
 
 
 def build_result(names: list[str | None], decoded: list[Any], protected: list[Any],
-                 record: ProtectionRecord, cfg: CaprayConfig) -> tuple[list[bytes], ProtectResult]:
+                 record: ProtectionRecord, cfg: CaprayConfig) -> tuple[list[bytes], JobResult]:
     """(PNG bytes per photo, the result without pixel data)."""
     from capray.io.images import encode_png
 
@@ -23,7 +23,7 @@ def build_result(names: list[str | None], decoded: list[Any], protected: list[An
         pngs.append(encode_png(rgb, src.alpha))
         photos.append(PhotoOut(name=name, width=rgb.shape[1], height=rgb.shape[0], linf_255=record.linf_255[i],
                                psnr=record.psnr[i], ssim=record.ssim[i], notes=list(src.notes)))
-    result = ProtectResult(**record.model_dump(), photos=photos, eps=cfg.attack.eps,
+    result = JobResult(**record.model_dump(), photos=photos, eps=cfg.attack.eps,
                            eps_255=cfg.attack.eps * 127.5)
     return pngs, result
 
@@ -34,7 +34,7 @@ def zip_name(index: int, name: str | None) -> str:
     return f"{index:02d}_{stem or 'photo'}.png"
 
 
-def result_zip(result: ProtectResult, pngs: list[bytes]) -> bytes:
+def result_zip(result: JobResult, pngs: list[bytes]) -> bytes:
     """All protected PNGs plus `summary.json` (the result record); PNGs are stored, not recompressed."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:

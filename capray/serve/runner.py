@@ -4,7 +4,7 @@ A runner holds a job by a lease it renews (with the progress) while the Protecto
 replica sweeps the store's pending jobs and takes over one whose lease ran out — its runner was
 lost to a restart, a node loss or an upgrade. A rerun is safe because the same request gives the
 same pixels; after `serve.job_attempts` runs the job is failed with the reason instead. The same
-sweep deletes finished jobs past `serve.job_ttl_s`. Every job ends `done` or `failed`, with a
+sweep deletes finished jobs past `serve.job_ttl_s`. Every job ends `ok` or `failed`, with a
 client-safe error (`errors.public_error`): at most `serve.job_timeout_s` after the Protector starts
 it, and failed if no Protector starts it within `serve.job_timeout_s` (busy refusals are retried).
 
@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from capray.config import CaprayConfig
 from capray.serve import errors
@@ -92,7 +93,7 @@ class JobRunner:
                 try:
                     await asyncio.wait_for(stop.wait(), self.heartbeat_s)
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 state.lease_until = time.time() + self.limits.job_lease_s
                 try:
@@ -114,7 +115,7 @@ class JobRunner:
         finally:
             stop.set()
             await beat  # a write already in a worker thread lands before the final one, never after it
-        if status == "done":
+        if status == "ok":
             pngs, result = detail
             wrote = await self._io(self.store.finish, state, pngs, result.model_dump_json().encode(), self.tag)
         else:
@@ -124,7 +125,7 @@ class JobRunner:
                                state.job_id, self.tag, status)
 
     async def _attempt(self, state: JobState, request: JobRequest, decoded: list[Any] | None) -> tuple[str, Any]:
-        """One run: ("done", (pngs, result)) or ("failed", a client-safe reason)."""
+        """One run: ("ok", (pngs, result)) or ("failed", a client-safe reason)."""
         def on_progress(done: int, total: int) -> None:
             state.steps_done, state.steps_total = done, total
 
@@ -143,7 +144,7 @@ class JobRunner:
             return "failed", f"invalid input: {exc.detail['error']}"
         except Exception as exc:  # noqa: BLE001 - the job records a client-safe reason; the replica goes on
             return "failed", errors.public_error(exc, state.job_id)
-        return "done", (pngs, result)
+        return "ok", (pngs, result)
 
     async def _protect_in_time(self, rgbs: list[Any], cfg: CaprayConfig, identity: str,
                                on_progress: Callable[[int, int], None]) -> tuple[list[Any], Any]:
@@ -160,7 +161,7 @@ class JobRunner:
         while True:
             started: list[float] = []
 
-            def progress(done: int, total: int) -> None:
+            def progress(done: int, total: int, started: list[float] = started) -> None:  # this attempt's clock
                 if not started:
                     started.append(time.monotonic())
                 on_progress(done, total)

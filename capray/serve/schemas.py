@@ -8,11 +8,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from capray.attack.api import ProtectionRecord
 
+# One word per state, as in the batch manifest (ok | failed): a finished job is `ok`, never `done`.
+JobStatusWord = Literal["pending", "ok", "failed"]
+
 
 class PhotoIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    data: str = Field(..., description="the photo file (PNG, JPEG, WebP…) base64-encoded; a data: URL prefix is allowed")
+    data: str = Field(..., description="the photo file (PNG, JPEG, WebP…) base64-encoded; "
+                                       "a data: URL prefix is allowed")
     name: str | None = Field(None, max_length=200, description="echoed back, e.g. the file name")
 
 
@@ -46,7 +50,7 @@ class PhotoOut(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
-class ProtectResult(ProtectionRecord):
+class JobResult(ProtectionRecord):
     """The engine's `ProtectionRecord` for the group, plus the protected photos themselves."""
 
     photos: list[PhotoOut]
@@ -67,11 +71,11 @@ class Progress(BaseModel):
 
 class JobStatus(BaseModel):
     job_id: str
-    status: Literal["pending", "done", "failed"]
+    status: JobStatusWord
     created_at: float
     finished_at: float | None = None
     progress: Progress
     attempts: int = Field(description="runs started (a rerun follows a runner lost to a restart)")
     error: str | None = None
     result_zip_url: str | None = None
-    result: ProtectResult | None = Field(None, description="when done; photos carry their download `url`")
+    result: JobResult | None = Field(None, description="when ok; photos carry their download `url`")

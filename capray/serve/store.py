@@ -5,8 +5,8 @@ cluster that accepted it (a RayService upgrade starts a new cluster on the same 
 
     STORE/jobs/<id>/job.json           the request: owner, identity, photo names, effective config
     STORE/jobs/<id>/input/<i>          the uploaded photo files, as sent (deleted when the job ends)
-    STORE/jobs/<id>/status.json        pending|done|failed, progress, runner lease, attempts, error
-    STORE/jobs/<id>/result.json        the ProtectResult without pixel data
+    STORE/jobs/<id>/status.json        pending|ok|failed, progress, runner lease, attempts, error
+    STORE/jobs/<id>/result.json        the JobResult without pixel data
     STORE/jobs/<id>/photos/<i>.png     the protected photos
     STORE/pending/<id>                 one marker per unfinished job (capacity, orphan sweep)
     STORE/finished/<t>-<id>            one marker per finished job, t = finish time (expiry sweep)
@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from capray.io.storage import get_fs, join, write_bytes_atomic
+from capray.serve.schemas import JobStatusWord
 
 
 class JobRequest(BaseModel):
@@ -40,7 +41,7 @@ class JobRequest(BaseModel):
 class JobState(BaseModel):
     job_id: str
     owner: str
-    status: Literal["pending", "done", "failed"] = "pending"
+    status: JobStatusWord = "pending"
     created_at: float
     updated_at: float
     finished_at: float | None = None
@@ -50,6 +51,12 @@ class JobState(BaseModel):
     runner: str | None = None
     lease_until: float = 0.0
     attempts: int = 0
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _old_word(cls, value: Any) -> Any:
+        """A store written before the statuses matched the manifest's says `done` for `ok`: still readable."""
+        return "ok" if value == "done" else value
 
 
 def default_store() -> str:
@@ -140,7 +147,7 @@ class JobStore:
         for i, png in enumerate(pngs):
             write_bytes_atomic(self.fs, self._job(state.job_id, "photos", f"{i}.png"), png)
         write_bytes_atomic(self.fs, self._job(state.job_id, "result.json"), summary)
-        return self._close(state, "done", None, runner)
+        return self._close(state, "ok", None, runner)
 
     def fail(self, state: JobState, error: str, runner: str | None = None) -> bool:
         return self._close(state, "failed", error, runner)

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from capray.batch.rows import CANDIDATE_SCHEMA
-from capray.io.discover import IdentityGroup, iter_identity_names, iter_manifest_groups
+from capray.io.discover import IdentityGroup, iter_identity_names, iter_catalog_groups
 from capray.io.storage import get_fs
 
 GROUPS_PER_BLOCK = 1000
@@ -63,7 +63,8 @@ def candidates(plan, cfg, tally):
     so = cfg.batch.storage_options
     if plan.kind == "folder":
         return ray.data.read_datasource(_folder_datasource(plan.input, so, tally), override_num_blocks=1)
-    files = ray.data.from_items([{"file": f} for f in plan.manifest_files], override_num_blocks=len(plan.manifest_files))
+    files = ray.data.from_items([{"file": f} for f in plan.catalog_files],
+                                override_num_blocks=len(plan.catalog_files))
     return files.map_batches(catalog_candidates, batch_size=1, batch_format="pyarrow",
                              num_cpus=cfg.batch.cpus_per_io_task, fn_kwargs={"storage_options": so, "tally": tally})
 
@@ -77,7 +78,7 @@ def catalog_candidates(batch: pa.Table, storage_options: dict[str, Any], tally):
         groups: list[IdentityGroup] = []
         blocks = 0
         try:
-            for group in iter_manifest_groups(fs, path):
+            for group in iter_catalog_groups(fs, path):
                 groups.append(group)
                 if len(groups) == GROUPS_PER_BLOCK:
                     report(tally, f"file:{uri}:{blocks}", listed=len(groups))

@@ -109,7 +109,7 @@ class ProtectStage(Stage):
                                      "(a crash, out of memory, or killed)")
                 return failed(f"protection failed after {attempt - 1} attempts: {why}", attempt - 1)
             try:
-                with _watchdog(b.group_timeout_s, lambda: self._timed_out(identity, attempt)):
+                with _watchdog(b.group_timeout_s, lambda n=attempt: self._timed_out(identity, n)):
                     protected, record = self.run_engine(rgbs, identity)
             except ValueError as exc:  # the engine's verdict on the group itself: retrying cannot help
                 return failed(f"engine refused the group: {exc}", attempt, manifest.FAILURE_INPUT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -100,7 +100,7 @@ def write_group(row: dict[str, Any], cfg, output: str) -> dict[str, Any]:
         failure_class=(failure or manifest.FAILURE_TRANSIENT) if error else None,
         input_fingerprint=row.get("fingerprint"), removed_output_uris=removed,
         seconds=time.time() - row["started_at"] if row.get("started_at") else None,
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        finished_at=datetime.now(UTC).isoformat(timespec="microseconds"),
     )
     return {"safe": row["safe"], "row": out.model_dump_json(), "published": [list(p) for p in published],
             "prev_known": row.get("prev_known") is not False}
