@@ -5,7 +5,8 @@ page (`iter_identity_names`; on S3 one ListObjectsV2 page of 1,000 prefixes at a
 identity's photos are listed on their own (`list_photos`, run inside a distributed task), and a
 catalog file is scanned in record batches (`iter_catalog_groups`).
 
-A catalog (the input list; "manifest" is OUT/manifest/, the output records) is Parquet, CSV or JSON Lines with one row per photo and columns `identity`, `uri`
+A catalog (the input list; "manifest" names OUT/manifest/, the output records) is Parquet, CSV or
+JSON Lines with one row per photo and columns `identity`, `uri`
 (optional `size` and `etag`/`version` spare a HEAD per photo when fingerprinting). The input may be
 one file or a glob of such files (`s3://b/export/part-*.parquet`, an export split in parts). Grouping
 streams, so it needs **each identity's rows in one file, and every file sorted by identity**

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from capray.batch.rows import CANDIDATE_SCHEMA
-from capray.io.discover import IdentityGroup, iter_identity_names, iter_catalog_groups
+from capray.io.discover import IdentityGroup, iter_catalog_groups, iter_identity_names
 from capray.io.storage import get_fs
 
 GROUPS_PER_BLOCK = 1000
