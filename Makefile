@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.capray-installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-all lint docs bench clean
 
 CONSTRAINTS := constraints.txt
 
@@ -21,11 +21,24 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/capray demo
 
+# Two tiers (markers in pyproject.toml): `make test` is the fast tier a developer runs after every change
+# (everything not marked `slow`: ≤ 8 min on 2 cores); `make test-all` runs every tier, as CI does.
+PYTEST := $(BIN)/python -m pytest -q --durations=15
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(PYTEST) -m "not slow" tests
+
+test-all: $(STAMP)
+	$(PYTEST) tests
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict -d site
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/lambda_search.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out site .pytest_cache

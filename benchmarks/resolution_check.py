@@ -90,8 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("CAPRAY_CACHE", os.path.join(tempfile.gettempdir(), "capray-bench-cache"))
 
-    from capray import load_models
-    from capray.attack.api import protect_arrays
+    from capray import Protector
     from capray.config import load_config
 
     # FSMG without surrogate training: PGD straight against the base UNet, the model we measure with
@@ -99,9 +98,11 @@ def main() -> None:
                                                             "pgd_steps": args.steps},
                                                  **({"model": {"sd": args.model}} if args.model else {})})
     res = cfg.model.resolution
-    models = load_models(cfg.model)
     clean = photos(args.side)
-    protected, record = protect_arrays(clean, cfg, "resolution-check", models)  # identity seeds the draws
+    protector = Protector.from_config(cfg)
+    models = protector.models  # the same resident models score the losses below
+    result = protector(clean, "resolution-check")  # the identity seeds the draws
+    protected, record = result.arrays, result.record
     assert all(p.shape == c.shape for p, c in zip(protected, clean)), "output must keep the original size"
     views = {
         "clean_model": torch.stack([engine_view(c, res) for c in clean]),

@@ -2,7 +2,7 @@
 
 1. Latency overhead. The same smoke-preset group (2 photos) is protected `--reps` times through
    `POST /v1/protect:sync` over HTTP on 127.0.0.1 (API key, streamed body, decode, Protector call,
-   PNG encode, JSON) and, interleaved, by the direct engine call `protect_arrays` in this process.
+   PNG encode, JSON) and, interleaved, by the same `capray.Protector` call in this process.
    Each HTTP request's overhead is its wall time minus the engine time the server measured for that
    very call (`engine_seconds`: the wall time of `protect_arrays` inside the Protector), so the
    engine's own run-to-run noise on a shared CPU does not enter the difference; the in-process direct
@@ -62,15 +62,14 @@ def latency(url: str, body: dict, rgbs: list[np.ndarray], cfg, reps: int) -> tup
     import httpx
     import torch
 
-    from capray.attack.api import protect_arrays
-    from capray.attack.engine import load_models
+    from capray import Protector
 
     torch.set_num_threads(1)  # as in the one-CPU Protector replica
-    models = load_models(cfg.model)
+    protector = Protector.from_config(cfg)
     overhead, direct = [], []
     with httpx.Client(base_url=url, timeout=300, headers={"Authorization": f"Bearer {KEY}"}) as client:
         client.post("/v1/protect:sync", json=body).raise_for_status()  # warm-up: first call paths
-        protect_arrays(rgbs, cfg, "alice", models)
+        protector(rgbs, "alice")
         for _ in range(reps):
             t0 = time.perf_counter()
             resp = client.post("/v1/protect:sync", json=body)
@@ -78,7 +77,7 @@ def latency(url: str, body: dict, rgbs: list[np.ndarray], cfg, reps: int) -> tup
             resp.raise_for_status()
             overhead.append((wall - resp.json()["engine_seconds"]) * 1000)
             t0 = time.perf_counter()
-            protect_arrays(rgbs, cfg, "alice", models)
+            protector(rgbs, "alice")
             direct.append((time.perf_counter() - t0) * 1000)
     return overhead, direct
 

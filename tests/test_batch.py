@@ -159,6 +159,7 @@ def test_inputs_untouched_and_nothing_outside_output(corpus_run):
     assert "capray_identities_total{status=\"ok\"} 6.0" in (corpus_run["out"] / "metrics.prom").read_text()
 
 
+@pytest.mark.slow  # the fast tier's reruns: test_batch_incremental, test_batch_processor (engine stand-in)
 def test_rerun_skips_done_identities_and_keeps_one_row_each(corpus_run):
     """Unchanged input: ok identities and input failures are both skipped; nothing is rewritten."""
     from capray.batch.command import protect
@@ -211,6 +212,7 @@ class KillOnce:
         return super().process(row)
 
 
+@pytest.mark.slow
 def test_actor_killed_mid_group_is_retried_and_completes(ray_cluster, tmp_path):
     from ray import cloudpickle
 

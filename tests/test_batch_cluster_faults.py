@@ -702,7 +702,7 @@ def test_on_s3_the_lease_is_a_conditional_create_and_retries_are_configured(moto
     assert not fs.exists(f"leases/out/{LEASE_FILE}")
 
 
-def test_force_unlock_takes_a_held_output_over_and_the_old_holder_finds_out(tmp_path, caplog):
+def test_force_unlock_takes_a_held_output_over_and_the_old_holder_finds_out(ray_cluster, tmp_path, caplog):
     from capray.batch import command
     from capray.batch.lease import acquire
 

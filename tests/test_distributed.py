@@ -57,6 +57,14 @@ class Recording:
         return evaluator
 
 
+def wait_until(ready, what: str, timeout_s: float = 120.0, poll_s: float = 0.05) -> None:
+    """Poll `ready()` with a sleep until it is true; fail naming `what` after `timeout_s` (never spin)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < deadline, f"{what} not ready after {timeout_s:g}s"
+        time.sleep(poll_s)
+
+
 @pytest.fixture(scope="module")
 def pool(ray_cluster, tiny_model_dir):
     from capray.distributed.pool import PoolClient, scoring_pool
@@ -64,12 +72,13 @@ def pool(ray_cluster, tiny_model_dir):
     cfg = _exact_config("aspl")
     with scoring_pool(cfg.model.model_dump_json(), cfg.sharding) as name:
         client = PoolClient.for_actor(name)
-        while ray.get(client.handle.stats.remote())["ready"] < 2:
-            pass  # both peers loaded, so every test shards over two of them
+        # both peers loaded, so every test shards over two of them
+        wait_until(lambda: ray.get(client.handle.stats.remote())["ready"] >= 2, "two scoring peers")
         yield client
 
 
-@pytest.mark.parametrize("method", ["fsmg", "aspl", "simac"])
+@pytest.mark.parametrize("method", ["fsmg", pytest.param("aspl", marks=pytest.mark.slow),
+                                    pytest.param("simac", marks=pytest.mark.slow)])
 def test_sharded_equals_local(pool, one_thread, method):
     from capray.attack.engine import load_models
     from capray.distributed.candidates import evaluator_factory_for
@@ -139,6 +148,7 @@ class DiesOnFirstScore(ScoringActor):
         os._exit(1)
 
 
+@pytest.mark.slow
 def test_a_scoring_actor_dying_mid_step_changes_nothing(ray_cluster, tiny_model_dir, tmp_path, one_thread):
     from ray import cloudpickle
 
@@ -152,8 +162,7 @@ def test_a_scoring_actor_dying_mid_step_changes_nothing(ray_cluster, tiny_model_
     models = load_models(cfg.model)
     with scoring_pool(cfg.model.model_dump_json(), cfg.sharding, worker_cls=dies) as name:
         client = PoolClient.for_actor(name)
-        while ray.get(client.handle.stats.remote())["ready"] < 2:
-            pass
+        wait_until(lambda: ray.get(client.handle.stats.remote())["ready"] >= 2, "two scoring peers")
         factory = Recording(evaluator_factory_for(cfg.sharding, client))
         sharded = protect_group(_images(), cfg, identity="shard", models=models, evaluator_factory=factory)
         stats = ray.get(client.handle.stats.remote())
@@ -183,8 +192,7 @@ def _pool(mode: str, actors: int = 2, shard_timeout_s: float = 300.0):
     sharding = ShardingConfig(mode=mode, actors=actors, gpus_per_actor=0, cpus_per_actor=0.01,
                               shard_timeout_s=shard_timeout_s)
     pool = ScoringPool("{}", sharding.model_dump_json(), worker_cls=Placeholder)
-    while pool.stats()["ready"] < actors:
-        pass
+    wait_until(lambda: pool.stats()["ready"] >= actors, f"{actors} placeholder peers")
     return pool
 
 

@@ -32,6 +32,7 @@ def _load_script():
     return module
 
 
+@pytest.mark.slow
 def test_tiny_run_prints_a_parseable_finite_result(capray_cache, tmp_path):
     out_json = tmp_path / "gpu_step.json"
     env = dict(os.environ, CAPRAY_CACHE=str(capray_cache))

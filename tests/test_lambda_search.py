@@ -173,6 +173,7 @@ def fp64_models(tiny_model_dir):
     return load_models(load_config(preset="smoke", overrides={"model": {"dtype": "fp64"}}).model)
 
 
+@pytest.mark.slow  # the fast tier: test_engine_equivalence (every method and score draw, fewer steps)
 def test_engine_fast_equals_reference_over_steps_and_groups(fp64_models, smoke_config):
     for seed, n in [(0, 4), (5, 3)]:
         gen = torch.Generator().manual_seed(seed)

@@ -31,6 +31,7 @@ def cfg(options):
         "batch": {"cpus_per_actor": 0.25, "storage_options": options}})
 
 
+@pytest.mark.slow
 def test_s3_folder_and_manifest_inputs_to_s3_output(s3):
     from capray.batch.command import protect
     from capray.io.manifest import read_manifest

@@ -46,6 +46,7 @@ def test_deploy_config_lists_the_scoring_pool_only_when_sharding_is_on():
     assert names == [["Protector", "Ingress"], ["Protector", "Ingress", "ScoringPool"]]
 
 
+@pytest.mark.slow
 def test_serve_protector_shards_over_the_pool_with_the_pixels_of_local_scoring(ray_cluster, tiny_model_dir):
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -104,6 +105,7 @@ class CountsLoans:
         return out
 
 
+@pytest.mark.slow
 def test_capray_protect_shards_over_the_pool_with_the_pixels_of_local_scoring(ray_cluster, tiny_model_dir,
                                                                              tmp_path):
     import sys
