@@ -60,8 +60,11 @@ def test_processor_protects_a_dataset_built_in_memory_and_returns_records(ray_cl
     rows = [{"identity": "alice", "uris": alice}, {"identity": "bob", "uris": bob},
             {"identity": "ghost", "uris": [str(tmp_path / "db" / "gone.png")]}]
     out = tmp_path / "out"
+    ds = ray.data.from_items(rows)
+    before = ds.context.max_errored_blocks
     with build_processor(cfg, str(out), protect_stage=Inverting) as processor:
-        records = {r["identity"]: r for r in processor(ray.data.from_items(rows)).take_all()}
+        records = {r["identity"]: r for r in processor(ds).take_all()}
+    assert ds.context.max_errored_blocks == before  # the job's settings went on a copy, not the caller's Dataset
     assert set(records) == {"alice", "bob", "ghost"}
     assert records["alice"]["status"] == records["bob"]["status"] == "ok"
     assert records["ghost"]["status"] == "failed" and records["ghost"]["failure_class"] == "input"

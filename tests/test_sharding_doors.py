@@ -53,7 +53,7 @@ def test_serve_protector_shards_over_the_pool_with_the_pixels_of_local_scoring(r
 
     from capray.attack.api import protect_arrays
     from capray.attack.engine import load_models
-    from capray.serve.app import Protector, ScoringPoolDeployment, scoring_pool_options
+    from capray.serve.app import ProtectorDeployment, ScoringPoolDeployment, scoring_pool_options
 
     cfg = _config()
     started_here = _get_global_client(raise_if_no_controller_running=False) is None
@@ -64,7 +64,7 @@ def test_serve_protector_shards_over_the_pool_with_the_pixels_of_local_scoring(r
         serve.start(http_options={"host": "127.0.0.1", "port": port})
     pool = ScoringPoolDeployment.options(**scoring_pool_options(cfg.sharding)).bind(
         cfg.model.model_dump_json(), cfg.sharding.model_dump_json())
-    app = Protector.options(ray_actor_options={"num_cpus": 0.5}).bind(cfg.model_dump(mode="json"), pool)
+    app = ProtectorDeployment.options(ray_actor_options={"num_cpus": 0.5}).bind(cfg.model_dump(mode="json"), pool)
     try:
         handle = serve.run(app, name="capray-sharding", route_prefix=None)
         pool_handle = serve.get_deployment_handle("ScoringPool", app_name="capray-sharding")

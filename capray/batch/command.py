@@ -1,6 +1,6 @@
 """`capray protect INPUT OUTPUT`: protect every identity under INPUT on Ray, resumably.
 
-Exit codes (README "Exit codes"): 0 nothing left that a rerun could fix (every identity ok, or
+Exit codes (docs/bulk.md, "Exit codes"): 0 nothing left that a rerun could fix (every identity ok, or
 failed for its input: see OUT/manifest/); 1 some identities failed transiently or did not finish (a
 rerun retries them); 2 usage or configuration error (nothing was written), or OUTPUT's lease is held
 by another live job; 3 only with `batch.fail_on_input_errors`: identities failed for their input and

@@ -59,9 +59,11 @@ class Processor:
         import ray
 
         b, plan = self.cfg.batch, self.plan
-        # The dataset keeps its own copy of the context, so the job's settings are put back once it is
-        # built: the driver's context is the one compaction (and anything else in this process) builds
-        # from, and there a dropped block would be rows deleted with the files they came from.
+        # A Dataset carries the DataContext it was created with, and every stage derived from it shares that
+        # object: the job's settings go on a copy of the caller's Dataset (and so of its context), never on
+        # the caller's Dataset nor the driver's current context, which compaction builds from (there a
+        # dropped block would be rows deleted with the files they came from).
+        ds = type(ds).copy(ds, _deep_copy=True)
         settings = {
             "enable_progress_bars": False,  # the job's own one-line display counts identities, not blocks
             "print_on_execution_start": False,
@@ -72,32 +74,25 @@ class Processor:
             "retried_map_errors": [TransientStorageError.__name__],
             "max_map_retries": b.io_retries,
         }
-        ctx = ray.data.DataContext.get_current()
-        defaults = {name: getattr(ctx, name) for name in settings}
         for name, value in settings.items():
-            setattr(ctx, name, value)
-        try:
-            io = {"batch_format": "pyarrow", "num_cpus": b.cpus_per_io_task, "udf_modifying_row_count": False}
-            check = CheckStage(self.cfg, plan.output, input_root=plan.input if plan.kind == "folder" else None,
-                               allowed=self.allowed, resuming=plan.resuming, tally=self.tally)
-            # Listing runs ahead of the GPUs anyway; bounding its tasks keeps CPU slots for decode/write/commit,
-            # so the first commit does not wait for the library to be listed.
-            ds = ds.map_batches(check, batch_size=b.listing_batch, batch_format="pyarrow",
-                                num_cpus=b.cpus_per_io_task, compute=ray.data.TaskPoolStrategy(size=b.listing_tasks))
-            ds = ds.repartition(target_num_rows_per_block=b.groups_per_batch)  # one block per actor call
-            ds = ds.map_batches(DecodeStage(self.cfg, self.allowed), batch_size=1, **io)
-            # Ray Data's defaults (max_restarts=-1, max_task_retries=-1) stay: the attempt ledger bounds each
-            # group's attempts (capray.batch.attempts), and node losses still heal.
-            ds = ds.map_batches(self.protect_stage.configured(self.cfg, self.ledger_name, self.pool_name),
-                                batch_size=b.groups_per_batch, batch_format="pyarrow",
-                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=b.num_actors),
-                                **actor_pool_args(b), udf_modifying_row_count=False)
-            ds = ds.map_batches(WriteStage(self.cfg, plan.output), batch_size=1, **io)
-            return ds.map_batches(CommitStage(self.cfg, plan.output, plan.run_id), batch_size=b.records_per_commit,
-                                  **io)
-        finally:
-            for name, value in defaults.items():
-                setattr(ctx, name, value)
+            setattr(ds.context, name, value)
+        io = {"batch_format": "pyarrow", "num_cpus": b.cpus_per_io_task, "udf_modifying_row_count": False}
+        check = CheckStage(self.cfg, plan.output, input_root=plan.input if plan.kind == "folder" else None,
+                           allowed=self.allowed, resuming=plan.resuming, tally=self.tally)
+        # Listing runs ahead of the GPUs anyway; bounding its tasks keeps CPU slots for decode/write/commit,
+        # so the first commit does not wait for the library to be listed.
+        ds = ds.map_batches(check, batch_size=b.listing_batch, batch_format="pyarrow",
+                            num_cpus=b.cpus_per_io_task, compute=ray.data.TaskPoolStrategy(size=b.listing_tasks))
+        ds = ds.repartition(target_num_rows_per_block=b.groups_per_batch)  # one block per actor call
+        ds = ds.map_batches(DecodeStage(self.cfg, self.allowed), batch_size=1, **io)
+        # Ray Data's defaults (max_restarts=-1, max_task_retries=-1) stay: the attempt ledger bounds each
+        # group's attempts (capray.batch.attempts), and node losses still heal.
+        ds = ds.map_batches(self.protect_stage.configured(self.cfg, self.ledger_name, self.pool_name),
+                            batch_size=b.groups_per_batch, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=b.num_actors),
+                            **actor_pool_args(b), udf_modifying_row_count=False)
+        ds = ds.map_batches(WriteStage(self.cfg, plan.output), batch_size=1, **io)
+        return ds.map_batches(CommitStage(self.cfg, plan.output, plan.run_id), batch_size=b.records_per_commit, **io)
 
     def close(self) -> None:
         """Stop the actors `build_processor` started (the attempt ledger, the scoring pool)."""

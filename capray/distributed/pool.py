@@ -1,6 +1,6 @@
 """The scoring-actor pool that group runners borrow from, and the runner's side of it.
 
-Topology (README "λ-candidate sharding"): the job driver (`capray protect`) or the Serve app owns one
+Topology (docs/sharding.md): the job driver (`capray protect`) or the Serve app owns one
 `ScoringPool`, which owns `sharding.actors` `CandidateWorker`s. Group runners (the batch job's protect
 actors, Serve's Protector replicas) call `borrow` before a scoring call and `give_back` after it.
 Nothing ever waits on the pool:
