@@ -571,15 +571,21 @@ def test_busy_protectors_are_retried_and_the_time_limit_counts_from_the_start(tm
     assert idle.status == "failed" and idle.error == errors.not_started(0.3)
 
 
-def test_status_writes_never_overwrite_a_finished_job_or_another_runners(tmp_path):
-    """The store's guard: a late write (heartbeat, second runner) checks the job is still pending and its own."""
+def _stored_job(tmp_path, job_id: str):
+    """A store holding one pending job of owner k1, claimed by runner r1: (store, its state)."""
     from capray.serve.store import JobRequest, JobState, JobStore
 
     store = JobStore(str(tmp_path / "store"))
-    job_id = "a" * 32
     state = JobState(job_id=job_id, owner="k1", created_at=0, updated_at=0, runner="r1", attempts=1)
     store.create(JobRequest(job_id=job_id, owner="k1", identity="x", names=["p0"], config={}, created_at=0),
                  [b"photo"], state)
+    return store, state
+
+
+def test_status_writes_never_overwrite_a_finished_job_or_another_runners(tmp_path):
+    """The store's guard: a late write (heartbeat, second runner) checks the job is still pending and its own."""
+    job_id = "a" * 32
+    store, state = _stored_job(tmp_path, job_id)
     assert store.held_by(job_id, "r1") and not store.held_by(job_id, "r2")
     assert store.put_state(state.model_copy(update={"steps_done": 1}), "r1")
     assert not store.put_state(state.model_copy(update={"steps_done": 9}), "r2")  # another runner's job
@@ -595,13 +601,10 @@ def test_a_store_written_with_the_old_done_status_reads_as_ok(tmp_path):
     """Jobs finished before Serve's statuses matched the manifest's (`done`) still answer, as `ok`."""
     import json
 
-    from capray.serve.store import JobRequest, JobState, JobStore
+    from capray.serve.store import JobState
 
-    store = JobStore(str(tmp_path / "store"))
     job_id = "b" * 32
-    state = JobState(job_id=job_id, owner="k1", created_at=0, updated_at=0, runner="r1", attempts=1)
-    store.create(JobRequest(job_id=job_id, owner="k1", identity="x", names=["p0"], config={}, created_at=0),
-                 [b"photo"], state)
+    store, state = _stored_job(tmp_path, job_id)
     assert store.finish(state.model_copy(), [b"png"], b"{}", "r1")
     status_file = tmp_path / "store" / "jobs" / job_id / "status.json"
     old = json.loads(status_file.read_text())
