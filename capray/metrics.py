@@ -115,10 +115,10 @@ class JobMetrics:
     """The batch job's metrics, kept on the driver from the stream of finished identities.
 
     The driver sees every identity's summary row, so it alone can count the whole job; the workers record
-    nothing. `ratio_max` is accepted for the caller's sake: the λ buckets are fixed (`LAMBDA_BUCKETS`).
+    nothing. The λ buckets are fixed (`LAMBDA_BUCKETS`), whatever `cap.ratio_max` is, so runs aggregate.
     """
 
-    def __init__(self, ratio_max: int = 100, port: int | None = None):
+    def __init__(self, port: int | None = None):
         from prometheus_client import CollectorRegistry, start_http_server
 
         self.registry = CollectorRegistry()

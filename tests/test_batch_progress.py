@@ -32,7 +32,7 @@ def test_progress_while_listing_has_no_total_then_counts_from_the_workers():
 
 
 def test_metrics_count_statuses_rates_and_lambdas():
-    m = JobMetrics(ratio_max=10)
+    m = JobMetrics()
     m.observe({"status": "ok", "seconds": 3.0, "engine_seconds": 2.0, "pgd_steps": 8, "lambdas": [0.0, 4.0, 10.0]}, 2)
     m.observe({"status": "failed", "seconds": 0.1, "engine_seconds": None, "pgd_steps": None, "lambdas": []}, 1)
     text = m.text().decode()

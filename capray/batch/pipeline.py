@@ -82,7 +82,7 @@ def run_job(plan: Plan, cfg: CaprayConfig, *, protect_stage: type = ProtectStage
 
     tally = start_tally()
     progress = Progress(enabled=show_progress)
-    metrics = JobMetrics(cfg.cap.ratio_max, cfg.batch.metrics_port)
+    metrics = JobMetrics(cfg.batch.metrics_port)
     failed_input, last_poll, uncommitted, n_uncommitted = 0, 0.0, [], 0
     # The scoring pool (sharding on) belongs to this driver: protect actors borrow from it, never wait on it.
     with job_ledger() as ledger_name, scoring_pool(cfg.model.model_dump_json(), cfg.sharding) as pool_name:
