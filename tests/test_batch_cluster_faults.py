@@ -55,18 +55,22 @@ def _actor_remote_args(ds) -> dict:
 
 @pytest.mark.ray
 def test_actors_request_the_configured_gpus_on_a_cluster_without_gpus(ray_cluster, tmp_path):
-    from capray.batch.pipeline import build_dataset
     from capray.batch.plan import make_plan
+    from capray.batch.processor import Processor
+    from capray.batch.stages.listing import candidates
+
+    def build_dataset(plan, cfg):  # the job's Dataset as `capray protect` builds it, unexecuted
+        return Processor(cfg, plan)(candidates(plan, cfg, None))
 
     assert ray_cluster.cluster_resources().get("GPU", 0) == 0  # like a GPU group scaled to zero
     copy_samples(tmp_path / "in", "coffee")
     cfg = load_config(preset="smoke", overrides={"batch": {"gpus_per_actor": 1, "actor_resources": {"protect": 1}}})
     plan = make_plan(str(tmp_path / "in"), str(tmp_path / "out"), cfg)
-    args = _actor_remote_args(build_dataset(plan, cfg, None))
+    args = _actor_remote_args(build_dataset(plan, cfg))
     assert args["num_gpus"] == 1 and args["resources"] == {"protect": 1}
     assert args["num_cpus"] == cfg.batch.cpus_per_actor
     half = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"gpus_per_actor": 0.5})})
-    assert _actor_remote_args(build_dataset(plan, half, None))["num_gpus"] == 0.5
+    assert _actor_remote_args(build_dataset(plan, half))["num_gpus"] == 0.5
 
 
 def test_only_the_embedded_local_ray_falls_back_to_cpu(monkeypatch, caplog):

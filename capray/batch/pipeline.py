@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from capray.batch.attempts import job_ledger
 from capray.batch.metrics import JobMetrics
 from capray.batch.plan import Plan, write_run_file
 from capray.batch.processor import Processor
@@ -27,7 +26,6 @@ from capray.batch.settle import NAMES_KEPT, report_uncommitted
 from capray.batch.stages import ProtectStage
 from capray.batch.stages.listing import candidates
 from capray.config import CaprayConfig
-from capray.distributed.pool import scoring_pool
 from capray.exit_codes import EXIT_FAILED, EXIT_INPUT_FAILED, EXIT_OK
 from capray.io.allowlist import allowed_prefixes
 from capray.io.storage import get_fs, join, write_bytes_atomic
@@ -64,14 +62,6 @@ class JobSummary:
         return EXIT_OK
 
 
-def build_dataset(plan: Plan, cfg: CaprayConfig, tally, protect_stage: type = ProtectStage,
-                  ledger_name: str | None = None, pool_name: str | None = None):
-    """The job's whole Dataset, lazily: the listing stage, then the processor's stages."""
-    processor = Processor(cfg, plan, allowed_prefixes(plan.input, cfg.batch.allowed_input_prefixes), tally,
-                          ledger_name, pool_name, protect_stage)
-    return processor(candidates(plan, cfg, tally))
-
-
 def run_job(plan: Plan, cfg: CaprayConfig, *, protect_stage: type = ProtectStage,
             on_result: Callable[[dict[str, Any]], None] | None = None, show_progress: bool = True) -> JobSummary:
     """Run `plan` on the connected Ray cluster: protect what is not done, compact, return the counts."""
@@ -85,8 +75,9 @@ def run_job(plan: Plan, cfg: CaprayConfig, *, protect_stage: type = ProtectStage
     metrics = JobMetrics(cfg.batch.metrics_port)
     failed_input, last_poll, uncommitted, n_uncommitted = 0, 0.0, [], 0
     # The scoring pool (sharding on) belongs to this driver: protect actors borrow from it, never wait on it.
-    with job_ledger() as ledger_name, scoring_pool(cfg.model.model_dump_json(), cfg.sharding) as pool_name:
-        for summary in build_dataset(plan, cfg, tally, protect_stage, ledger_name, pool_name).iter_rows():
+    allowed = allowed_prefixes(plan.input, cfg.batch.allowed_input_prefixes)
+    with Processor.start(cfg, plan, allowed, tally, protect_stage) as processor:
+        for summary in processor(candidates(plan, cfg, tally)).iter_rows():
             if not summary["committed"]:  # no row or no state: named at the end, counted unfinished
                 n_uncommitted += 1
                 if len(uncommitted) < NAMES_KEPT:

@@ -94,8 +94,25 @@ class Processor:
         ds = ds.map_batches(WriteStage(self.cfg, plan.output), batch_size=1, **io)
         return ds.map_batches(CommitStage(self.cfg, plan.output, plan.run_id), batch_size=b.records_per_commit, **io)
 
+    @classmethod
+    def start(cls, cfg: CaprayConfig, plan: Plan, allowed: list[str] | None = None, tally: Any = None,
+              protect_stage: type = ProtectStage) -> Processor:
+        """A processor with the job's own attempt ledger and (sharding on) scoring pool, started on this
+        driver's node; `close()` (or the `with` block) stops them."""
+        from capray.batch.attempts import job_ledger
+        from capray.distributed.pool import scoring_pool
+
+        owned = contextlib.ExitStack()
+        try:
+            ledger_name = owned.enter_context(job_ledger())
+            pool_name = owned.enter_context(scoring_pool(cfg.model.model_dump_json(), cfg.sharding))
+        except BaseException:
+            owned.close()
+            raise
+        return cls(cfg, plan, allowed, tally, ledger_name, pool_name, protect_stage, owned)
+
     def close(self) -> None:
-        """Stop the actors `build_processor` started (the attempt ledger, the scoring pool)."""
+        """Stop the actors `start` started (the attempt ledger, the scoring pool)."""
         if self._owned is not None:
             self._owned.close()
             self._owned = None
@@ -117,14 +134,7 @@ def build_processor(cfg: CaprayConfig, output: str, *, allowed_input_prefixes: l
     when the Dataset's URIs come from users). Use it as a context manager, or call `close()`, to stop
     the actors it starts; they also end with the driver.
     """
-    from capray.batch.attempts import job_ledger
-    from capray.distributed.pool import scoring_pool
-
     plan = dataset_plan(output, cfg)
     write_run_file(plan, cfg)
     prefixes = allowed_input_prefixes if allowed_input_prefixes is not None else cfg.batch.allowed_input_prefixes
-    owned = contextlib.ExitStack()
-    ledger_name = owned.enter_context(job_ledger())
-    pool_name = owned.enter_context(scoring_pool(cfg.model.model_dump_json(), cfg.sharding))
-    return Processor(cfg, plan, [normalize_uri(p) for p in prefixes] or None, None, ledger_name, pool_name,
-                     protect_stage, owned)
+    return Processor.start(cfg, plan, [normalize_uri(p) for p in prefixes] or None, protect_stage=protect_stage)
