@@ -196,6 +196,21 @@ class BatchConfig(_Strict):
     manifest_rows_per_file: int = Field(10_000, ge=1, description="rows per file after compaction")
     compact_at_end: bool = Field(True, description="compact OUT/manifest at the end of every run")
     fail_on_input_errors: bool = Field(False, description="exit 3 (not 0) when identities failed for their input")
+    # the nightly cycle (issue 24): bounded slices, time boxes, quarantine, cheap no-op nights
+    slice_identities: int = Field(10_000, ge=1, description="identities to protect per slice: each slice is its "
+                                  "own Ray Data execution, so the driver's memory stays flat at any library size")
+    max_run_seconds: float = Field(0.0, ge=0, description="time box of one run (0: none): then no new identity "
+                                   "starts, the ones in flight finish, and the run exits 1; the next run continues")
+    stop_grace_s: float = Field(300.0, ge=0, description="after the time box (or SIGTERM), how long groups in "
+                                "flight may finish before they are given back unfinished")
+    quarantine_after: int = Field(3, ge=1, description="an identity that failed transiently in this many runs in a "
+                                  "row, with unchanged input, is quarantined: skipped until retried with "
+                                  "--retry-quarantined or its input changes")
+    max_group_pixels: int = Field(400_000_000, ge=1, description="an identity whose photos hold more pixels in "
+                                  "total fails for its input before any GPU work")
+    manifest_delta_ratio: float = Field(0.1, gt=0, description="compaction writes a run's rows as delta files; "
+                                        "when the deltas hold more than this fraction of the main files' rows, "
+                                        "everything is merged into new main files")
 
 
 class ServeConfig(_Strict):
