@@ -1,5 +1,8 @@
 """k8s/ and deploy/: every manifest validates against KubeRay's CRD schemas and runs real capray commands.
 
+The batch job ships twice: the one-off RayJob `capray-protect` and the nightly RayCronJob `capray-nightly`,
+whose RayJob template (`spec.jobTemplate`, a RayJobSpec) is the same job plus a time box.
+
 Rendering is kustomize-free (load the YAMLs, apply the JSON 6902 patches and the replacements the
 kustomizations declare), so CI needs no kubectl; where kubectl is installed, its own render is
 compared with ours. Validation uses the CRDs' v1 openAPIV3Schema made strict (additionalProperties:
@@ -26,7 +29,10 @@ SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
 SERVE_YAML = ROOT / "deploy" / "serve_config.yaml"
 LOCAL_CONFIG = "config.kubernetes.io/local-config"
 TARGETS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu", "cpu-demo": K8S / "overlays" / "cpu-demo"}
-CRDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
+CRDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices", "RayCronJob": "raycronjobs"}
+JOB_KINDS = ("RayJob", "RayCronJob")  # the resources that run `capray protect` (or `capray demo`)
+DAY_S = 86_400
+START_AND_COMMIT_MARGIN_S = 1_800  # in a nightly deadline besides its time box: cluster start, commit, compaction
 KNOWN_KUSTOMIZE_FIELDS = {"apiVersion", "kind", "resources", "components", "patches", "replacements"}
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -105,9 +111,31 @@ def one(docs: list[dict], kind: str) -> dict:
     return doc
 
 
+def job_spec(doc: dict) -> dict:
+    """The RayJobSpec a RayJob runs, or the one a RayCronJob makes each night's RayJob from."""
+    return doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"]
+
+
 def cluster_specs(docs: list[dict]) -> list[dict]:
-    out = [d["spec"]["rayClusterSpec"] for d in docs if d["kind"] == "RayJob"]
+    out = [job_spec(d)["rayClusterSpec"] for d in docs if d["kind"] in JOB_KINDS]
     return out + [d["spec"]["rayClusterConfig"] for d in docs if d["kind"] == "RayService"]
+
+
+def job_command(spec: dict):
+    """(args, config) of a job's entrypoint, parsed by capray's own CLI parser: an unknown command, option or
+    --set key fails the test."""
+    from capray.cli import build_parser
+    from capray.config import load_config, parse_set
+
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[0] == "capray"
+    args = build_parser().parse_args(argv[1:])  # exits (fails the test) on an unknown command or option
+    if args.command == "protect":
+        from capray.batch.command import build_config
+
+        return args, build_config(args)
+    assert args.command == "demo"
+    return args, load_config(preset="smoke", overrides=parse_set(args.set))
 
 
 # -- strict CRD schemas ---------------------------------------------------------------------------------
@@ -157,10 +185,13 @@ def test_render_equals_kubectl_kustomize(name):
 @pytest.mark.parametrize("name", TARGETS)
 def test_every_manifest_validates_against_the_kuberay_crds(name, validators):
     docs = render(name)
-    assert {d["kind"] for d in docs} >= {"RayJob", "RayService"}
+    assert {d["kind"] for d in docs} >= {"RayJob", "RayCronJob", "RayService"}
     for doc in docs:
         if doc["apiVersion"] == "ray.io/v1":
             assert _errors(validators[doc["kind"]], doc) == [], (name, doc["kind"])
+            if doc["kind"] == "RayCronJob":  # each night's RayJob also validates as a RayJob
+                rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "x"}, "spec": job_spec(doc)}
+                assert _errors(validators["RayJob"], rayjob) == []
             for spec in cluster_specs([doc]):  # the embedded cluster also validates as a RayCluster
                 cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "x"}, "spec": spec}
                 assert _errors(validators["RayCluster"], cluster) == []
@@ -180,6 +211,13 @@ def test_strict_validation_catches_misspelled_and_mistyped_fields(validators):
     bad = copy.deepcopy(job)
     bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["minReplicas"] = "one"
     assert any("minReplicas" in e for e in _errors(validators["RayJob"], bad))
+    cron = one(render("base"), "RayCronJob")
+    bad = copy.deepcopy(cron)
+    bad["spec"]["jobTemplate"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupname"] = "gpu"
+    assert any("groupname" in e for e in _errors(validators["RayCronJob"], bad))
+    bad = copy.deepcopy(cron)
+    bad["spec"]["concurrencyPolicy"] = "Forbid"  # batch/v1 CronJob's field: this CRD has none (see the manifest)
+    assert any("concurrencyPolicy" in e for e in _errors(validators["RayCronJob"], bad))
 
 
 @pytest.mark.parametrize("name", TARGETS)
@@ -203,42 +241,76 @@ def test_embedded_serve_config_runs_the_capray_app(name):
             assert group["template"]["spec"]["terminationGracePeriodSeconds"] >= grace
 
 
+@pytest.mark.parametrize("kind", JOB_KINDS)
 @pytest.mark.parametrize("name", TARGETS)
-def test_rayjob_entrypoint_is_a_real_capray_command(name):
-    from capray.cli import build_parser
-    from capray.config import load_config, parse_set
-
-    argv = shlex.split(one(render(name), "RayJob")["spec"]["entrypoint"])
-    assert argv[0] == "capray"
-    args = build_parser().parse_args(argv[1:])  # exits (fails the test) on an unknown command or option
+def test_rayjob_entrypoint_is_a_real_capray_command(name, kind):
+    args, cfg = job_command(job_spec(one(render(name), kind)))
     if args.command == "protect":
-        from capray.batch.command import build_config
-
-        cfg = build_config(args)
         assert args.input.startswith("s3://") and args.output.startswith("s3://")
         assert not args.output.startswith(args.input.rstrip("/") + "/")
         assert cfg.model.sd == "stabilityai/stable-diffusion-2-1-base"
     else:
-        assert args.command == "demo"
-        load_config(preset="smoke", overrides=parse_set(args.set))
+        assert name == "cpu-demo"
+
+
+@pytest.mark.parametrize("kind", JOB_KINDS)
+@pytest.mark.parametrize("name", TARGETS)
+def test_rayjob_requests_gpus_exactly_when_its_cluster_has_them_and_reruns_at_most_once(name, kind):
+    spec = job_spec(one(render(name), kind))
+    _, cfg = job_command(spec)
+    has_gpus = "nvidia.com/gpu" in json.dumps(spec["rayClusterSpec"])
+    assert (cfg.batch.gpus_per_actor > 0) == has_gpus  # actors never wait for a GPU that cannot come, nor share one
+    assert spec["backoffLimit"] <= 1  # a rerun resumes; bad input alone never triggers one
 
 
 @pytest.mark.parametrize("name", TARGETS)
-def test_rayjob_requests_gpus_exactly_when_its_cluster_has_them_and_reruns_at_most_once(name):
-    from capray.cli import build_parser
-    from capray.config import load_config, parse_set
+def test_the_nightly_runs_the_one_off_job_with_a_time_box(name):
+    """Same command, output and cluster as the RayJob; only the time box, its deadline and the retries differ."""
+    docs = render(name)
+    once, nightly = job_spec(one(docs, "RayJob")), job_spec(one(docs, "RayCronJob"))
+    (once_args, once_cfg), (nightly_args, nightly_cfg) = job_command(once), job_command(nightly)
+    time_box = {"batch.max_run_seconds", "batch.stop_grace_s"}
+    assert {s.split("=", 1)[0] for s in nightly_args.set} >= time_box
+    assert [s for s in nightly_args.set if s.split("=", 1)[0] not in time_box] == once_args.set
+    assert {**vars(nightly_args), "set": None} == {**vars(once_args), "set": None}
+    assert nightly_cfg.batch.max_run_seconds > 0 and once_cfg.batch.max_run_seconds == 0  # one-off: no time box
+    differ = {"entrypoint", "activeDeadlineSeconds", "backoffLimit"}
+    assert {k: v for k, v in nightly.items() if k not in differ} == {k: v for k, v in once.items() if k not in differ}
+    assert nightly["backoffLimit"] == 0  # the next night is the retry
 
-    job = one(render(name), "RayJob")
-    args = build_parser().parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
-    if args.command == "protect":
-        from capray.batch.command import build_config
 
-        gpus = build_config(args).batch.gpus_per_actor
-    else:
-        gpus = load_config(preset="smoke", overrides=parse_set(args.set)).batch.gpus_per_actor
-    has_gpus = "nvidia.com/gpu" in json.dumps(job["spec"]["rayClusterSpec"])
-    assert (gpus > 0) == has_gpus  # actors never wait for a GPU that cannot come, nor share one
-    assert job["spec"]["backoffLimit"] <= 1  # a rerun resumes; bad input alone never triggers one
+@pytest.mark.parametrize("name", TARGETS)
+def test_the_nightly_stops_itself_before_kubernetes_would_and_before_the_next_night(name):
+    from zoneinfo import ZoneInfo
+
+    cron = one(render(name), "RayCronJob")
+    assert len(cron["metadata"]["name"]) <= 36  # KubeRay appends "-<unix minute>" for each night's RayJob
+    minute, hour, *every = cron["spec"]["schedule"].split()
+    assert 0 <= int(minute) < 60 and 0 <= int(hour) < 24 and every == ["*", "*", "*"]  # once a day
+    zone = cron["spec"]["timeZone"]  # set: the default is the operator's local zone
+    assert zone == "UTC" or ZoneInfo(zone)  # "UTC" needs no zone database, in Go as here
+    spec = job_spec(cron)
+    _, cfg = job_command(spec)
+    stops_by = cfg.batch.max_run_seconds + cfg.batch.stop_grace_s
+    # Kubernetes never kills a run that is stopping itself (the margin: cluster start, commit, compaction) ...
+    assert stops_by + START_AND_COMMIT_MARGIN_S <= spec["activeDeadlineSeconds"]
+    # ... and every night is over before the next one starts: KubeRay starts each night's RayJob regardless
+    assert spec["activeDeadlineSeconds"] < DAY_S
+    assert cron["spec"].get("suspend") is not True  # rendered to run
+
+
+def test_overlapping_nights_are_forbidden_where_the_crd_allows_it(validators):
+    """This CRD has no concurrencyPolicy (the test above bounds each night instead); should a KubeRay update add
+    one, the nightly must set it to Forbid."""
+    crd = yaml.load((SCHEMAS / "ray.io_raycronjobs.yaml").read_text(), Loader=Loader)
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    fields = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    for name in TARGETS:
+        spec = one(render(name), "RayCronJob")["spec"]
+        if "concurrencyPolicy" in fields:
+            assert spec.get("concurrencyPolicy") == "Forbid", name
+        else:
+            assert "concurrencyPolicy" not in spec
 
 
 @pytest.mark.parametrize("name", ["base", "gpu"])
@@ -249,7 +321,7 @@ def test_gpu_clusters_have_the_essentials(name):
 
     docs = render(name)
     specs = cluster_specs(docs)
-    assert len(specs) == 2 and specs[0] == specs[1]  # one shared spec for batch and online
+    assert len(specs) == 3 and specs[0] == specs[1] == specs[2]  # one shared spec: one-off, nightly, online
     spec = specs[0]
     assert spec["rayVersion"] == ray.__version__
     assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
