@@ -206,6 +206,8 @@ class BatchConfig(_Strict):
     quarantine_after: int = Field(3, ge=1, description="an identity that failed transiently in this many runs in a "
                                   "row, with unchanged input, is quarantined: skipped until retried with "
                                   "--retry-quarantined or its input changes")
+    retry_quarantined: bool = Field(False, description="retry quarantined identities in this run "
+                                    "(`capray protect --retry-quarantined`)")
     max_group_pixels: int = Field(400_000_000, ge=1, description="an identity whose photos hold more pixels in "
                                   "total fails for its input before any GPU work")
     manifest_delta_ratio: float = Field(0.1, gt=0, description="compaction writes a run's rows as delta files; "

@@ -101,7 +101,7 @@ def corpus_run(ray_cluster, tmp_path_factory):
 
 
 def rows_by_identity(out: Path) -> dict[str, dict]:
-    rows = read_manifest(str(out)).to_pylist()
+    rows = read_manifest(str(out), steps=True).to_pylist()
     idents = [r["identity"] for r in rows]
     assert len(idents) == len(set(idents)), "an identity committed twice"
     return {r["identity"]: r for r in rows}

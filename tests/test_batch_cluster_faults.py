@@ -55,12 +55,13 @@ def _actor_remote_args(ds) -> dict:
 
 @pytest.mark.ray
 def test_actors_request_the_configured_gpus_on_a_cluster_without_gpus(ray_cluster, tmp_path):
+    import ray
+
     from capray.batch.plan import make_plan
     from capray.batch.processor import Processor
-    from capray.batch.stages.listing import candidates
 
-    def build_dataset(plan, cfg):  # the job's Dataset as `capray protect` builds it, unexecuted
-        return Processor(cfg, plan)(candidates(plan, cfg, None))
+    def build_dataset(plan, cfg):  # a slice's Dataset as `capray protect` builds it, unexecuted
+        return Processor(cfg, plan)(ray.data.from_items([{"identity": "coffee", "uris": []}]))
 
     assert ray_cluster.cluster_resources().get("GPU", 0) == 0  # like a GPU group scaled to zero
     copy_samples(tmp_path / "in", "coffee")
@@ -373,7 +374,7 @@ def test_removing_stale_outputs_never_touches_files_outside_output(tmp_path, cap
     written = write_group(_failed_row([inside, outside]), cheap_config(), str(out))
     assert not (out / "a" / "0.png").exists() and (old / "a" / "0.png").exists()
     assert ManifestRow.model_validate_json(written["row"]).removed_output_uris == [inside]
-    assert written["published"] == []
+    assert ManifestRow.model_validate_json(written["row"]).published_uris == []
     assert f"not removing {outside}" in caplog.text
 
 
@@ -600,13 +601,14 @@ def test_an_identity_that_would_take_over_another_ones_folder_fails(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     copy_samples(src, "coffee")
     manifest.write_state(str(out), safe_name("coffee"), manifest.IdentityState(identity="Coffee", status="ok"), None)
-    check = CheckStage(cheap_config(), str(out), input_root=str(src), allowed=None, resuming=True)
-    row = check.process({"identity": "coffee"})
+    check = CheckStage(cheap_config(), str(out), allowed=None, resuming=True)
+    candidate = {"identity": "coffee", "uris": [str(p) for p in sorted((src / "coffee").iterdir())]}
+    row = check.process(candidate)
     assert "share the output folder 'coffee'" in row["problem"] and "'Coffee'" in row["problem"]
     assert row["failure"] == manifest.FAILURE_INPUT and row["safe"] != safe_name("coffee")  # its row lands elsewhere
     manifest.write_state(str(out), safe_name("coffee"), manifest.IdentityState(identity="coffee", status="failed",
                                                                                 failure_class="transient"), None)
-    assert check.process({"identity": "coffee"})["problem"] is None  # its own folder
+    assert check.process(candidate)["problem"] is None  # its own folder
 
 
 # -- 7. URI allowlist ------------------------------------------------------------------------------------------
@@ -674,7 +676,7 @@ def test_the_check_stage_refuses_uris_outside_the_prefix_before_any_request(tmp_
         {"identity": name, "uris": [good, uri], "sizes": [None, None], "versions": [None, None]}
         for name, uri in bad.items()]  # no size/ETag: the check would stat each photo
     cfg = cheap_config()
-    stage = CheckStage(cfg, str(tmp_path / "out"), input_root=None, resuming=False,
+    stage = CheckStage(cfg, str(tmp_path / "out"), resuming=False,
                        allowed=allowed_prefixes(str(lib / "list.csv"), cfg.batch.allowed_input_prefixes))
     table = stage(pa.Table.from_pylist(candidates, schema=CANDIDATE_SCHEMA))
     planned = {r["identity"]: r for r in table.to_pylist()}

@@ -17,6 +17,7 @@ from PIL import Image
 
 from capray.batch.stages import ProtectStage
 from capray.config import load_config
+from capray.io import manifest
 
 pytestmark = pytest.mark.ray
 
@@ -177,16 +178,19 @@ def test_compaction_is_idempotent_and_readable(ray_cluster, tmp_path):
     before = rows(out)
     cfg = config(manifest_rows_per_file=3)
     first = compact(str(out), cfg)
-    assert first.files_before == 4 and 1 <= first.files_after <= 3  # ceil(7 / 3) hash buckets
+    assert first.full and first.files_before == 4 and 1 <= first.files_after <= 3  # ~ceil(7 / 3) sorted ranges
     assert rows(out) == before
+    index = manifest.read_index(str(out), {})
+    ranges = [(e.first, e.last) for e in index.main]
+    assert sum(e.rows for e in index.main) == 7 and all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))
     second = compact(str(out), cfg)
     assert second.files_before == second.files_after == first.files_after and rows(out) == before
-    single = compact(str(out), config())
+    single = compact(str(out), config(), full=True)  # `capray manifest compact`: everything, re-cut
     assert single.files_after == 1 and rows(out) == before
 
 
 def _fail_on_id0(real):
-    """A bucket writer that fails for the bucket holding "id0" (as a store refusing that one write)."""
+    """A range writer that fails for the range holding "id0" (as a store refusing that one write)."""
     def write(group, *args, **kwargs):
         if "id0" in group.column("identity").to_pylist():
             raise OSError("injected: writing this compacted file failed")
@@ -195,7 +199,7 @@ def _fail_on_id0(real):
 
 
 def _drop_id0(real):
-    """A bucket writer whose result for the bucket holding "id0" is lost (as a block Ray Data dropped)."""
+    """A range writer whose result for the range holding "id0" is lost (as a block Ray Data dropped)."""
     def write(group, *args, **kwargs):
         result = real(group, *args, **kwargs)
         return result.slice(0, 0) if "id0" in group.column("identity").to_pylist() else result
@@ -203,20 +207,19 @@ def _drop_id0(real):
 
 
 @pytest.mark.parametrize("fault", [_fail_on_id0, _drop_id0])
-def test_a_compaction_that_loses_a_bucket_keeps_every_file_and_row(ray_cluster, tmp_path, monkeypatch, fault):
+def test_a_compaction_that_loses_a_range_keeps_every_file_and_row(ray_cluster, tmp_path, monkeypatch, fault):
     import ray
 
     from capray.attack.api import RunInfo
     from capray.batch import compact as compaction
-    from capray.io import manifest
 
     out, cfg = tmp_path / "out", config(manifest_rows_per_file=3)
-    for k in range(4):  # 7 identities in 4 commit files, compacted into ceil(7 / 3) buckets
+    for k in range(4):  # 7 identities in 4 commit files, compacted into ~ceil(7 / 3) sorted ranges
         manifest.write_records(str(out), "run", [manifest.ManifestRow(
             **RunInfo.of(cfg).run_fields(), identity=f"id{i}", safe_name=f"id{i}", status="ok",
             finished_at=f"2024-01-01T00:00:0{i}") for i in range(2 * k, min(2 * k + 2, 7))], {})
     before = {p.name: p.read_bytes() for p in (out / "manifest").glob("*.parquet")}
-    monkeypatch.setattr(compaction, "_write_bucket", fault(compaction._write_bucket))
+    monkeypatch.setattr(compaction, "_sort_and_write", fault(compaction._sort_and_write))
     ctx = ray.data.DataContext.get_current()
     monkeypatch.setattr(ctx, "max_errored_blocks", -1)  # as a protect job's driver once left it
     with pytest.raises(Exception, match="injected|no file was deleted"):
@@ -231,7 +234,6 @@ def test_manifest_compact_takes_the_output_lease(ray_cluster, tmp_path, capsys):
     from capray.attack.api import RunInfo
     from capray.batch import manifest_command
     from capray.batch.lease import acquire
-    from capray.io import manifest
 
     out, cfg = tmp_path / "out", config()
     for k in range(2):

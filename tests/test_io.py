@@ -299,12 +299,19 @@ def test_batched_records_read_as_one_row_per_identity_the_latest(tmp_path):
 def test_state_decides_what_is_done(tmp_path):
     out = str(tmp_path)
     assert manifest.read_state(out, "a", None) is None
-    manifest.write_state(out, "a", manifest.state_of(row("a", input_fingerprint="f1"), [("s", "u")]), None)
+    published = row("a", input_fingerprint="f1", published_stamps=["s"], published_uris=["u"])
+    manifest.write_state(out, "a", manifest.state_of(published), None)
     state = manifest.read_state(out, "a", None)
     assert state.is_done("f1") and not state.is_done("f2") and state.published == [("s", "u")]
-    failed = manifest.state_of(row("b", "failed", input_fingerprint="f1", failure_class="input"), [])
-    transient = manifest.state_of(row("c", "failed", input_fingerprint="f1", failure_class="transient"), [])
+    failed = manifest.state_of(row("b", "failed", input_fingerprint="f1", failure_class="input"))
+    transient = manifest.state_of(row("c", "failed", input_fingerprint="f1", failure_class="transient"))
     assert failed.is_done("f1") and not failed.is_done("f2") and not transient.is_done("f1")
+    # quarantine: K transient failures in a row with the same input skip it, unless asked to retry
+    tired = manifest.state_of(row("d", "failed", input_fingerprint="f1", failure_class="transient",
+                                  transient_failures=3))
+    assert tired.verdict("f1", 3) == "quarantined" and tired.verdict("f1", 3, retry_quarantined=True) is None
+    assert tired.verdict("f2", 3) is None and transient.verdict("f1", 3) is None
+    assert state.verdict("f1", 3) == "skipped_ok" and failed.verdict("f1", 3) == "skipped_input"
     manifest.write_records(out, "run", [row("a")], None)
     assert pq.read_table(tmp_path / "manifest").num_rows == 1  # readers skip the `_state` folder
 
@@ -320,9 +327,18 @@ CONTRACT_COLUMNS = {
 }
 
 
-def test_the_manifest_has_the_contract_columns_with_their_types():
-    assert {name: manifest.SCHEMA.field(name).type for name in CONTRACT_COLUMNS} == CONTRACT_COLUMNS
+def test_the_manifest_has_the_contract_columns_with_their_types(tmp_path):
+    """The per-step arrays moved to `_steps/`; `read_manifest(steps=True)` is their compatibility path."""
+    both = pa.unify_schemas([manifest.SCHEMA, manifest.STEPS_SCHEMA])
+    assert {name: both.field(name).type for name in CONTRACT_COLUMNS} == CONTRACT_COLUMNS
     assert manifest.SCHEMA.names[:4] == ["identity", "safe_name", "status", "error"]
+    assert not set(manifest.STEP_FIELDS) & set(manifest.SCHEMA.names)  # the main table stays lean
+    manifest.write_records(str(tmp_path), "run", [row("a", lambda_schedule=[None, 2.0], loss_trajectory=[1.0, 0.5])],
+                           None)
+    full = manifest.read_manifest(str(tmp_path), steps=True)
+    assert {name: full.schema.field(name).type for name in CONTRACT_COLUMNS} == CONTRACT_COLUMNS
+    assert full.column("lambda_schedule").to_pylist() == [[None, 2.0]]
+    assert pq.read_table(tmp_path / "manifest").num_rows == 1  # readers of the folder see the main table only
 
 
 def test_every_record_field_is_declared_once_and_reaches_the_manifest_and_serve():
@@ -335,7 +351,7 @@ def test_every_record_field_is_declared_once_and_reaches_the_manifest_and_serve(
     for extension in (manifest.ManifestRow, JobResult):
         assert not record_fields & set(extension.__annotations__), extension  # own fields only
         assert record_fields <= set(extension.model_fields)
-    assert record_fields <= set(manifest.SCHEMA.names)
+    assert record_fields <= set(manifest.SCHEMA.names) | set(manifest.STEPS_SCHEMA.names)
     shared = [n for n in SUMMARY_SCHEMA.names if n in manifest.SCHEMA.names]
     assert all(SUMMARY_SCHEMA.field(n).type == manifest.SCHEMA.field(n).type for n in shared) and len(shared) == 8
 
@@ -348,7 +364,7 @@ def test_a_record_round_trips_through_a_commit_file(tmp_path):
     r = manifest.ManifestRow(**record.model_dump(), safe_name="x_y", status="ok",
                              input_uris=["a.png", "b.png"], input_fingerprint="f", removed_output_uris=["o.png"])
     manifest.write_records(str(tmp_path), "run", [r], None)
-    (back,) = manifest.read_manifest(str(tmp_path)).to_pylist()
+    (back,) = manifest.read_manifest(str(tmp_path), steps=True).to_pylist()
     assert manifest.ManifestRow.model_validate(back) == r
 
 

@@ -59,7 +59,7 @@ def test_s3_folder_and_manifest_inputs_to_s3_output(s3):
 
     assert fs.exists("protected/run1/manifest/_state/coffee.json")
     files = [f for f in fs.ls("protected/run1/manifest") if f.endswith(".parquet")]
-    assert len(files) == 1 and "/compact-" in files[0]  # compacted at the end of the run
+    assert len(files) == 1 and "/main-" in files[0]  # compacted at the end of the run
 
     # rerun: nothing changed, so everything is skipped (the input failure too); one row per identity
     again = protect("s3://photos/lib", "s3://protected/run1", config, show_progress=False)

@@ -1,5 +1,5 @@
 """The bulk job: Ray Data stages (`capray.batch.stages`) chained into a processor (`build_processor`),
-and `capray protect`, the listing stage in front of the same processor (`capray.batch.command`)."""
+and `capray protect`, a sweep over the library feeding the same processor slice by slice (`capray.batch.command`)."""
 
 from __future__ import annotations
 

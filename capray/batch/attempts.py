@@ -8,6 +8,10 @@ actor forever. So every attempt is counted in a small ledger actor that outlives
 group whose count is past `1 + batch.group_retries` is recorded `failed` without running again. An
 actor that ends itself on purpose (a group past `batch.group_timeout_s`, or a sick device) records why
 first, so the retried task can say it. Finished groups are dropped: the ledger holds only groups in flight.
+
+The ledger is also where a stopping run (its time box, SIGTERM) says so: once `stop()` was called,
+`begin` answers DEFERRED instead of a new attempt, so no group starts after the stop while the
+groups already running finish.
 """
 
 from __future__ import annotations
@@ -21,13 +25,25 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+DEFERRED = "deferred: the run is stopping (time box or SIGTERM); the next run protects it"
+
+
 class AttemptLedger:
     """identity → attempts begun, last engine error, verdict (a reason to stop without another attempt)."""
 
     def __init__(self) -> None:
         self._groups: dict[str, dict[str, Any]] = {}
+        self._stopping = False
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def stopping(self) -> bool:
+        return self._stopping
 
     def begin(self, key: str) -> tuple[int, str | None, str | None]:
+        if self._stopping:
+            return 0, None, DEFERRED
         entry = self._groups.setdefault(key, {"attempts": 0, "error": None, "verdict": None})
         entry["attempts"] += 1
         return entry["attempts"], entry["error"], entry["verdict"]
@@ -78,6 +94,12 @@ class LedgerClient:
 
     def finish(self, key: str) -> None:
         self._call("finish", key)
+
+    def stop(self) -> None:
+        self._call("stop")
+
+    def stopping(self) -> bool:
+        return bool(self._call("stopping"))
 
 
 @contextlib.contextmanager

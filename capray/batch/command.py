@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cap", action=argparse.BooleanOptionalAction, default=None,
                         help="add CAP's cross-image consistency loss (default: on)")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument("--retry-quarantined", action="store_true",
+                        help="retry identities quarantined after batch.quarantine_after transient failures in a row")
     parser.add_argument("--force-unlock", action="store_true",
                         help="take over OUTPUT's lease even if another job seems to hold it (only when "
                              "you know that job is dead)")
@@ -42,6 +44,8 @@ def build_config(args: argparse.Namespace):
         flags["attack"] = {"method": args.method}
     if args.cap is not None:
         flags["cap"] = {"enabled": args.cap}
+    if getattr(args, "retry_quarantined", False):
+        flags["batch"] = {"retry_quarantined": True}
     return config_from_args(args, flags)
 
 
@@ -112,8 +116,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"capray protect: input not fully read: {error}", file=sys.stderr)
     print(f"capray protect: {summary.ok} ok, {summary.failed} failed ({summary.failed_input} for their input), "
           f"{summary.skipped} already ok, {summary.skipped_input} failed before for unchanged input, "
+          f"{summary.quarantined} quarantined, {summary.deleted} deleted, "
           f"{summary.unfinished} unfinished of {summary.total} identities; manifest in "
           f"{summary.output}/manifest/", file=sys.stderr)
+    if summary.quarantined:
+        print(f"capray protect: {summary.quarantined} identities failed transiently in "
+              f"{cfg.batch.quarantine_after} runs in a row and were skipped; rerun with --retry-quarantined "
+              "to retry them", file=sys.stderr)
+    if summary.stopped:
+        print(f"capray protect: stopped early ({summary.stopped}); the next run continues where this one "
+              "stopped", file=sys.stderr)
     for note in cfg.model.notes:
         print(f"capray protect: {note}", file=sys.stderr)
     return summary.exit_code

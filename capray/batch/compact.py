@@ -1,131 +1,169 @@
-"""Compaction of `OUT/manifest/`: many small commit files → a few files, one row per identity.
+"""Compaction of `OUT/manifest/`: a run's commit files folded into a few sorted files, in proportion to change.
 
-Rows are read with Ray Data, grouped by a stable hash bucket of the identity (so every row of an
-identity meets in one group, whichever files it was in) and each bucket is written as one file
-holding the latest row of each of its identities, sorted by identity. Only then, and only when the
-buckets together took in every row the files hold, are the files that were read deleted: a block
-that Ray Data dropped or a bucket that was never written stops the compaction with the files kept.
-Buckets are sized by `batch.manifest_rows_per_file`, so a finished 10M-identity run reads as ~1,000
-files. Idempotent: compacting a compacted folder gives the same rows. A crash before the deletes
-leaves the same rows twice (the older files are deleted by the next compaction; readers that need
-one row per identity meanwhile keep the latest `finished_at`, as `read_manifest` does).
-Runs on the cluster, not the driver: the driver holds only the list of file names.
+The manifest's rows live in *main* files (disjoint sorted ranges of identities, one row each, up to
+`batch.manifest_rows_per_file`) and *delta* files (later rows, sorted, each spanning every range),
+both named in `OUT/manifest/_index.json` with their identity ranges (`manifest.ManifestIndex`).
+
+- After a run (and before a sweep, if a stopped run left commit files behind), its `part-` files
+  become new delta files: the bytes written follow what changed, not the library's size.
+- When the deltas hold more than `batch.manifest_delta_ratio` of the main files' rows, or on
+  `capray manifest compact OUT` (`full=True`), main and delta files and parts are merged into new
+  main files, one row per identity. Rows are sorted with Ray Data's distributed sort (range
+  partitions), each partition written as one file by a task; the driver holds only file names.
+
+Nothing is lost on a crash: the files read are deleted only after the new ones are written, every
+row is accounted for, and the index names them. A crash before the index is written leaves the new
+files unnamed (removed by the next compaction); one after it leaves the old files, which repeat rows
+readers resolve by the latest `finished_at`. Legacy `compact-` files (from before the index) are
+folded in like parts. Each file's per-step arrays stay in `_steps/`, which is never rewritten.
 """
 
 from __future__ import annotations
 
-import io
-import math
 import posixpath
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from capray.io import manifest
+from capray.io.discover import FOLDER_ORDER, order_key
 from capray.io.storage import get_fs, join, write_bytes_atomic
 
 DELETE_CHUNK = 1000
-RESULT_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("rows_in", pa.int64())])
+LEGACY_PREFIX = "compact-"
 
 
 @dataclass
 class Compaction:
     files_before: int
     files_after: int
-    rows: int
+    rows: int  # rows read
+    full: bool = False  # merged into new main files (else: a run's parts into deltas)
+    bytes_written: int = 0  # files and index this compaction wrote
+    manifest_bytes: int = 0  # the whole manifest after it (indexed files and index)
 
 
 class CompactionIncomplete(RuntimeError):
-    """The written buckets do not account for every row read: nothing was deleted."""
+    """The written files do not account for every row read: nothing was deleted."""
 
 
-def _write_bucket(group: pa.Table, output: str, generation: str, storage_options: dict[str, Any]) -> pa.Table:
-    bucket = int(group.column("_bucket")[0].as_py())
-    rows = manifest.latest_rows(group.drop_columns(["_bucket"]).cast(manifest.SCHEMA))
-    buf = io.BytesIO()
-    pq.write_table(rows, buf)
-    uri = join(output, manifest.MANIFEST_DIR, manifest.compacted_name(generation, bucket, rows.num_rows))
-    fs, path = get_fs(uri, storage_options)
-    write_bytes_atomic(fs, path, buf.getvalue())
-    return pa.table({"file": [path], "rows": [rows.num_rows], "rows_in": [group.num_rows]}, schema=RESULT_SCHEMA)
-
-
-def _read_files(batch: pa.Table, output: str, storage_options: dict[str, Any]) -> pa.Table:
+def _read_files(files: list[str], output: str, storage_options: dict[str, Any]) -> pa.Table:
     import pyarrow.dataset as pads
 
     fs, _ = manifest.manifest_path(output, storage_options)
-    files = batch.column("file").to_pylist()
-    return pads.dataset(files, schema=manifest.SCHEMA, format="parquet", filesystem=manifest.arrow_fs(fs)).to_table()
+    return pads.dataset(files, schema=manifest.SCHEMA, format="parquet",
+                        filesystem=manifest.arrow_fs(fs)).to_table()
 
 
-def _add_bucket(batch: pa.Table, buckets: int) -> pa.Table:
-    idents = batch.column("identity").to_pylist()
-    return batch.append_column("_bucket", pa.array([manifest.bucket_of(i or "", buckets) for i in idents], pa.int32()))
+def _write_sorted(table: pa.Table, output: str, prefix: str, generation: str,
+                  storage_options: dict[str, Any]) -> dict[str, Any]:
+    """One file of the latest row per identity, sorted; its index entry and the rows it took in."""
+    rows = manifest.latest_rows(table.select(manifest.SCHEMA.names).cast(manifest.SCHEMA))
+    idents = rows.column("identity").to_pylist()
+    keys = [order_key(i, FOLDER_ORDER) for i in idents]
+    data = manifest.parquet_bytes(rows)
+    name = manifest.compacted_name(prefix, generation, idents[0], rows.num_rows)
+    fs, path = get_fs(join(output, manifest.MANIFEST_DIR, name), storage_options)
+    write_bytes_atomic(fs, path, data)
+    entry = manifest.IndexedFile(file=name, rows=rows.num_rows, bytes=len(data), first=idents[0], last=idents[-1],
+                                 first_folder_key=min(keys), last_folder_key=max(keys))
+    return {"entry": entry.model_dump_json(), "rows_in": table.num_rows}
 
 
-def compact(output: str, cfg) -> Compaction:
-    """Compact OUT/manifest on the connected Ray cluster; returns file counts before and after."""
-    import ray
+def _sort_and_write(batch: pa.Table, output: str, prefix: str, generation: str,
+                    storage_options: dict[str, Any]) -> pa.Table:
+    if batch.num_rows == 0:
+        return pa.table({"entry": pa.array([], pa.string()), "rows_in": pa.array([], pa.int64())})
+    return pa.Table.from_pylist([_write_sorted(batch, output, prefix, generation, storage_options)])
 
-    so = cfg.batch.storage_options
+
+def _read_batch(batch: pa.Table, output: str, storage_options: dict[str, Any]) -> pa.Table:
+    return _read_files(batch.column("file").to_pylist(), output, storage_options)
+
+
+def compact(output: str, cfg, *, full: bool = False) -> Compaction:
+    """Fold OUT/manifest's commit files into deltas, or (`full`, or deltas past the ratio) everything into
+    new main files, on the connected Ray cluster."""
+    so, b = cfg.batch.storage_options, cfg.batch
     fs, path = manifest.manifest_path(output, so)
-    files = manifest.manifest_files(fs, path)
-    if not files:
-        return Compaction(0, 0, 0)
-    rows = _count_rows(fs, files)  # what the files hold, before de-duplication
-    buckets = max(1, math.ceil(rows / cfg.batch.manifest_rows_per_file))
+    index = manifest.read_index(output, so)
+    indexed = {e.file for e in index.files}
+    names = manifest.manifest_files(fs, path)
+    parts = [f for f in names if posixpath.basename(f) not in indexed
+             and posixpath.basename(f).startswith((manifest.PART_PREFIX, LEGACY_PREFIX))]
+    garbage = [f for f in names if posixpath.basename(f) not in indexed and f not in parts]
+    part_rows = _count_rows(fs, parts)
+    main_rows, delta_rows = sum(e.rows for e in index.main), sum(e.rows for e in index.deltas)
+    if not parts and not (full and index.files):
+        _delete_all(garbage, output, cfg)
+        return Compaction(len(names), len(index.files), 0, manifest_bytes=sum(e.bytes for e in index.files))
+    full = full or not index.main or delta_rows + part_rows > b.manifest_delta_ratio * main_rows
+    inputs = parts + ([posixpath.join(path, e.file) for e in index.files] if full else [])
+    expected = part_rows + (main_rows + delta_rows if full else 0)
     generation = uuid.uuid4().hex[:12]
+    prefix = manifest.MAIN_PREFIX if full else manifest.DELTA_PREFIX
     try:
-        results = _write_compacted(files, output, generation, buckets, cfg)
-        taken_in = sum(r["rows_in"] for r in results)
-        if taken_in != rows:  # never delete a file whose rows are not all in the new ones
-            raise CompactionIncomplete(f"compacting {len(files)} manifest files: they hold {rows} rows but "
-                                       f"{taken_in} reached the compacted files; no file was deleted")
+        results = _write_generation(inputs, expected, output, prefix, generation, cfg)
     except Exception:  # the files read still hold every row; this generation's would only repeat some
         _discard(fs, path, generation)
         raise
-    new_files = {r["file"] for r in results}
-    stale = [f for f in files if f not in new_files]
-    delete = ray.remote(num_cpus=cfg.batch.cpus_per_io_task, max_retries=cfg.batch.io_retries,
-                        retry_exceptions=True)(_delete)
-    ray.get([delete.remote(stale[i:i + DELETE_CHUNK], output, so) for i in range(0, len(stale), DELETE_CHUNK)])
-    return Compaction(len(files), len(manifest.manifest_files(fs, path)), rows)
+    taken_in = sum(r["rows_in"] for r in results)
+    entries = sorted((manifest.IndexedFile.model_validate_json(r["entry"]) for r in results), key=lambda e: e.first)
+    if taken_in != expected:  # never delete a file whose rows are not all in the new ones
+        _discard(fs, path, generation)
+        raise CompactionIncomplete(f"compacting {len(inputs)} manifest files: they hold {expected} rows but "
+                                   f"{taken_in} reached the compacted files; no file was deleted")
+    new_index = (manifest.ManifestIndex(main=entries) if full
+                 else manifest.ManifestIndex(main=index.main, deltas=index.deltas + entries))
+    index_bytes = manifest.write_index(output, new_index, so)
+    _delete_all(inputs + garbage, output, cfg)
+    return Compaction(len(names), len(new_index.files), expected, full,
+                      bytes_written=sum(e.bytes for e in entries) + index_bytes,
+                      manifest_bytes=sum(e.bytes for e in new_index.files) + index_bytes)
 
 
-def _write_compacted(files: list[str], output: str, generation: str, buckets: int, cfg) -> list[dict[str, Any]]:
-    """Write this generation's compacted files; one RESULT_SCHEMA row per file written."""
+def _write_generation(files: list[str], rows: int, output: str, prefix: str, generation: str,
+                      cfg) -> list[dict[str, Any]]:
+    """Write the sorted files of this generation; one {"entry", "rows_in"} per file written."""
     import ray
 
-    so = cfg.batch.storage_options
-    if buckets == 1:  # one output file: a single task reads everything (bounded by rows_per_file rows)
-        # idempotent (a retry rewrites the same generation's file): Ray retries it on any error
-        task = ray.remote(num_cpus=cfg.batch.cpus_per_io_task, max_retries=cfg.batch.io_retries,
-                          retry_exceptions=True)(_compact_all)
-        return [ray.get(task.remote(files, output, generation, so))]
-    # Files are read in tasks: Ray's `read_parquet` would stat every file from the driver.
-    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=min(len(files), 64))
+    so, b = cfg.batch.storage_options, cfg.batch
+    if rows <= b.manifest_rows_per_file:  # one file: a single task (idempotent: Ray retries it on any error)
+        task = ray.remote(num_cpus=b.cpus_per_io_task, max_retries=b.io_retries, retry_exceptions=True)(
+            _one_file)
+        result = ray.get(task.remote(files, output, prefix, generation, so))
+        return [result] if result else []
+    # Files are read in tasks (Ray's `read_parquet` would stat every file from the driver), then sorted
+    # by Ray Data into about rows/rows_per_file range partitions, each written as one file.
+    partitions = max(1, -(-rows // b.manifest_rows_per_file))
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=min(len(files), partitions))
     ds.context.max_errored_blocks = 0  # a dropped block would be rows lost: fail, whatever the driver set
-    ds = ds.map_batches(_read_files, batch_format="pyarrow", num_cpus=cfg.batch.cpus_per_io_task,
-                        fn_kwargs={"output": output, "storage_options": so})
-    written = (ds.map_batches(_add_bucket, batch_format="pyarrow", fn_kwargs={"buckets": buckets})
-               .groupby("_bucket", num_partitions=buckets)
-               .map_groups(_write_bucket, batch_format="pyarrow",
-                           fn_kwargs={"output": output, "generation": generation, "storage_options": so}))
-    return list(written.iter_rows())
+    ds = ds.map_batches(_read_batch, batch_format="pyarrow", batch_size=max(1, -(-len(files) // partitions)),
+                        num_cpus=b.cpus_per_io_task, fn_kwargs={"output": output, "storage_options": so})
+    ds = ds.repartition(partitions).sort("identity")
+    written = ds.map_batches(_sort_and_write, batch_size=None, batch_format="pyarrow", num_cpus=b.cpus_per_io_task,
+                             fn_kwargs={"output": output, "prefix": prefix, "generation": generation,
+                                        "storage_options": so})
+    return written.take_all()
+
+
+def _one_file(files: list[str], output: str, prefix: str, generation: str,
+              storage_options: dict[str, Any]) -> dict[str, Any] | None:
+    table = _read_files(files, output, storage_options)
+    return _write_sorted(table, output, prefix, generation, storage_options) if table.num_rows else None
 
 
 def _discard(fs: Any, path: str, generation: str) -> None:
     """Best effort: remove what a failed compaction wrote, so the folder is as it was."""
-    prefix = f"{manifest.COMPACT_PREFIX}{generation}-"
     try:
         for f in manifest.manifest_files(fs, path):
-            if posixpath.basename(f).startswith(prefix):
+            if posixpath.basename(f).startswith((f"{manifest.MAIN_PREFIX}{generation}-",
+                                                 f"{manifest.DELTA_PREFIX}{generation}-")):
                 fs.rm_file(f)
     except OSError:
-        pass  # left over: the same rows twice, which readers and the next compaction resolve
+        pass  # unnamed in the index: the next compaction removes them
 
 
 def _delete(files: list[str], output: str, storage_options: dict[str, Any]) -> None:
@@ -138,6 +176,17 @@ def _delete(files: list[str], output: str, storage_options: dict[str, Any]) -> N
             pass
 
 
+def _delete_all(files: list[str], output: str, cfg) -> None:
+    if not files:
+        return
+    import ray
+
+    b = cfg.batch
+    delete = ray.remote(num_cpus=b.cpus_per_io_task, max_retries=b.io_retries, retry_exceptions=True)(_delete)
+    ray.get([delete.remote(files[i:i + DELETE_CHUNK], output, b.storage_options)
+             for i in range(0, len(files), DELETE_CHUNK)])
+
+
 def _count_rows(fs: Any, files: list[str]) -> int:
     """Rows in all files: from their names where they carry it, else from the Parquet footer."""
     import pyarrow.dataset as pads
@@ -146,9 +195,3 @@ def _count_rows(fs: Any, files: list[str]) -> int:
     unnamed = [f for f, n in zip(files, counts) if n is None]
     footer = pads.dataset(unnamed, format="parquet", filesystem=manifest.arrow_fs(fs)).count_rows() if unnamed else 0
     return sum(n for n in counts if n is not None) + footer
-
-
-def _compact_all(files: list[str], output: str, generation: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    table = _read_files(pa.table({"file": files}), output, storage_options)
-    return _write_bucket(table.append_column("_bucket", pa.array([0] * table.num_rows, pa.int32())),
-                         output, generation, storage_options).to_pylist()[0]

@@ -31,7 +31,7 @@ def _fmt(values, fmt: str) -> str:
 def summary_lines(output: str) -> list[str]:
     from capray.io.manifest import read_manifest
 
-    rows = sorted(read_manifest(output).to_pylist(), key=lambda r: r["identity"])
+    rows = sorted(read_manifest(output, steps=True).to_pylist(), key=lambda r: r["identity"])
     lines = [f"{'identity':<12} {'status':<7} {'photos':>6} {'L∞/255':>7} {'PSNR dB':>11} {'SSIM':>11} "
              f"{'λ chosen':>9} {'seconds':>8}"]
     for r in rows:

@@ -1,7 +1,8 @@
-"""`capray manifest compact OUT`: rewrite OUT/manifest/ as a few files with one row per identity.
+"""`capray manifest compact OUT`: rewrite OUT/manifest/ as a few sorted files with one row per identity.
 
-Every `capray protect` run compacts at its end (`batch.compact_at_end`); run this after a run that
-was stopped early, or with a different `batch.manifest_rows_per_file`. Safe to repeat. It takes
+Every `capray protect` run folds its commit files into delta files at its end (`batch.compact_at_end`),
+and merges everything once the deltas pass `batch.manifest_delta_ratio`; run this to merge now (one
+row per identity in the folder), or to re-cut with another `batch.manifest_rows_per_file`. Safe to repeat. It takes
 OUTPUT's lease as `capray protect` does, so it never runs beside a job still writing there.
 Exit codes: 0 compacted (or nothing to compact); 1 the compaction stopped (every file is kept; rerun
 it); 2 usage or configuration error, or OUTPUT's lease is held by another live job.
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     started = False
     try:
         started = connect_ray(args.address)
-        result = compact(output, cfg)
+        result = compact(output, cfg, full=True)
     except Exception as exc:  # the files read are deleted only after every row is in the new ones
         report("manifest", args, f"compaction stopped: {type(exc).__name__}: {describe(exc)}; no row was lost, "
                "run it again", exc)

@@ -1,9 +1,9 @@
 """Before any work: validate input/output and describe the run; *not* a list of the library.
 
-The identities themselves are found while the job runs (`capray/batch/sources.py`): listing and the
-done-check happen in distributed tasks, so planning costs the same for 10 identities or 10 million.
-Refusals here (overlapping input and output, an OUTPUT that holds a run with a different engine
-config, missing or unreadable input) are usage errors: nothing is written and the command exits with 2.
+The identities themselves are found while the job runs (`capray/batch/sweep.py`), so planning costs
+the same for 10 identities or 10 million. Refusals here (overlapping input and output, an OUTPUT
+that holds a run with a different engine config or an unreadable run.json, missing or unreadable
+input) are usage errors: nothing is written and the command exits with 2.
 """
 
 from __future__ import annotations
@@ -49,15 +49,27 @@ class Plan:
 
 
 def _previous_run(output: str, so: dict[str, Any]) -> dict[str, Any] | None:
-    fs, path = get_fs(join(output, RUN_FILE), so)
+    """OUTPUT's run.json, or None for a new OUTPUT. One that exists but cannot be read (a missing KMS
+    permission, a hand edit) stops the run: treating OUTPUT as new would redo everything and
+    overwrite the record of what is there."""
+    uri = join(output, RUN_FILE)
+    fs, path = get_fs(uri, so)
     fs.invalidate_cache(path)
-    if not fs.exists(path):
-        return None
     try:
-        with fs.open(path, "rb") as fh:
-            return json.loads(fh.read())
-    except (OSError, ValueError):
+        data = fs.cat_file(path)
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise UsageError(f"{uri} exists but cannot be read ({type(exc).__name__}: {exc}); fix its permissions "
+                         "or remove it (OUTPUT is then treated as new)") from None
+    try:
+        body = json.loads(data)
+        if not isinstance(body, dict):
+            raise ValueError("not a JSON object")
+        return body
+    except ValueError as exc:
+        raise UsageError(f"{uri} is not a capray run file ({exc}); restore it or remove it (OUTPUT is then "
+                         "treated as new)") from None
 
 
 def _check_input(input_uri: str, output_uri: str, so: dict[str, Any]) -> tuple[str, list[str]]:

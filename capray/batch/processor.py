@@ -5,7 +5,7 @@ a config builds it, and `processor(ds)` turns a Dataset of identity groups into 
     records = processor(ray.data.from_items([{"identity": "alice", "uris": [...]}]))
 
 A platform whose photos come from its own database applies it to the Dataset it already has;
-`capray protect` is the listing stage in front of the same processor. Each row is one identity:
+`capray protect` runs the same processor on each slice of its sweep over the library. Each row is one identity:
 `identity` and `uris` (its photos; optional `sizes` and `versions`, e.g. ETags, spare a request each
 when fingerprinting). Each output row is one identity's summary (`capray.batch.rows.SUMMARY_SCHEMA`):
 status, failure class, error, output URIs, seconds, the λ chosen; the full record is in OUT/manifest/.
@@ -29,7 +29,7 @@ from capray.config import CaprayConfig
 from capray.io.storage import TransientStorageError, normalize_uri
 
 # Ray Data merges a task's small output blocks up to `target_max_block_size` (128 MiB) before passing
-# them on, so with the default a whole library's names (~30 B each) would leave the listing task as one
+# them on, so with the default a whole slice's candidates would reach the check stage as one
 # block and be checked as one: nothing would reach the GPUs until everything was listed. Small blocks
 # keep the stream moving; blocks of decoded photos are bigger anyway and are cut at identity rows.
 STREAM_BLOCK_BYTES = 128 * 1024
@@ -77,14 +77,13 @@ class Processor:
         for name, value in settings.items():
             setattr(ds.context, name, value)
         io = {"batch_format": "pyarrow", "num_cpus": b.cpus_per_io_task, "udf_modifying_row_count": False}
-        check = CheckStage(self.cfg, plan.output, input_root=plan.input if plan.kind == "folder" else None,
-                           allowed=self.allowed, resuming=plan.resuming, tally=self.tally)
+        check = CheckStage(self.cfg, plan.output, allowed=self.allowed, resuming=plan.resuming, tally=self.tally)
         # Listing runs ahead of the GPUs anyway; bounding its tasks keeps CPU slots for decode/write/commit,
         # so the first commit does not wait for the library to be listed.
         ds = ds.map_batches(check, batch_size=b.listing_batch, batch_format="pyarrow",
                             num_cpus=b.cpus_per_io_task, compute=ray.data.TaskPoolStrategy(size=b.listing_tasks))
         ds = ds.repartition(target_num_rows_per_block=b.groups_per_batch)  # one block per actor call
-        ds = ds.map_batches(DecodeStage(self.cfg, self.allowed), batch_size=1, **io)
+        ds = ds.map_batches(DecodeStage(self.cfg, self.allowed, self.ledger_name), batch_size=1, **io)
         # Ray Data's defaults (max_restarts=-1, max_task_retries=-1) stay: the attempt ledger bounds each
         # group's attempts (capray.batch.attempts), and node losses still heal.
         ds = ds.map_batches(self.protect_stage.configured(self.cfg, self.ledger_name, self.pool_name),
@@ -110,6 +109,13 @@ class Processor:
             owned.close()
             raise
         return cls(cfg, plan, allowed, tally, ledger_name, pool_name, protect_stage, owned)
+
+    def stop(self) -> None:
+        """From now on no group starts: the protect stage gives them back as deferred (see stopping.py)."""
+        from capray.batch.attempts import LedgerClient
+
+        if self.ledger_name:
+            LedgerClient(self.ledger_name).stop()
 
     def close(self) -> None:
         """Stop the actors `start` started (the attempt ledger, the scoring pool)."""

@@ -14,11 +14,14 @@ import pyarrow as pa
 
 from capray.io import manifest
 
-# An identity as listed: a name (folder input: its photos are listed by the check stage) or a name with
-# its photos (catalog input, or a Dataset a platform hands to the processor).
+# An identity as listed, with its photos (optional sizes and versions, e.g. ETags). A sweep
+# (`capray/batch/sweep.py`) attaches the identity's committed state (`prev_state`, an IdentityState as
+# JSON; None: never committed) and marks identities removed from the input (`deleted`); rows of a
+# platform's own Dataset carry neither, and the check stage reads their state itself.
 CANDIDATE_SCHEMA = pa.schema([
     ("identity", pa.string()), ("uris", pa.list_(pa.string())), ("sizes", pa.list_(pa.int64())),
-    ("versions", pa.list_(pa.string())),
+    ("versions", pa.list_(pa.string())), ("problem", pa.string()), ("prev_state", pa.string()),
+    ("state_attached", pa.bool_()), ("deleted", pa.bool_()),
 ])
 PLAN_SCHEMA = pa.schema([
     ("identity", pa.string()), ("safe", pa.string()), ("uris", pa.list_(pa.string())),
@@ -27,22 +30,26 @@ PLAN_SCHEMA = pa.schema([
     ("stamps", pa.list_(pa.string())), ("fingerprint", pa.string()),  # the input as listed (see discover.Photo)
     ("prev_stamps", pa.list_(pa.string())), ("prev_outputs", pa.list_(pa.string())),  # what is published now
     ("prev_known", pa.bool_()),  # False: the committed state could not be read; leave it as it is
+    ("prev_transient_failures", pa.int32()),  # runs in a row it failed transiently (quarantine counts on)
+    ("deleted", pa.bool_()),  # removed from the input: its outputs are removed, nothing is protected
 ])
 GROUP_SCHEMA = pa.schema(list(PLAN_SCHEMA) + [
     ("error", pa.string()), ("started_at", pa.float64()),
     ("pixels", pa.list_(pa.large_binary())), ("shapes", pa.list_(pa.list_(pa.int32()))),
     ("alphas", pa.list_(pa.large_binary())), ("photo_notes", pa.list_(pa.string())),
     ("record", pa.string()), ("attempts", pa.int32()),
+    ("deferred", pa.bool_()),  # not started: the run was stopping (time box, SIGTERM); the next run does it
 ])
 WRITTEN_SCHEMA = pa.schema([
-    ("safe", pa.string()), ("row", pa.string()), ("published", pa.list_(pa.list_(pa.string()))),
-    ("prev_known", pa.bool_()),
+    ("identity", pa.string()), ("safe", pa.string()), ("row", pa.string()), ("prev_known", pa.bool_()),
+    ("deferred", pa.bool_()),  # then `row` is None: nothing to commit
 ])
 SUMMARY_SCHEMA = pa.schema([
     *(manifest.SCHEMA.field(name) for name in
       ("identity", "status", "failure_class", "error", "output_uris", "seconds", "engine_seconds", "pgd_steps")),
-    ("lambdas", manifest.SCHEMA.field("lambda_schedule").type),  # the chosen λ only (no nulls before k̂)
+    ("lambdas", manifest.STEPS_SCHEMA.field("lambda_schedule").type),  # the chosen λ only (no nulls before k̂)
     ("committed", pa.bool_()),  # False: the row or state could not be committed; the driver names it
+    ("deferred", pa.bool_()),  # given back unstarted by a stopping run (not committed, not a failure)
 ])
 
 

@@ -18,8 +18,8 @@ MAX_SAMPLES = 20
 
 class Tally:
     def __init__(self):
-        self.counts: dict[str, int] = {"listed": 0, "skipped_ok": 0, "skipped_input": 0, "ignored": 0,
-                                       "sources_done": 0}
+        self.counts: dict[str, int] = {"listed": 0, "skipped_ok": 0, "skipped_input": 0, "quarantined": 0,
+                                       "ignored": 0, "sources_done": 0}
         self.ignored_sample: list[str] = []
         self.source_errors: list[str] = []
         self.seen: set[str] = set()  # report keys already counted (~40 k for 10 M identities)

@@ -1,10 +1,10 @@
 """The bulk job's stages, one module each, every one a picklable callable on a pyarrow batch whose
 rows are identities (`capray.batch.rows`), sharing one error contract (`base.Stage`):
 
-    listing → check → decode → protect → write → commit
+    (sweep →) check → decode → protect → write → commit
 
 `capray.batch.build_processor` chains check..commit into a processor a platform applies to a Ray
-Dataset it already has; `capray protect` puts the listing stage in front of the same processor.
+Dataset it already has; `capray protect` feeds it the slices of its sweep (`capray/batch/sweep.py`).
 """
 
 from capray.batch.stages.base import Stage

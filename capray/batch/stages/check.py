@@ -1,11 +1,13 @@
 """Stage 2, check (CPU tasks, a thread pool of requests each): what is left to do, decided in the cluster.
 
-For each candidate identity: list its photos (folder input) or stat them (catalog rows without
-size/ETag), fingerprint the input, read the identity's committed state and drop the identity when it
-is done — `ok`, or failed for its input, with the same input. Everything else goes on as a plan row
-carrying what the previous commit published, so the write stage can remove outputs whose source is
-gone. A catalog photo URI outside the allowlist (`capray.io.allowlist`) fails its identity for its
-input here, before any request is made for it.
+For each candidate identity: stat its photos where the listing gave no size/ETag (bare catalog
+rows), fingerprint the input, take its committed state (attached by the sweep, or read here for a
+platform's own Dataset) and drop the identity when it is done — `ok`, failed for its input, or
+quarantined after `batch.quarantine_after` transient failures in a row, with the same input.
+Everything else goes on as a plan row carrying what the previous commit published, so the write
+stage can remove outputs whose source is gone (all of them for an identity removed from the
+input). A photo URI outside the allowlist (`capray.io.allowlist`) fails its identity for its input
+here, before any request is made for it.
 
 Driver cost per 1,000 identities: nothing but one tally call per check batch.
 """
@@ -22,7 +24,7 @@ from capray.batch.rows import PLAN_SCHEMA, table_of
 from capray.batch.stages.base import Stage, short_error
 from capray.io import manifest
 from capray.io.allowlist import uri_problem
-from capray.io.discover import IdentityGroup, Photo, fingerprint, list_photos, stat_photos
+from capray.io.discover import IdentityGroup, Photo, fingerprint, stat_photos
 from capray.io.naming import identity_problem, output_stems, rejected_name, safe_name
 from capray.io.storage import get_fs, inside
 
@@ -59,17 +61,15 @@ def refused_photos(group: IdentityGroup, allowed: list[str] | None) -> str | Non
 class CheckStage(Stage):
     """Candidates → plan rows of the identities still to do; skipped ones are only counted (tally).
 
-    `input_root`: the folder input whose identity folders are listed here (None: candidates carry their
-    photos); `allowed`: prefixes photo URIs must lie under (None: no check); `resuming`: OUTPUT holds an
-    earlier run, so each identity's committed state is read."""
+    Candidates from a sweep carry their committed state; for others (a platform's Dataset) it is read
+    here when `resuming` (OUTPUT holds an earlier run). `allowed`: prefixes photo URIs must lie under
+    (None: no check)."""
 
     output_schema = PLAN_SCHEMA
 
-    def __init__(self, cfg, output: str, *, input_root: str | None, allowed: list[str] | None, resuming: bool,
-                 tally=None):
+    def __init__(self, cfg, output: str, *, allowed: list[str] | None, resuming: bool, tally=None):
         super().__init__(cfg)
-        self.output, self.input_root, self.allowed, self.resuming, self.tally = (
-            output, input_root, allowed, resuming, tally)
+        self.output, self.allowed, self.resuming, self.tally = output, allowed, resuming, tally
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from capray.batch.tally import report
@@ -78,11 +78,9 @@ class CheckStage(Stage):
         with ThreadPoolExecutor(max_workers=min(self.cfg.batch.listing_threads, max(1, len(candidates)))) as pool:
             results = list(pool.map(self.guarded, candidates))
         rows = [r for r in results if isinstance(r, dict)]
-        ignored = [u for r in rows for u in r.pop("ignored", None) or []]
         names = [c.get("identity") for c in candidates]  # identities are unique in a run: the batch's key
         report(self.tally, f"check:{len(names)}:{names[0] if names else ''}:{names[-1] if names else ''}",
-               skipped_ok=results.count("skipped_ok"), skipped_input=results.count("skipped_input"),
-               ignored=ignored)
+               **{verdict: results.count(verdict) for verdict in VERDICTS})
         return table_of(rows, PLAN_SCHEMA)
 
     def failed(self, row: dict[str, Any], error: str) -> dict[str, Any]:
@@ -92,17 +90,23 @@ class CheckStage(Stage):
         return {"identity": ident, "safe": safe, "uris": [], "stems": [], "prev_known": False,
                 "problem": f"checking the identity failed: {error}", "failure": manifest.FAILURE_TRANSIENT}
 
+    def previous(self, candidate: dict[str, Any], safe: str) -> manifest.IdentityState | None:
+        if candidate.get("state_attached"):
+            return (manifest.IdentityState.model_validate_json(candidate["prev_state"])
+                    if candidate.get("prev_state") else None)
+        return manifest.read_state(self.output, safe, self.cfg.batch.storage_options) if self.resuming else None
+
     def process(self, candidate: dict[str, Any]) -> dict[str, Any] | str:
-        """A plan row for an identity still to do, or "skipped_ok"/"skipped_input" when it is done."""
+        """A plan row for an identity still to do, or one of VERDICTS when it is done."""
         so, output = self.cfg.batch.storage_options, self.output
         identity = "" if candidate["identity"] is None else candidate["identity"]
         problem = identity_problem(identity)
         safe = rejected_name(identity) if problem else safe_name(identity)
         row: dict[str, Any] = {"identity": identity, "safe": safe, "prev_known": True}
         try:
-            previous = manifest.read_state(output, safe, so) if self.resuming else None
+            previous = self.previous(candidate, safe)
         except OSError as exc:  # cannot tell what is published: redo, and leave the state as it is
-            previous, row["prev_known"] = None, False
+            row["prev_known"] = False
             return dict(row, uris=[], stems=[], problem=f"reading the committed state failed: {short_error(exc)}",
                         failure=manifest.FAILURE_TRANSIENT)
         if previous is not None and previous.identity != identity:
@@ -114,31 +118,37 @@ class CheckStage(Stage):
         if previous is not None:
             row["prev_stamps"] = [s for s, _ in previous.published]
             row["prev_outputs"] = [u for _, u in previous.published]
+            row["prev_transient_failures"] = previous.transient_failures
+        if candidate.get("deleted"):
+            return dict(row, uris=[], stems=[], stamps=[], deleted=True)
+        uris = candidate.get("uris") or []
+        sizes, versions = candidate.get("sizes") or [None] * len(uris), candidate.get("versions") or [None] * len(uris)
+        group = IdentityGroup(identity, [Photo(u, s, v) for u, s, v in zip(uris, sizes, versions)],
+                              problem=candidate.get("problem"))
+        refused = refused_photos(group, self.allowed)
+        if refused:  # before any request: a stat with the job's credentials is already a read
+            return _planned(row, previous, group, refused, manifest.FAILURE_INPUT, self.cfg)
         try:
-            if candidate.get("uris") is None:  # folder input: list this identity's photos here, not on the driver
-                fs, root = get_fs(self.input_root, so)
-                group = list_photos(fs, root, identity)
-            else:
-                n = len(candidate["uris"])
-                group = IdentityGroup(identity, [Photo(u, s, v) for u, s, v in zip(
-                    candidate["uris"], candidate.get("sizes") or [None] * n, candidate.get("versions") or [None] * n)])
-                refused = refused_photos(group, self.allowed)
-                if refused:  # before any request: a stat with the job's credentials is already a read
-                    return _planned(row, previous, group, refused, manifest.FAILURE_INPUT)
-                group = stat_photos(lambda uri: get_fs(uri, so), group)
+            group = stat_photos(lambda uri: get_fs(uri, so), group)
         except (OSError, ValueError) as exc:
             return dict(row, uris=[], stems=[], problem=f"listing the identity's photos failed: {short_error(exc)}",
                         failure=manifest.FAILURE_TRANSIENT)
-        problem = group_problem(identity, group.photos, self.cfg.batch.max_photos_per_identity, output)
-        return _planned(row, previous, group, problem, manifest.FAILURE_INPUT if problem else None)
+        problem = group.problem or group_problem(identity, group.photos, self.cfg.batch.max_photos_per_identity,
+                                                 output)
+        return _planned(row, previous, group, problem, manifest.FAILURE_INPUT if problem else None, self.cfg)
+
+
+VERDICTS = ("skipped_ok", "skipped_input", "quarantined")
 
 
 def _planned(row: dict[str, Any], previous, group: IdentityGroup, problem: str | None,
-             failure: str | None) -> dict[str, Any] | str:
-    """The plan row of a listed identity, or "skipped_ok"/"skipped_input" when its input is done."""
+             failure: str | None, cfg) -> dict[str, Any] | str:
+    """The plan row of a listed identity, or one of VERDICTS when its input is done."""
     digest = fingerprint(group.photos)
-    if previous is not None and previous.is_done(digest):
-        return "skipped_ok" if previous.status == manifest.STATUS_OK else "skipped_input"
+    if previous is not None and not group.problem:
+        verdict = previous.verdict(digest, cfg.batch.quarantine_after, cfg.batch.retry_quarantined)
+        if verdict is not None:
+            return verdict
     uris = group.uris
     return dict(row, uris=uris, stems=output_stems(uris), stamps=[p.stamp() for p in group.photos],
-                fingerprint=digest, problem=problem, failure=failure, ignored=group.ignored)
+                fingerprint=digest, problem=problem, failure=failure)

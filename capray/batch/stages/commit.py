@@ -31,26 +31,32 @@ class CommitStage(Stage):
     def commit(self, written: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The records file first (after the identities' PNGs), then their states; a summary row each."""
         so = self.cfg.batch.storage_options
+        deferred = [w for w in written if w.get("deferred")]
+        written = [w for w in written if not w.get("deferred")]
         rows = [manifest.ManifestRow.model_validate_json(w["row"]) for w in written]
-        try:
-            manifest.write_records(self.output, self.run_id, rows, so)
-            records_error = None
-        except Exception as exc:
-            if is_transient(exc):  # the file name is deterministic: a retried task overwrites its own file
-                raise TransientStorageError(f"committing {len(rows)} manifest rows: {short_error(exc)}") from exc
-            log.exception("committing %d manifest rows failed", len(rows))
-            records_error = f"committing its manifest row failed: {short_error(exc)}"
+        records_error = None
+        if rows:
+            try:
+                manifest.write_records(self.output, self.run_id, rows, so)
+            except Exception as exc:
+                if is_transient(exc):  # the file name is deterministic: a retried task overwrites its own file
+                    raise TransientStorageError(f"committing {len(rows)} manifest rows: {short_error(exc)}") from exc
+                log.exception("committing %d manifest rows failed", len(rows))
+                records_error = f"committing its manifest row failed: {short_error(exc)}"
 
         def save_state(pair) -> str | None:
-            """None when committed; else why not (the driver names the identity, a rerun redoes it)."""
+            """None when committed; else why not (the driver names the identity, a rerun redoes it).
+            The per-identity state serves point lookups (a platform's Dataset); a sweep reads the rows."""
             w, row = pair
             if records_error:
                 return records_error
             if not w["prev_known"]:
                 return None
             try:
-                manifest.write_state(self.output, w["safe"],
-                                     manifest.state_of(row, [tuple(p) for p in w["published"]]), so)
+                if row.status == manifest.STATUS_DELETED:
+                    manifest.remove_state(self.output, w["safe"], so)
+                else:
+                    manifest.write_state(self.output, w["safe"], manifest.state_of(row), so)
             except Exception as exc:
                 if is_transient(exc):  # the whole commit task re-runs; its records file is overwritten
                     raise TransientStorageError(f"saving the state of {row.identity!r}: {short_error(exc)}") from exc
@@ -63,5 +69,6 @@ class CommitStage(Stage):
         return [{"identity": r.identity, "status": r.status, "failure_class": r.failure_class,
                  "error": problem or r.error, "committed": problem is None, "output_uris": r.output_uris,
                  "seconds": r.seconds, "engine_seconds": r.engine_seconds, "pgd_steps": r.pgd_steps,
-                 "lambdas": [v for v in (r.lambda_schedule or []) if v is not None]}
-                for r, problem in zip(rows, problems)]
+                 "lambdas": [v for v in (r.lambda_schedule or []) if v is not None], "deferred": False}
+                for r, problem in zip(rows, problems)] + [
+                {"identity": w["identity"], "committed": False, "deferred": True} for w in deferred]

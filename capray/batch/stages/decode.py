@@ -30,16 +30,32 @@ class DecodeStage(Stage):
 
     output_schema = GROUP_SCHEMA
 
-    def __init__(self, cfg, allowed: list[str] | None = None):
+    def __init__(self, cfg, allowed: list[str] | None = None, ledger_name: str | None = None):
         super().__init__(cfg)
-        self.allowed = allowed
+        self.allowed, self.ledger_name = allowed, ledger_name
+        self._ledger = None
+
+    def stopping(self) -> bool:
+        """The run is stopping (its attempt ledger says so): read nothing more, give the identity back."""
+        if not self.ledger_name:
+            return False
+        if self._ledger is None:
+            from capray.batch.attempts import LedgerClient
+
+            self._ledger = LedgerClient(self.ledger_name)
+        return self._ledger.stopping()
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:
         out = dict(row, started_at=time.time())
+        if row.get("deleted"):
+            return out
+        if self.stopping():
+            return dict(out, deferred=True)
         if row.get("problem"):
             return dict(out, error=row["problem"], failure=row.get("failure") or manifest.FAILURE_INPUT)
         b = self.cfg.batch
         pixels, shapes, alphas, notes, bad, transient = [], [], [], [], [], False
+        total = 0
         for uri in row["uris"]:
             name = posixpath.basename(uri) or uri
             try:
@@ -57,6 +73,11 @@ class DecodeStage(Stage):
                 bad.append(f"{name}: {exc if isinstance(exc, BadImage) else short_error(exc)}")
                 transient |= isinstance(exc, OSError) and not isinstance(exc, INPUT_OS_ERRORS)
                 continue
+            total += decoded.rgb.shape[0] * decoded.rgb.shape[1]
+            if total > b.max_group_pixels:  # one GPU holds the whole group: refuse it here, not in an OOM
+                return dict(out, failure=manifest.FAILURE_INPUT,
+                            error=f"the identity's photos hold over {total} pixels, over batch.max_group_pixels="
+                                  f"{b.max_group_pixels}; split the identity or raise the limit")
             pixels.append(decoded.rgb.tobytes())
             shapes.append(list(decoded.rgb.shape[:2]))
             alphas.append(decoded.alpha.tobytes() if decoded.alpha is not None else None)

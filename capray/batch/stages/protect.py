@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from capray.batch.attempts import DEFERRED
 from capray.batch.rows import GROUP_SCHEMA
 from capray.batch.stages.base import Stage, short_error
 from capray.config import CaprayConfig
@@ -86,7 +87,7 @@ class ProtectStage(Stage):
         os._exit(70)
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:
-        if row.get("error"):
+        if row.get("error") or row.get("deleted") or row.get("deferred"):
             return row
         b, identity = self.cfg.batch, row["identity"]
         rgbs = [np.frombuffer(p, dtype=np.uint8).reshape(h, w, 3).copy()  # writable: torch wants to own it
@@ -102,6 +103,8 @@ class ProtectStage(Stage):
 
         while True:
             attempt, last_error, verdict = self.ledger.begin(identity)
+            if verdict == DEFERRED:  # the run is stopping: not started, given back to the next run
+                return dict(row, pixels=None, deferred=True)
             if verdict:
                 return failed(verdict, attempt - 1)
             if attempt > 1 + b.group_retries:

@@ -1,5 +1,6 @@
 """Stage 5, write (CPU tasks): encode the identity's PNGs, write them atomically, remove earlier outputs
-whose source is gone or changed, and pass on the identity's (not yet committed) manifest row."""
+whose source is gone or changed (all of them for an identity removed from the input), and pass on
+the identity's (not yet committed) manifest row."""
 
 from __future__ import annotations
 
@@ -66,11 +67,15 @@ def _published_after(row: dict[str, Any], uris: list[str], ok: bool) -> list[tup
 def write_group(row: dict[str, Any], cfg, output: str) -> dict[str, Any]:
     """Write the identity's PNGs and remove outputs whose source is gone; returns its uncommitted row."""
     so = cfg.batch.storage_options
+    written = {"identity": row["identity"], "safe": row["safe"], "prev_known": row.get("prev_known") is not False}
+    if row.get("deferred"):  # given back by a stopping run: nothing written, nothing to commit
+        return dict(written, row=None, deferred=True)
     # a group the engine never saw gets the run's fields and notes (the tiny model's label) all the same
     record = (ProtectionRecord.model_validate_json(row["record"]) if row.get("record")
               else ProtectionRecord.unprotected(cfg, row["identity"]))
     error, failure, uris = row.get("error"), row.get("failure"), []
-    if not error:
+    deleted = bool(row.get("deleted"))
+    if not error and not deleted:
         try:
             folder = join(output, row["safe"])
             fs, folder_path = get_fs(folder, so)
@@ -86,24 +91,27 @@ def write_group(row: dict[str, Any], cfg, output: str) -> dict[str, Any]:
                 raise TransientStorageError(f"writing outputs of {row['identity']!r}: {short_error(exc)}") from exc
             log.exception("writing the outputs of %r failed", row["identity"])
             error, failure, uris = f"writing outputs failed: {short_error(exc)}", manifest.FAILURE_TRANSIENT, []
-    published = _published_after(row, uris, ok=not error)
+    published = [] if deleted else _published_after(row, uris, ok=not error)
     keep = {uri for _, uri in published}
     removed, kept = remove_outputs([u for u in row.get("prev_outputs") or [] if u not in keep], output, so)
     published += [(stamp, uri) for stamp, uri in zip(row.get("prev_stamps") or [], row.get("prev_outputs") or [])
                   if uri in kept]
+    failure_class = (failure or manifest.FAILURE_TRANSIENT) if error else None
+    status = manifest.STATUS_DELETED if deleted else manifest.STATUS_FAILED if error else manifest.STATUS_OK
     out = manifest.ManifestRow(
         **record.model_dump(exclude={"notes"}),
         notes=list(record.notes) + list(row.get("photo_notes") or []),
         safe_name=row["safe"], input_uris=row["uris"] or [],
         num_photos=len(row["uris"] or []), attempts=row.get("attempts"),
-        status=manifest.STATUS_FAILED if error else manifest.STATUS_OK, error=error, output_uris=uris,
-        failure_class=(failure or manifest.FAILURE_TRANSIENT) if error else None,
+        status=status, error=error, output_uris=uris, failure_class=failure_class,
         input_fingerprint=row.get("fingerprint"), removed_output_uris=removed,
+        published_stamps=[s for s, _ in published], published_uris=[u for _, u in published],
+        transient_failures=(row.get("prev_transient_failures") or 0) + 1
+        if failure_class == manifest.FAILURE_TRANSIENT else 0,
         seconds=time.time() - row["started_at"] if row.get("started_at") else None,
         finished_at=datetime.now(UTC).isoformat(timespec="microseconds"),
     )
-    return {"safe": row["safe"], "row": out.model_dump_json(), "published": [list(p) for p in published],
-            "prev_known": row.get("prev_known") is not False}
+    return dict(written, row=out.model_dump_json(), deferred=False)
 
 
 class WriteStage(Stage):
