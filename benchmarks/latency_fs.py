@@ -2,9 +2,12 @@
 fixed latency for each (LIST per 1,000 keys, HEAD, GET, PUT, DELETE), like S3 at ~20 ms a request.
 
 URIs are `latency:///abs/local/path`. Each process counts its own requests (`LatencyFS.counts`), so a
-benchmark reads the driver's from its own process. Ray workers get the filesystem registered through
-`register` as their `worker_process_setup_hook`; the latency comes from CAPRAY_BENCH_LATENCY_S.
-There are no directories, as on S3: writes create what they need, `mkdir` does nothing.
+benchmark reads the driver's from its own process; with CAPRAY_BENCH_REQUEST_LOG set, every process
+also appends one byte per request to that file, so requests of the driver and every Ray worker
+together are its size. Ray workers get the filesystem registered through `register` as their
+`worker_process_setup_hook`; the latency comes from CAPRAY_BENCH_LATENCY_S.
+There are no directories, as on S3: writes create what they need, `mkdir` does nothing; `find` is
+S3's flat ListObjectsV2, one LIST per 1,000 keys.
 """
 
 from __future__ import annotations
@@ -33,8 +36,15 @@ class LatencyFS(AbstractFileSystem):
             path = path[len("latency://"):]
         return path.rstrip("/") or "/"
 
+    _log_fd: int | None = None
+
     def _request(self, kind: str, n: int = 1) -> None:
         LatencyFS.counts[kind] += n
+        log = os.environ.get("CAPRAY_BENCH_REQUEST_LOG")
+        if log:
+            if LatencyFS._log_fd is None:
+                LatencyFS._log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(LatencyFS._log_fd, kind[0].encode() * n)  # O_APPEND: atomic across processes
         time.sleep(float(os.environ.get("CAPRAY_BENCH_LATENCY_S", "0.02")) * n)
 
     def _entry(self, path: str, st: os.stat_result | None = None) -> dict:
@@ -54,6 +64,17 @@ class LatencyFS(AbstractFileSystem):
             entries = [self._entry(e.path, e.stat()) for e in it]
         self._request("LIST", max(1, math.ceil(len(entries) / PAGE)))
         return entries if detail else [e["name"] for e in entries]
+
+    def find(self, path, maxdepth=None, withdirs=False, detail=False, **kwargs):
+        """Every file under `path`, as S3 lists a prefix without a delimiter: 1 LIST per 1,000 keys."""
+        path = self._strip_protocol(path)
+        found = {}
+        for folder, _, files in os.walk(path):
+            for name in files:
+                full = os.path.join(folder, name)
+                found[full] = self._entry(full)
+        self._request("LIST", max(1, math.ceil(len(found) / PAGE)))
+        return found if detail else sorted(found)
 
     def info(self, path, **kwargs):
         path = self._strip_protocol(path)
@@ -111,3 +132,9 @@ def register() -> None:
 
 def driver_requests() -> int:
     return sum(LatencyFS.counts.values())
+
+
+def all_requests() -> int:
+    """Requests of every process so far (driver and Ray workers), from CAPRAY_BENCH_REQUEST_LOG."""
+    log = os.environ.get("CAPRAY_BENCH_REQUEST_LOG")
+    return os.path.getsize(log) if log and os.path.exists(log) else 0
