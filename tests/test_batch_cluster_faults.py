@@ -605,6 +605,8 @@ def test_an_identity_that_would_take_over_another_ones_folder_fails(tmp_path):
     candidate = {"identity": "coffee", "uris": [str(p) for p in sorted((src / "coffee").iterdir())]}
     row = check.process(candidate)
     assert "share the output folder 'coffee'" in row["problem"] and "'Coffee'" in row["problem"]
+    swept = check.process(dict(candidate, state_attached=True, prev_state=None))  # new to a nightly sweep
+    assert "share the output folder 'coffee'" in swept["problem"]
     assert row["failure"] == manifest.FAILURE_INPUT and row["safe"] != safe_name("coffee")  # its row lands elsewhere
     manifest.write_state(str(out), safe_name("coffee"), manifest.IdentityState(identity="coffee", status="failed",
                                                                                 failure_class="transient"), None)

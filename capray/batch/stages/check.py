@@ -91,9 +91,10 @@ class CheckStage(Stage):
                 "problem": f"checking the identity failed: {error}", "failure": manifest.FAILURE_TRANSIENT}
 
     def previous(self, candidate: dict[str, Any], safe: str) -> manifest.IdentityState | None:
-        if candidate.get("state_attached"):
-            return (manifest.IdentityState.model_validate_json(candidate["prev_state"])
-                    if candidate.get("prev_state") else None)
+        """The identity's committed state; for an identity new to the sweep, the state of its output
+        folder (one GET, only for new identities), so that one taking over another's folder is caught."""
+        if candidate.get("state_attached") and candidate.get("prev_state"):
+            return manifest.IdentityState.model_validate_json(candidate["prev_state"])
         return manifest.read_state(self.output, safe, self.cfg.batch.storage_options) if self.resuming else None
 
     def process(self, candidate: dict[str, Any]) -> dict[str, Any] | str:
