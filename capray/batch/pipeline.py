@@ -31,6 +31,7 @@ from capray.batch.settle import NAMES_KEPT, report_uncommitted
 from capray.batch.stages import ProtectStage
 from capray.batch.stopping import RunStop
 from capray.batch.sweep import Sweep, read_cursor, write_cursor
+from capray.batch.tally import VERDICTS, start_tally
 from capray.config import CaprayConfig
 from capray.exit_codes import EXIT_FAILED, EXIT_INPUT_FAILED, EXIT_OK
 from capray.io.allowlist import allowed_prefixes
@@ -107,7 +108,6 @@ def run_job(plan: Plan, cfg: CaprayConfig, *, protect_stage: type = ProtectStage
     import ray
 
     from capray.batch.compact import compact
-    from capray.batch.tally import start_tally
 
     b, so = cfg.batch, cfg.batch.storage_options
     if plan.resuming:  # a stopped run's commit files become a delta first: the sweep reads only indexed files
@@ -136,7 +136,7 @@ def run_job(plan: Plan, cfg: CaprayConfig, *, protect_stage: type = ProtectStage
     sweep_seconds = time.monotonic() - started
     ray.kill(sweep)
     tally_counts = ray.get(tally.snapshot.remote())
-    for key in ("skipped_ok", "skipped_input", "quarantined"):
+    for key in VERDICTS:
         counts[key] += tally_counts[key]  # decided in the check stage (catalog rows without size/ETag)
     progress.listed(counts, final=True)
     progress.finish()

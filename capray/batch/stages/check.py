@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from capray.batch.rows import PLAN_SCHEMA, table_of
 from capray.batch.stages.base import Stage, short_error
+from capray.batch.tally import VERDICTS, report
 from capray.io import manifest
 from capray.io.allowlist import uri_problem
 from capray.io.discover import IdentityGroup, Photo, fingerprint, stat_photos
@@ -72,8 +73,6 @@ class CheckStage(Stage):
         self.output, self.allowed, self.resuming, self.tally = output, allowed, resuming, tally
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from capray.batch.tally import report
-
         candidates = batch.to_pylist()
         with ThreadPoolExecutor(max_workers=min(self.cfg.batch.listing_threads, max(1, len(candidates)))) as pool:
             results = list(pool.map(self.guarded, candidates))
@@ -137,9 +136,6 @@ class CheckStage(Stage):
         problem = group.problem or group_problem(identity, group.photos, self.cfg.batch.max_photos_per_identity,
                                                  output)
         return _planned(row, previous, group, problem, manifest.FAILURE_INPUT if problem else None, self.cfg)
-
-
-VERDICTS = ("skipped_ok", "skipped_input", "quarantined")
 
 
 def _planned(row: dict[str, Any], previous, group: IdentityGroup, problem: str | None,
