@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from capray.batch.memory import release_freed_memory
 from capray.batch.metrics import JobMetrics
 from capray.batch.plan import Plan, write_run_file
 from capray.batch.processor import Processor
@@ -189,6 +190,8 @@ def _run_slice(processor: Processor, candidates, results: _Results, tally, progr
     except KeyboardInterrupt:
         if not stop.grace_expired:
             raise
+    finally:
+        release_freed_memory()  # the execution's per-block state is freed now: keep the driver flat
 
 
 def _sweep(plan: Plan, processor: Processor, sweep, stop: RunStop, results: _Results, tally, progress: Progress,
