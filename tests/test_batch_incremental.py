@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from capray.batch.stages import ProtectStage
-from capray.config import load_config
 from capray.io import manifest
+
+from batch_helpers import config, save
 
 pytestmark = pytest.mark.ray
 
@@ -44,17 +45,6 @@ def _pickle_by_value():
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def config(**batch):
-    return load_config(preset="smoke", overrides={"model": {"sd": "tiny"}, "batch": {
-        "cpus_per_actor": 0.25, "records_per_commit": 2, "group_retries": 0, **batch}})
-
-
-def save(path: Path, seed: int, size: int = 24) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
 
 
 def run(src, out, cfg=None, **kw):
