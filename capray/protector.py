@@ -97,12 +97,16 @@ class Protector:
         return cls(config, load_models(config.model))
 
     def __call__(self, photos: Sequence[Photo], identity: str = "person", *,
+                 fixed: Sequence[Photo] | None = None,
                  config: CaprayConfig | None = None, progress: Callable[[int, int], None] | None = None,
                  evaluator_factory: Any = None) -> ProtectedPhotos:
         """Protect the photos of ONE person (CAP ties them together: do not mix people in a call).
 
         `identity` seeds every random draw, so the same photos, identity, config and seed give the same
-        pixels. `config`: a per-call config (e.g. a request's budget) for the same models; `progress(done,
+        pixels. `fixed`: this person's photos that are already published *protected* (append mode):
+        they join CAP's group as they are and are never changed — a published photo re-perturbed
+        differently would let an attacker average the two copies — and only `photos` come back.
+        `config`: a per-call config (e.g. a request's budget) for the same models; `progress(done,
         total)` is called after every PGD step; `evaluator_factory`: where λ candidates are scored
         (`capray.distributed` shards them over actors; default: in this process).
         """
@@ -111,8 +115,9 @@ class Protector:
             raise ValueError("this Protector holds different models than the call's config asks for "
                              "(model.* must match; load another Protector)")
         decoded = [self._decode(photo, cfg) for photo in photos]
+        held = [self._decode(photo, cfg).rgb for photo in fixed or []]
         protected, record = protect_arrays([d.rgb for d in decoded], cfg, identity, self.models, progress,
-                                           evaluator_factory)
+                                           evaluator_factory, fixed=held)
         for d in decoded:
             record.notes.extend(d.notes)
         return ProtectedPhotos(protected, record, [d.alpha for d in decoded])

@@ -41,6 +41,16 @@ def tiny_models(tiny_model_dir):
     return load_models(load_config(preset="smoke").model)
 
 
+@pytest.fixture(scope="session")
+def fp64_models(tiny_model_dir):
+    """The tiny model in fp64 at 32 px (engine_helpers.RES): exactness tests, where rounding must not
+    decide a near-tie."""
+    from capray.attack.engine import load_models
+    from capray.config import load_config
+
+    return load_models(load_config(preset="smoke", overrides={"model": {"dtype": "fp64", "resolution": 32}}).model)
+
+
 @pytest.fixture
 def smoke_config():
     from capray.config import load_config

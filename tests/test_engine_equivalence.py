@@ -7,38 +7,13 @@ Groups mix photo sizes, as real uploads do.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from capray import protect_group
 from capray.attack.randomness import NoiseDraw
 
-RES = 32  # the smallest model resolution: keeps the per-r reference search cheap
-
-
-@pytest.fixture(scope="module")
-def fp64_models(tiny_model_dir):
-    from capray.attack.engine import load_models
-    from capray.config import load_config
-
-    return load_models(load_config(preset="smoke", overrides={"model": {"dtype": "fp64", "resolution": RES}}).model)
-
-
-def mixed_group(seed: int) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    base = torch.rand(3, 48, 48, generator=gen, dtype=torch.float64)
-    sizes = [(40, 56), (48, 36), (32, 32)]
-    return [((torch.nn.functional.interpolate(base[None], size=s, mode="bilinear")[0]
-              + 0.3 * torch.rand(3, *s, generator=gen, dtype=torch.float64)).clamp(0, 1) * 2 - 1) for s in sizes]
-
-
-METHOD_STEPS = {
-    "fsmg": {"method": "fsmg", "pgd_steps": 2, "fsmg_train_steps": 1},
-    "aspl": {"method": "aspl", "outer_loops": 1, "adv_steps": 2, "surrogate_steps": 1},
-    "simac": {"method": "simac", "outer_loops": 1, "adv_steps": 2, "surrogate_steps": 1},
-}
+from engine_helpers import METHOD_STEPS, RES, assert_same, load_faces, mixed_group
 
 
 def run(models, smoke_config, method: str, seed: int = 0, attack: dict | None = None, **cap):
@@ -46,12 +21,6 @@ def run(models, smoke_config, method: str, seed: int = 0, attack: dict | None = 
                        attack={**METHOD_STEPS[method], **(attack or {})},
                        cap={"ratio_max": 4, "start_fraction": 0.0, **cap})
     return protect_group(mixed_group(seed), cfg, identity=f"eq-{method}", models=models)
-
-
-def assert_same(a, b):
-    assert a.lambda_schedule == b.lambda_schedule
-    assert all(r is not None for r in a.lambda_schedule)
-    assert all(torch.equal(x, y) for x, y in zip(a.images, b.images))
 
 
 @pytest.mark.parametrize("method,score_draw,draws", [
@@ -107,12 +76,6 @@ def test_scoring_draw_is_independent_of_the_gradient_draw_by_default(fp64_models
         assert same == (score_draw == "gradient")
     if score_draw == "fresh":
         assert not torch.equal(seen[0].noise, seen[1].noise)  # a new draw every step
-
-
-def load_faces(folder, size: int) -> list[torch.Tensor]:
-    files = sorted(folder.glob("set_B/*.png"))
-    return [torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)))
-            .permute(2, 0, 1).float() / 127.5 - 1 for f in files]
 
 
 def test_cap_acts_on_real_photos_under_the_fresh_score_draw(tiny_models, smoke_config, faces_dir):

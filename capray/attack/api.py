@@ -56,6 +56,8 @@ class ProtectionRecord(RunInfo):
     consistency_before: float | None = None
     consistency_after: float | None = None
     surrogate_mode: str | None = Field(None, description="how the surrogate's weights were kept, e.g. fp32-master")
+    fixed_members: int | None = Field(None, description="already-published photos held fixed in CAP's style mean "
+                                      "(append mode); the per-photo fields cover the newly protected photos only")
     notes: list[str] = Field(default_factory=list)
     engine_seconds: float | None = Field(None, description="wall time of the engine call for this group "
                                          "(protect_arrays: attack, conversions and quality metrics)")
@@ -75,18 +77,22 @@ def _finite_or_none(value: Any) -> float | None:
 
 
 def protect_arrays(rgbs: list[Any], cfg: Any, identity: str, models: Any,
-                   progress: Any = None, evaluator_factory: Any = None) -> tuple[list[Any], ProtectionRecord]:
+                   progress: Any = None, evaluator_factory: Any = None,
+                   fixed: list[Any] | None = None) -> tuple[list[Any], ProtectionRecord]:
     """Protect one identity's (H, W, 3) uint8 photos; returns protected uint8 photos and the record.
 
     `progress(done, total)`, if given, is called after every PGD step. `evaluator_factory`: where λ
     candidates are scored (None: in this process; `capray.distributed` shards them over actors).
+    `fixed`: the identity's already-published protected photos, (H, W, 3) uint8: members of CAP's
+    group that are never changed (append mode); only `rgbs` are protected and returned.
     """
     from capray.attack.engine import protect_group
     from capray.attack.metrics import from_uint8, to_uint8
 
     start = time.perf_counter()
     result = protect_group([from_uint8(a) for a in rgbs], cfg, identity=identity, models=models, progress=progress,
-                           evaluator_factory=evaluator_factory)
+                           evaluator_factory=evaluator_factory,
+                           fixed=[from_uint8(a) for a in fixed] if fixed else None)
     protected = [to_uint8(t) for t in result.images]
     linf = [m["linf_255"] for m in result.metrics]
     record = ProtectionRecord(
@@ -104,6 +110,7 @@ def protect_arrays(rgbs: list[Any], cfg: Any, identity: str, models: Any,
         consistency_before=float(result.consistency_before),
         consistency_after=float(result.consistency_after),
         surrogate_mode=result.surrogate_mode,
+        fixed_members=result.fixed_members,
         notes=[*cfg.model.notes, *result.notes],  # the tiny model labels every output (manifest, Serve)
         engine_seconds=time.perf_counter() - start,  # what a direct caller of this function would time
     )

@@ -70,6 +70,7 @@ class GroupResult:
     consistency_after: float
     surrogate_mode: str
     notes: list[str] = field(default_factory=list)
+    fixed_members: int = 0  # published photos that entered the style mean without being updated
 
     @property
     def lambda_schedule(self) -> list[int | float | None]:
@@ -124,10 +125,20 @@ class Gradients:
 
 
 class GroupAttack:
-    """State for protecting one group: the flat perturbed group, its origin, and the step record."""
+    """State for protecting one group: the flat perturbed group, its origin, and the step record.
+
+    `fixed`: photos of the same person that are already published as protected (append mode). They
+    are members of the group for CAP — in the style mean S̄ and in the consistency loss, so the new
+    photos are pulled toward the style the person's published photos have — but are never updated:
+    PGD, λ scoring and L_re run on the new photos only (a fixed photo's L_re is the same for every
+    candidate, so leaving it out changes no λ under shared draws). The surrogate sees what an attacker
+    would hold: the published photos as published, beside the new photos (clean for the reference
+    model, perturbed for ASPL's f).
+    """
 
     def __init__(self, models: Models, config: CaprayConfig, identity: str, images: list[torch.Tensor],
-                 references: list[torch.Tensor] | None, evaluator_factory: Callable[..., Any] | None):
+                 references: list[torch.Tensor] | None, evaluator_factory: Callable[..., Any] | None,
+                 fixed: list[torch.Tensor] | None = None):
         self.models, self.cfg, self.identity = models, config, identity
         self.on_step: Callable[[int, int], None] | None = None  # progress (steps done, total) for front doors
         self.parts = models.parts
@@ -137,7 +148,14 @@ class GroupAttack:
         work = self.parts.master_dtype
         self.x0 = self.layout.flatten([img.to(work) for img in images]).to(device)
         self.x = self.x0.clone()
-        ref_list = references if references else images
+        fixed = list(fixed or [])
+        self.fixed_layout = GroupLayout.of(fixed)
+        self.fixed_x = (self.fixed_layout.flatten([img.to(work) for img in fixed]).to(device) if fixed
+                        else self.x0.new_zeros(0))
+        self.group_size = self.layout.n + self.fixed_layout.n  # N of CAP's mean: new and fixed photos
+        self._fixed_style_sums: list[torch.Tensor] | None = None
+        self._fixed_view: torch.Tensor | None = None
+        ref_list = references if references else [*images, *fixed]
         ref_layout = GroupLayout.of(ref_list)
         self.references = ref_layout.to_model(ref_layout.flatten([r.to(work) for r in ref_list]).to(device),
                                               self.resolution)
@@ -145,12 +163,12 @@ class GroupAttack:
         self.evaluator_factory = evaluator_factory
         a, c = config.attack, config.cap
         self.k_hat = int(round(c.start_fraction * a.total_pgd_steps))
-        self.cap_on = c.enabled and self.layout.n >= 2
+        self.cap_on = c.enabled and self.group_size >= 2
         self.steps: list[StepRecord] = []
         self.notes: list[str] = []
         self.timings = {"surrogate_s": 0.0, "pgd_s": 0.0, "search_s": 0.0, "select_s": 0.0}
         self.pools: list[torch.Tensor] | None = None  # SimAC's per-photo timestep pools
-        if c.enabled and self.layout.n < 2:
+        if c.enabled and self.group_size < 2:
             self.notes.append("CAP skipped: a one-photo group has no cross-image consistency to optimise "
                               "(the loss is identically 0); the baseline attack ran alone")
 
@@ -182,24 +200,37 @@ class GroupAttack:
         c = self.cfg.cap
         return style_stats(self.models.style, model_in, kind=c.loss, normalization=c.gram_normalization)
 
-    def photo_batches(self):
-        return self.layout.batches(self.cfg.attack.image_batch_size)
+    def photo_batches(self, layout: GroupLayout | None = None):
+        return (layout or self.layout).batches(self.cfg.attack.image_batch_size)
+
+    def batch_styles(self, layout: GroupLayout, flat: torch.Tensor):
+        """Style statistics of each micro-batch of the photos `flat` lays out (no grad)."""
+        for batch in self.photo_batches(layout):
+            yield self.style_stats(batch.layout.to_model(flat[batch.flat], self.resolution))
+
+    @torch.no_grad()
+    def style_sums(self, layout: GroupLayout, flat: torch.Tensor) -> list[torch.Tensor] | None:
+        sums: list[torch.Tensor] | None = None
+        for stats in self.batch_styles(layout, flat):
+            sums = [s.sum(dim=0) for s in stats] if sums is None else [a + s.sum(dim=0) for a, s in zip(sums, stats)]
+        return sums
 
     @torch.no_grad()
     def mean_style(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """S̄: the group's mean style statistics at x, accumulated over micro-batches."""
-        sums: list[torch.Tensor] | None = None
-        for batch in self.photo_batches():
-            stats = [s.sum(dim=0) for s in self.style_stats(batch.layout.to_model(x[batch.flat], self.resolution))]
-            sums = stats if sums is None else [a + b for a, b in zip(sums, stats)]
-        return [s / self.layout.n for s in sums]
+        """S̄: the group's mean style statistics at x (and the fixed photos), over micro-batches."""
+        sums = self.style_sums(self.layout, x)
+        if self.fixed_layout.n:  # the fixed photos never change: their share is computed once
+            if self._fixed_style_sums is None:
+                self._fixed_style_sums = self.style_sums(self.fixed_layout, self.fixed_x)
+            sums = [a + b for a, b in zip(sums, self._fixed_style_sums)]
+        return [s / self.group_size for s in sums]
 
     @torch.no_grad()
     def consistency(self, x: torch.Tensor) -> float:
-        """L_cons of the flat group x (CAP Eq. 14–15)."""
+        """L_cons of the whole group (CAP Eq. 14–15): the photos x and the fixed ones."""
         means = self.mean_style(x)
-        return float(sum(consistency_part(self.style_stats(b.layout.to_model(x[b.flat], self.resolution)), means,
-                                          self.layout.n) for b in self.photo_batches()))
+        parts = [*self.batch_styles(self.layout, x), *self.batch_styles(self.fixed_layout, self.fixed_x)]
+        return float(sum(consistency_part(stats, means, self.group_size) for stats in parts))
 
     def attack_losses(self, phase: Phase, model_in: torch.Tensor, draw: NoiseDraw,
                       batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,14 +268,14 @@ class GroupAttack:
             l_re, attack = self.attack_losses(phase, model_in, draw.rows(batch.start, batch.stop), batch)
             loss_re += l_re.item()
             if combined_ratio is not None:
-                l_cons = consistency_part(self.style_stats(model_in), means, self.layout.n)
+                l_cons = consistency_part(self.style_stats(model_in), means, self.group_size)
                 loss_cons += l_cons.item()
                 (grad_attack[batch.flat],) = torch.autograd.grad(attack - combined_ratio * l_cons, xs)
                 continue
             (grad_attack[batch.flat],) = torch.autograd.grad(attack, xs)
             if grad_cons is not None:
                 model_in = batch.layout.to_model(xs, self.resolution)
-                l_cons = consistency_part(self.style_stats(model_in), means, self.layout.n)
+                l_cons = consistency_part(self.style_stats(model_in), means, self.group_size)
                 loss_cons += l_cons.item()
                 (grad_cons[batch.flat],) = torch.autograd.grad(l_cons, xs)
         return Gradients(grad_attack, grad_cons, loss_re, loss_cons if consistency else None)
@@ -329,7 +360,13 @@ class GroupAttack:
         self.timings["surrogate_s"] += time.perf_counter() - t0
 
     def model_view(self) -> torch.Tensor:
-        return self.layout.to_model(self.x, self.resolution).detach()
+        """The group as an attacker holds it now, at model resolution: the perturbed and the fixed photos."""
+        view = self.layout.to_model(self.x, self.resolution).detach()
+        if not self.fixed_layout.n:
+            return view
+        if self._fixed_view is None:  # they never change: resized once per group
+            self._fixed_view = self.fixed_layout.to_model(self.fixed_x, self.resolution)
+        return torch.cat([view, self._fixed_view])
 
     def new_surrogate(self, parts: DiffusionParts | None = None) -> Surrogate:
         return Surrogate.from_parts(parts or self.parts, self.cfg.attack.surrogate.master_weights)
@@ -413,6 +450,7 @@ def protect_group(
     references: torch.Tensor | list[torch.Tensor] | None = None,
     evaluator_factory: Callable[..., Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fixed: torch.Tensor | list[torch.Tensor] | None = None,
 ) -> GroupResult:
     """Protect one identity group.
 
@@ -422,6 +460,8 @@ def protect_group(
     separate set A). `models`: preloaded `Models` (a worker loads them once); loaded from the config
     otherwise. `evaluator_factory`: how λ candidates are scored (default: in-process, batched).
     `progress(done, total)` is called after every PGD step (the online endpoint reports it).
+    `fixed`: the person's already-published protected photos (append mode, see `GroupAttack`): in
+    CAP's style mean and consistency loss, never updated; only `images` come back.
     """
     config = config or CaprayConfig()
     photos = _as_list(images)
@@ -429,13 +469,16 @@ def protect_group(
     refs = _as_list(references) if references is not None else None
     if refs is not None:
         _validate(refs)
+    fixed_photos = _as_list(fixed) if fixed is not None else []
+    if fixed_photos:
+        _validate(fixed_photos)
     models = models or load_models(config.model)
     start = time.perf_counter()
-    attack = GroupAttack(models, config, identity, photos, refs, evaluator_factory)
+    attack = GroupAttack(models, config, identity, photos, refs, evaluator_factory, fixed_photos)
     attack.on_step = progress
-    before = attack.consistency(attack.x) if attack.layout.n >= 2 else 0.0
+    before = attack.consistency(attack.x) if attack.group_size >= 2 else 0.0
     attack.run()
-    after = attack.consistency(attack.x) if attack.layout.n >= 2 else 0.0
+    after = attack.consistency(attack.x) if attack.group_size >= 2 else 0.0
     if models.device.type == "cuda":
         torch.cuda.synchronize()
     attack.timings["total_s"] = time.perf_counter() - start
@@ -445,4 +488,5 @@ def protect_group(
         images=protected, steps=attack.steps, metrics=metrics, timings=attack.timings,
         method=config.attack.method, cap_enabled=attack.cap_on, consistency_before=before,
         consistency_after=after, surrogate_mode=attack.surrogate_mode(), notes=attack.notes,
+        fixed_members=len(fixed_photos),
     )
