@@ -65,7 +65,7 @@ class PassThroughActor(ProtectStage):
     def load_protector(self):
         return None
 
-    def run_engine(self, rgbs, identity):
+    def run_engine(self, rgbs, identity, fixed=()):
         from capray.attack.api import ProtectionRecord
 
         if self.CALLS:

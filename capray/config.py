@@ -210,6 +210,11 @@ class BatchConfig(_Strict):
                                     "(`capray protect --retry-quarantined`)")
     max_group_pixels: int = Field(400_000_000, ge=1, description="an identity whose photos hold more pixels in "
                                   "total fails for its input before any GPU work")
+    on_added_photos: Literal["append", "reprotect"] = Field(
+        "append", description="when an identity gains or replaces photos: 'append' protects only those, with its "
+        "published protected photos held fixed in CAP's group (they are kept byte for byte: a published photo is "
+        "never re-perturbed); 'reprotect' protects the whole group again (for outputs not yet published). "
+        "Part of the config hash")
     manifest_delta_ratio: float = Field(0.1, gt=0, description="compaction writes a run's rows as delta files; "
                                         "when the deltas hold more than this fraction of the main files' rows, "
                                         "everything is merged into new main files")
@@ -346,9 +351,14 @@ class CaprayConfig(_Strict):
 
     # -- identity of a run -------------------------------------------------------------------
     def engine_dict(self) -> dict[str, Any]:
-        """The parts that decide output pixels (batch/serve/sharding plumbing excluded)."""
-        return {"seed": self.seed, "model": self.model.model_dump(), "attack": self.attack.model_dump(),
-                "cap": self.cap.model_dump()}
+        """The parts that decide output pixels (batch/serve/sharding plumbing excluded): the engine's
+        settings, and which photos a rerun protects (`batch.on_added_photos`). The default 'append'
+        adds nothing, so outputs written before the setting existed keep their hash and resume."""
+        engine = {"seed": self.seed, "model": self.model.model_dump(), "attack": self.attack.model_dump(),
+                  "cap": self.cap.model_dump()}
+        if self.batch.on_added_photos != "append":
+            engine["on_added_photos"] = self.batch.on_added_photos
+        return engine
 
     def config_hash(self) -> str:
         blob = json.dumps(self.engine_dict(), sort_keys=True, default=str).encode()

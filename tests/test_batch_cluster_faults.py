@@ -109,7 +109,7 @@ def fake_actor(cfg, engine):
         def load_protector(self):
             return None
 
-        def run_engine(self, rgbs, identity):
+        def run_engine(self, rgbs, identity, fixed=()):
             engine(identity)
             return [a + 1 for a in rgbs], ProtectionRecord.unprotected(cfg, identity)
 
@@ -194,12 +194,12 @@ def test_the_watchdog_stops_a_hung_group_and_the_retry_reports_the_timeout():
 class PoisonAndHang:
     """Mixin: 'poison' ends its process on every attempt, 'hang' never returns; others run the engine."""
 
-    def run_engine(self, rgbs, identity):
+    def run_engine(self, rgbs, identity, fixed=()):
         if identity == "poison":
             os._exit(1)
         if identity == "hang":
             time.sleep(3600)
-        return super().run_engine(rgbs, identity)
+        return super().run_engine(rgbs, identity, fixed)
 
 
 class SickFirstActor:
@@ -207,7 +207,7 @@ class SickFirstActor:
 
     MARKER, PIDS = "", ""
 
-    def run_engine(self, rgbs, identity):
+    def run_engine(self, rgbs, identity, fixed=()):
         try:
             os.close(os.open(self.MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             type(self).sick = True
@@ -217,7 +217,7 @@ class SickFirstActor:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         with open(self.PIDS, "a") as fh:
             fh.write(f"{os.getpid()}\n")
-        return super().run_engine(rgbs, identity)
+        return super().run_engine(rgbs, identity, fixed)
 
 
 @pytest.mark.ray

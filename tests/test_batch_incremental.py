@@ -32,7 +32,7 @@ class StandIn(ProtectStage):
     def load_protector(self):
         return None
 
-    def run_engine(self, rgbs, identity):
+    def run_engine(self, rgbs, identity, fixed=()):
         from capray.attack.api import ProtectionRecord
 
         if identity == FLAKY:

@@ -25,7 +25,7 @@ class Inverting(ProtectStage):
     def load_protector(self):
         return None
 
-    def run_engine(self, rgbs, identity):
+    def run_engine(self, rgbs, identity, fixed=()):
         from capray.attack.api import ProtectionRecord
 
         return [255 - a for a in rgbs], ProtectionRecord.unprotected(self.cfg, identity)

@@ -96,8 +96,8 @@ class CountsLoans:
 
     PATH = ""
 
-    def run_engine(self, rgbs, identity):
-        out = super().run_engine(rgbs, identity)
+    def run_engine(self, rgbs, identity, fixed=()):
+        out = super().run_engine(rgbs, identity, fixed)
         import ray
 
         with open(self.PATH, "w") as fh:

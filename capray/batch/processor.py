@@ -83,14 +83,14 @@ class Processor:
         ds = ds.map_batches(check, batch_size=b.listing_batch, batch_format="pyarrow",
                             num_cpus=b.cpus_per_io_task, compute=ray.data.TaskPoolStrategy(size=b.listing_tasks))
         ds = ds.repartition(target_num_rows_per_block=b.groups_per_batch)  # one block per actor call
-        ds = ds.map_batches(DecodeStage(self.cfg, self.allowed, self.ledger_name), batch_size=1, **io)
+        ds = ds.map_batches(DecodeStage(self.cfg, self.allowed, self.ledger_name, plan.output), batch_size=1, **io)
         # Ray Data's defaults (max_restarts=-1, max_task_retries=-1) stay: the attempt ledger bounds each
         # group's attempts (capray.batch.attempts), and node losses still heal.
         ds = ds.map_batches(self.protect_stage.configured(self.cfg, self.ledger_name, self.pool_name),
                             batch_size=b.groups_per_batch, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=b.num_actors),
                             **actor_pool_args(b), udf_modifying_row_count=False)
-        ds = ds.map_batches(WriteStage(self.cfg, plan.output), batch_size=1, **io)
+        ds = ds.map_batches(WriteStage(self.cfg, plan.output, plan.run_id), batch_size=1, **io)
         return ds.map_batches(CommitStage(self.cfg, plan.output, plan.run_id), batch_size=b.records_per_commit, **io)
 
     @classmethod

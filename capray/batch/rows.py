@@ -29,6 +29,9 @@ PLAN_SCHEMA = pa.schema([
     ("failure", pa.string()),  # the failure class of `problem`/`error`: manifest.FAILURE_INPUT or _TRANSIENT
     ("stamps", pa.list_(pa.string())), ("fingerprint", pa.string()),  # the input as listed (see discover.Photo)
     ("prev_stamps", pa.list_(pa.string())), ("prev_outputs", pa.list_(pa.string())),  # what is published now
+    ("prev_runs", pa.list_(pa.string())),  # the run that published each of prev_outputs
+    # append mode, aligned with uris: the published output held fixed for that photo, or null to protect it
+    ("fixed_outputs", pa.list_(pa.string())),
     ("prev_known", pa.bool_()),  # False: the committed state could not be read; leave it as it is
     ("prev_transient_failures", pa.int32()),  # runs in a row it failed transiently (quarantine counts on)
     ("deleted", pa.bool_()),  # removed from the input: its outputs are removed, nothing is protected

@@ -74,7 +74,9 @@ class StateReader:
             import pyarrow.parquet as pq
 
             fs, path = get_fs(join(self.output, manifest.MANIFEST_DIR, entry.file), self.so)
-            table = pq.read_table(pa.BufferReader(fs.cat_file(path)), columns=manifest.STATE_COLUMNS)
+            parquet = pq.ParquetFile(pa.BufferReader(fs.cat_file(path)))
+            present = set(parquet.schema_arrow.names)  # files compacted by an older capray lack newer columns
+            table = parquet.read(columns=[c for c in manifest.STATE_COLUMNS if c in present])
             keys = [order_key(i, self.order) for i in table.column("identity").to_pylist()]
             perm = sorted(range(len(keys)), key=keys.__getitem__)
             self._loaded[entry.file] = ([keys[i] for i in perm], perm, table)

@@ -48,6 +48,10 @@ INDEX_FILE = "_index.json"
 STATUS_OK, STATUS_FAILED, STATUS_DELETED = "ok", "failed", "deleted"
 FAILURE_INPUT, FAILURE_TRANSIENT = "input", "transient"
 Status = Literal["ok", "failed", "deleted"]
+# What a run did to an ok identity: protected the whole group; protected only its new or replaced photos
+# against the published ones held fixed (`batch.on_added_photos: append`); or nothing (only removed photos).
+MODE_GROUP, MODE_APPEND, MODE_KEPT = "group", "append", "kept"
+ProtectionMode = Literal["group", "append", "kept"]
 FailureClass = Literal["input", "transient"]
 PART_PREFIX, MAIN_PREFIX, DELTA_PREFIX = "part-", "main-", "delta-"
 # Per PGD step, not per identity: kept out of the main table (see the module docstring).
@@ -77,6 +81,16 @@ class ManifestRow(ProtectionRecord):
         default_factory=list, description="input stamps (uri|size|version) of the outputs published after this "
         "row, aligned with published_uris (a failed run keeps earlier outputs whose source is unchanged)")
     published_uris: list[str] = Field(default_factory=list, description="outputs published after this row")
+    published_runs: list[str | None] = Field(
+        default_factory=list, description="the run that protected each of published_uris (null: before runs "
+        "were recorded): with append, a photo keeps the run that first published it")
+    run_id: str | None = Field(None, description="the run that wrote this row (OUT/run.json's run_id)")
+    protection_mode: ProtectionMode | None = Field(
+        None, description="group: the whole group protected together; append: only new or replaced photos, "
+        "against the published ones held fixed; kept: nothing to protect (removed photos only)")
+    protected_uris: list[str] = Field(default_factory=list, description="outputs this run protected and wrote")
+    fixed_uris: list[str] = Field(default_factory=list, description="published outputs this run held fixed "
+                                  "(kept byte for byte; in CAP's group as they are)")
     transient_failures: int = Field(0, description="runs in a row this identity failed transiently with this "
                                     "input; at batch.quarantine_after it is quarantined")
 
@@ -91,6 +105,7 @@ class IdentityState(BaseModel):
     fingerprint: str | None = None
     published: list[tuple[str, str]] = Field(
         default_factory=list, description="(input photo stamp uri|size|version, output URI) of what is published")
+    published_runs: list[str | None] = Field(default_factory=list, description="aligned with published")
     finished_at: str | None = None
     transient_failures: int = 0
 
@@ -117,12 +132,13 @@ class IdentityState(BaseModel):
         return cls(identity=row["identity"], status=row["status"], failure_class=row.get("failure_class"),
                    fingerprint=row.get("input_fingerprint"), finished_at=row.get("finished_at"),
                    published=list(zip(row.get("published_stamps") or [], row.get("published_uris") or [])),
+                   published_runs=list(row.get("published_runs") or []),
                    transient_failures=row.get("transient_failures") or 0)
 
 
 # What a sweep reads of the main table to decide what changed (IdentityState.of_row)
 STATE_COLUMNS = ["identity", "status", "failure_class", "input_fingerprint", "published_stamps",
-                 "published_uris", "transient_failures", "finished_at"]
+                 "published_uris", "published_runs", "transient_failures", "finished_at"]
 
 
 LEADING_COLUMNS = ("identity", "safe_name", "status", "error")

@@ -6,8 +6,10 @@ platform's own Dataset) and drop the identity when it is done — `ok`, failed f
 quarantined after `batch.quarantine_after` transient failures in a row, with the same input.
 Everything else goes on as a plan row carrying what the previous commit published, so the write
 stage can remove outputs whose source is gone (all of them for an identity removed from the
-input). A photo URI outside the allowlist (`capray.io.allowlist`) fails its identity for its input
-here, before any request is made for it.
+input), and, with `batch.on_added_photos: append`, which published outputs of unchanged photos the
+group holds fixed (`fixed_outputs`) while only its added or replaced photos are protected. A photo
+URI outside the allowlist (`capray.io.allowlist`) fails its identity for its input here, before any
+request is made for it.
 
 Driver cost per 1,000 identities: nothing but one tally call per check batch.
 """
@@ -118,6 +120,7 @@ class CheckStage(Stage):
         if previous is not None:
             row["prev_stamps"] = [s for s, _ in previous.published]
             row["prev_outputs"] = [u for _, u in previous.published]
+            row["prev_runs"] = previous.published_runs or [None] * len(previous.published)
             row["prev_transient_failures"] = previous.transient_failures
         if candidate.get("deleted"):
             return dict(row, uris=[], stems=[], stamps=[], deleted=True)
@@ -127,7 +130,7 @@ class CheckStage(Stage):
                               problem=candidate.get("problem"))
         refused = refused_photos(group, self.allowed)
         if refused:  # before any request: a stat with the job's credentials is already a read
-            return _planned(row, previous, group, refused, manifest.FAILURE_INPUT, self.cfg)
+            return _planned(row, previous, group, refused, manifest.FAILURE_INPUT, self.cfg, output)
         try:
             group = stat_photos(lambda uri: get_fs(uri, so), group)
         except (OSError, ValueError) as exc:
@@ -135,11 +138,12 @@ class CheckStage(Stage):
                         failure=manifest.FAILURE_TRANSIENT)
         problem = group.problem or group_problem(identity, group.photos, self.cfg.batch.max_photos_per_identity,
                                                  output)
-        return _planned(row, previous, group, problem, manifest.FAILURE_INPUT if problem else None, self.cfg)
+        return _planned(row, previous, group, problem, manifest.FAILURE_INPUT if problem else None, self.cfg,
+                        output)
 
 
 def _planned(row: dict[str, Any], previous, group: IdentityGroup, problem: str | None,
-             failure: str | None, cfg) -> dict[str, Any] | str:
+             failure: str | None, cfg, output: str) -> dict[str, Any] | str:
     """The plan row of a listed identity, or one of VERDICTS when its input is done."""
     digest = fingerprint(group.photos)
     if previous is not None and not group.problem:
@@ -148,4 +152,21 @@ def _planned(row: dict[str, Any], previous, group: IdentityGroup, problem: str |
             return verdict
     uris = group.uris
     return dict(row, uris=uris, stems=output_stems(uris), stamps=[p.stamp() for p in group.photos],
-                fingerprint=digest, problem=problem, failure=failure)
+                fingerprint=digest, problem=problem, failure=failure,
+                fixed_outputs=None if problem or cfg.batch.on_added_photos != "append"
+                else fixed_outputs(previous, group, output))
+
+
+def fixed_outputs(previous, group: IdentityGroup, output: str) -> list[str | None] | None:
+    """Append mode: per photo, its published output when the photo is unchanged since (held fixed),
+    None where it is new or replaced (protected now); None when no photo is published (the whole group).
+
+    A published photo is never re-perturbed: an attacker holding two differently protected copies of
+    one photo could average them. Only outputs inside OUTPUT are held (the state of a moved OUTPUT
+    names the old place; those photos are protected again rather than read from elsewhere).
+    """
+    if previous is None:
+        return None
+    published = {stamp: uri for stamp, uri in previous.published if inside(uri, output)}
+    held = [published.get(photo.stamp()) for photo in group.photos]
+    return held if any(held) else None

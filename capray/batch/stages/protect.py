@@ -72,10 +72,11 @@ class ProtectStage(Stage):
 
         return Protector.from_config(self.cfg)
 
-    def run_engine(self, rgbs: list[np.ndarray], identity: str):
+    def run_engine(self, rgbs: list[np.ndarray], identity: str, fixed: list[np.ndarray] = ()):
+        """Protect `rgbs`, with `fixed` (published protected photos, append mode) in CAP's group."""
         from capray.distributed.candidates import evaluator_factory_for
 
-        result = self.protector(rgbs, identity,
+        result = self.protector(rgbs, identity, fixed=list(fixed),
                                 evaluator_factory=evaluator_factory_for(self.cfg.sharding, self.scoring_pool))
         return result.arrays, result.record
 
@@ -90,8 +91,13 @@ class ProtectStage(Stage):
         if row.get("error") or row.get("deleted") or row.get("deferred"):
             return row
         b, identity = self.cfg.batch, row["identity"]
-        rgbs = [np.frombuffer(p, dtype=np.uint8).reshape(h, w, 3).copy()  # writable: torch wants to own it
-                for p, (h, w) in zip(row["pixels"], row["shapes"])]
+        photos = [np.frombuffer(p, dtype=np.uint8).reshape(h, w, 3).copy()  # writable: torch wants to own it
+                  for p, (h, w) in zip(row["pixels"], row["shapes"])]
+        held = row.get("fixed_outputs") or [None] * len(photos)
+        rgbs = [a for a, h in zip(photos, held) if h is None]  # to protect now
+        fixed = [a for a, h in zip(photos, held) if h is not None]  # published: in the group, never changed
+        if not rgbs:  # only removed photos: nothing to protect, the write stage removes their outputs
+            return dict(row, pixels=[])
 
         def done(result: dict[str, Any]) -> dict[str, Any]:
             # never reached when the process ends mid-group: the entry then waits for Ray's retry
@@ -113,7 +119,7 @@ class ProtectStage(Stage):
                 return failed(f"protection failed after {attempt - 1} attempts: {why}", attempt - 1)
             try:
                 with _watchdog(b.group_timeout_s, lambda n=attempt: self._timed_out(identity, n)):
-                    protected, record = self.run_engine(rgbs, identity)
+                    protected, record = self.run_engine(rgbs, identity, fixed)
             except ValueError as exc:  # the engine's verdict on the group itself: retrying cannot help
                 return failed(f"engine refused the group: {exc}", attempt, manifest.FAILURE_INPUT)
             except Exception as exc:  # transient: a device or runtime error
@@ -124,6 +130,7 @@ class ProtectStage(Stage):
                     self.end_process(f"{self.consecutive_errors} consecutive engine error(s), last: {error}")
                 continue
             self.consecutive_errors = 0
+            # pixels of the protected photos only, in input order (the write stage pairs them up again)
             return done(dict(row, pixels=[a.tobytes() for a in protected], record=record.model_dump_json(),
                              attempts=attempt))
 

@@ -1,6 +1,7 @@
 """Stage 5, write (CPU tasks): encode the identity's PNGs, write them atomically, remove earlier outputs
 whose source is gone or changed (all of them for an identity removed from the input), and pass on
-the identity's (not yet committed) manifest row."""
+the identity's (not yet committed) manifest row. Published outputs held fixed (append mode) are
+never rewritten."""
 
 from __future__ import annotations
 
@@ -53,19 +54,41 @@ def remove_outputs(uris: list[str], output: str, storage_options: dict[str, Any]
     return removed, kept
 
 
-def _published_after(row: dict[str, Any], uris: list[str], ok: bool) -> list[tuple[str, str]]:
-    """(input stamp, output URI) pairs that stay published once this attempt is committed."""
-    previous = list(zip(row.get("prev_stamps") or [], row.get("prev_outputs") or []))
+def _previous(row: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(input stamp, output URI, run that protected it) of what was published before this attempt."""
+    stamps, outputs = row.get("prev_stamps") or [], row.get("prev_outputs") or []
+    runs = row.get("prev_runs") or [None] * len(outputs)
+    return list(zip(stamps, outputs, runs))
+
+
+def _published_after(row: dict[str, Any], outputs: list[str], run_id: str | None,
+                     ok: bool) -> list[tuple[str, str, str | None]]:
+    """(input stamp, output URI, run) triples that stay published once this attempt is committed.
+    `outputs`: per input photo, its output after this run (held fixed, or written now)."""
+    previous = _previous(row)
     if ok:
-        return list(zip(row["stamps"], uris))
+        run_of = {uri: run for _, uri, run in previous}
+        held = set(row.get("fixed_outputs") or [])
+        return [(stamp, uri, run_of.get(uri) if uri in held else run_id) for stamp, uri in zip(row["stamps"], outputs)]
     if row.get("stamps") is None:  # the input could not be listed: nothing is known to be gone
         return previous
     current = set(row["stamps"])
-    return [(stamp, uri) for stamp, uri in previous if stamp in current]  # unchanged sources keep theirs
+    return [entry for entry in previous if entry[0] in current]  # unchanged sources keep theirs
 
 
-def write_group(row: dict[str, Any], cfg, output: str) -> dict[str, Any]:
-    """Write the identity's PNGs and remove outputs whose source is gone; returns its uncommitted row."""
+def _collision(held: list[str | None], new_uris: dict[int, str]) -> str | None:
+    """Why a photo to protect would overwrite another photo's published output (names chosen to hit one)."""
+    fixed = {uri for uri in held if uri}
+    clash = sorted(uri for uri in new_uris.values() if uri in fixed)
+    return (f"the output name of a new photo equals the published output {clash[0]} of another photo of the "
+            "identity; rename the new photo") if clash else None
+
+
+def write_group(row: dict[str, Any], cfg, output: str, run_id: str | None = None) -> dict[str, Any]:
+    """Write the identity's PNGs and remove outputs whose source is gone; returns its uncommitted row.
+
+    In append mode (`fixed_outputs`) only the photos to protect now are written; the others keep their
+    published outputs untouched."""
     so = cfg.batch.storage_options
     written = {"identity": row["identity"], "safe": row["safe"], "prev_known": row.get("prev_known") is not False}
     if row.get("deferred"):  # given back by a stopping run: nothing written, nothing to commit
@@ -73,39 +96,50 @@ def write_group(row: dict[str, Any], cfg, output: str) -> dict[str, Any]:
     # a group the engine never saw gets the run's fields and notes (the tiny model's label) all the same
     record = (ProtectionRecord.model_validate_json(row["record"]) if row.get("record")
               else ProtectionRecord.unprotected(cfg, row["identity"]))
-    error, failure, uris = row.get("error"), row.get("failure"), []
+    error, failure = row.get("error"), row.get("failure")
     deleted = bool(row.get("deleted"))
+    held = list(row.get("fixed_outputs") or [None] * len(row.get("uris") or []))
+    todo = [i for i, h in enumerate(held) if h is None]  # the photos protected now, in input order
+    new_uris: dict[int, str] = {}
+    if not error and not deleted:
+        folder = join(output, row["safe"])
+        new_uris = {i: join(folder, f"{row['stems'][i]}.png") for i in todo}
+        error = _collision(held, new_uris)
+        failure = manifest.FAILURE_INPUT if error else failure
     if not error and not deleted:
         try:
-            folder = join(output, row["safe"])
             fs, folder_path = get_fs(folder, so)
             remove_stale_temps(fs, folder_path)
-            for pix, (h, w), alpha, stem in zip(row["pixels"], row["shapes"], row["alphas"], row["stems"]):
+            for i, pix in zip(todo, row["pixels"]):
+                (h, w), alpha = row["shapes"][i], row["alphas"][i]
                 rgb = np.frombuffer(pix, dtype=np.uint8).reshape(h, w, 3)
                 a = np.frombuffer(alpha, dtype=np.uint8).reshape(h, w) if alpha is not None else None
-                uri = join(folder, f"{stem}.png")
-                write_bytes_atomic(fs, get_fs(uri, so)[1], encode_png(rgb, a))
-                uris.append(uri)
+                write_bytes_atomic(fs, get_fs(new_uris[i], so)[1], encode_png(rgb, a))
         except Exception as exc:
             if is_transient(exc):  # the store, not the group: Ray Data retries the task (writes are idempotent)
                 raise TransientStorageError(f"writing outputs of {row['identity']!r}: {short_error(exc)}") from exc
             log.exception("writing the outputs of %r failed", row["identity"])
-            error, failure, uris = f"writing outputs failed: {short_error(exc)}", manifest.FAILURE_TRANSIENT, []
-    published = [] if deleted else _published_after(row, uris, ok=not error)
-    keep = {uri for _, uri in published}
+            error, failure = f"writing outputs failed: {short_error(exc)}", manifest.FAILURE_TRANSIENT
+    ok = not error and not deleted
+    outputs = [held[i] or new_uris[i] for i in range(len(held))] if ok else []
+    published = [] if deleted else _published_after(row, outputs, run_id, ok=ok)
+    keep = {uri for _, uri, _ in published}
     removed, kept = remove_outputs([u for u in row.get("prev_outputs") or [] if u not in keep], output, so)
-    published += [(stamp, uri) for stamp, uri in zip(row.get("prev_stamps") or [], row.get("prev_outputs") or [])
-                  if uri in kept]
+    published += [entry for entry in _previous(row) if entry[1] in kept]
     failure_class = (failure or manifest.FAILURE_TRANSIENT) if error else None
     status = manifest.STATUS_DELETED if deleted else manifest.STATUS_FAILED if error else manifest.STATUS_OK
+    fixed = [h for h in held if h] if ok else []
+    mode = (manifest.MODE_KEPT if not todo else manifest.MODE_APPEND if fixed else manifest.MODE_GROUP) if ok else None
     out = manifest.ManifestRow(
         **record.model_dump(exclude={"notes"}),
         notes=list(record.notes) + list(row.get("photo_notes") or []),
         safe_name=row["safe"], input_uris=row["uris"] or [],
         num_photos=len(row["uris"] or []), attempts=row.get("attempts"),
-        status=status, error=error, output_uris=uris, failure_class=failure_class,
+        status=status, error=error, output_uris=outputs, failure_class=failure_class,
         input_fingerprint=row.get("fingerprint"), removed_output_uris=removed,
-        published_stamps=[s for s, _ in published], published_uris=[u for _, u in published],
+        published_stamps=[s for s, _, _ in published], published_uris=[u for _, u, _ in published],
+        published_runs=[r for _, _, r in published], run_id=run_id, protection_mode=mode,
+        protected_uris=[new_uris[i] for i in todo] if ok else [], fixed_uris=fixed,
         transient_failures=(row.get("prev_transient_failures") or 0) + 1
         if failure_class == manifest.FAILURE_TRANSIENT else 0,
         seconds=time.time() - row["started_at"] if row.get("started_at") else None,
@@ -119,14 +153,14 @@ class WriteStage(Stage):
 
     output_schema = WRITTEN_SCHEMA
 
-    def __init__(self, cfg, output: str):
+    def __init__(self, cfg, output: str, run_id: str | None = None):
         super().__init__(cfg)
-        self.output = output
+        self.output, self.run_id = output, run_id
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:
-        return write_group(row, self.cfg, self.output)
+        return write_group(row, self.cfg, self.output, self.run_id)
 
     def failed(self, row: dict[str, Any], error: str) -> dict[str, Any]:
         """Never drop the identity: it goes on to its commit as a failed row."""
         return write_group(dict(row, error=f"writing outputs failed: {error}", pixels=None,
-                                failure=manifest.FAILURE_TRANSIENT), self.cfg, self.output)
+                                failure=manifest.FAILURE_TRANSIENT), self.cfg, self.output, self.run_id)
