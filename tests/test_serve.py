@@ -373,7 +373,7 @@ def test_uploads_in_flight_are_bounded_per_replica_before_the_body_is_read(tmp_p
                         "headers": [(b"content-type", b"application/json")]}, receive)
 
     async def admit(request: Request) -> int:
-        async with admitted(replica, request) as (sub, _, decoded):
+        async with admitted(replica, request, "k1") as (sub, _, decoded, _held):
             return len(decoded)
 
     async def scenario():
@@ -425,7 +425,7 @@ def _submission(photos=PHOTOS):
     return Submission("alice", {}, [_png(a) for a in photos], [f"p{i}.png" for i in range(len(photos))])
 
 
-async def _invert(rgbs, cfg, identity, on_progress):
+async def _invert(rgbs, cfg, identity, on_progress, fixed=()):
     """A stand-in Protector: progress, then 255 - x (an exact, checkable transform)."""
     on_progress(1, 2)
     await asyncio.sleep(0)
@@ -504,11 +504,11 @@ def test_a_hung_or_crashing_protector_fails_the_job_with_a_short_message(tmp_pat
     from capray.serve import errors
     from capray.serve.requests import decode_photos
 
-    async def hang(rgbs, cfg, identity, on_progress):
+    async def hang(rgbs, cfg, identity, on_progress, fixed=()):
         on_progress(0, 2)  # it started on the Protector, then never ends
         await asyncio.sleep(3600)
 
-    async def die(rgbs, cfg, identity, on_progress):
+    async def die(rgbs, cfg, identity, on_progress, fixed=()):
         raise ActorDiedError()  # its text names the node IP and PID
 
     async def scenario(protect, **serve):
@@ -536,22 +536,22 @@ def test_busy_protectors_are_retried_and_the_time_limit_counts_from_the_start(tm
     monkeypatch.setattr(capray.serve.runner, "BACKOFF_S", 0.01)
     calls = []
 
-    async def busy_twice(rgbs, cfg, identity, on_progress):
+    async def busy_twice(rgbs, cfg, identity, on_progress, fixed=()):
         calls.append(time.monotonic())
         if len(calls) <= 2:
             raise BackPressureError(num_queued_requests=2, max_queued_requests=2)
         return await _invert(rgbs, cfg, identity, on_progress)
 
-    async def always_busy(rgbs, cfg, identity, on_progress):
+    async def always_busy(rgbs, cfg, identity, on_progress, fixed=()):
         raise BackPressureError(num_queued_requests=2, max_queued_requests=2)
 
-    async def queued_then_runs(rgbs, cfg, identity, on_progress):
+    async def queued_then_runs(rgbs, cfg, identity, on_progress, fixed=()):
         await asyncio.sleep(0.5)  # behind another group: not part of this job's run time
         on_progress(0, 2)
         await asyncio.sleep(0.4)
         return await _invert(rgbs, cfg, identity, on_progress)
 
-    async def never_starts(rgbs, cfg, identity, on_progress):
+    async def never_starts(rgbs, cfg, identity, on_progress, fixed=()):
         await asyncio.sleep(3600)
 
     async def scenario(protect, **serve):
@@ -622,7 +622,7 @@ def test_a_heartbeat_write_in_flight_lands_before_the_final_one_never_after(tmp_
 
     in_flight = threading.Event()
 
-    async def protect(rgbs, cfg, identity, on_progress):
+    async def protect(rgbs, cfg, identity, on_progress, fixed=()):
         on_progress(0, 2)
         while not in_flight.is_set():
             await asyncio.sleep(0.01)
@@ -663,7 +663,7 @@ def test_a_runner_whose_job_was_taken_over_writes_nothing_more(tmp_path):
     cancelled = []
 
     async def scenario():
-        async def protect(rgbs, cfg, identity, on_progress):
+        async def protect(rgbs, cfg, identity, on_progress, fixed=()):
             on_progress(0, 2)
             try:
                 await asyncio.sleep(60)  # a long group: only a cancellation ends it in time
@@ -687,6 +687,40 @@ def test_a_runner_whose_job_was_taken_over_writes_nothing_more(tmp_path):
     after, store = asyncio.run(scenario())
     assert cancelled == ["alice"], "the runner that lost the job let its Protector call run on"
     assert (after.status, after.runner, after.attempts) == ("pending", "r2", 2) and store.photo(after.job_id, 0) is None
+
+
+def test_a_rerun_job_gets_its_fixed_photos_back_from_the_store(tmp_path):
+    """A job holding published photos fixed is stored whole (photos, then fixed photos): a replica that
+    adopts it after its runner was lost protects the same photos against the same fixed ones."""
+    from dataclasses import replace
+
+    calls = []
+
+    async def protect(rgbs, cfg, identity, on_progress, fixed=()):
+        calls.append(([a.tolist() for a in rgbs], [a.tolist() for a in fixed]))
+        on_progress(1, 1)
+        return [255 - a for a in rgbs], _record(len(rgbs), identity)
+
+    async def scenario():
+        from capray.serve.requests import decode_photos
+
+        runner, store, cfg = _runner(tmp_path, protect, job_lease_s=0.3)
+        sub = replace(_submission(PHOTOS[:1]), fixed_files=[_png(PHOTOS[1])])
+        state = await runner.submit(sub, decode_photos(sub.files, sub.names, cfg.serve), cfg, owner="k1",
+                                    held=decode_photos(sub.fixed_files, [], cfg.serve))
+        await _until_settled(runner, state.job_id)
+        assert store.request(state.job_id).fixed_count == 1
+        lost = store.state(state.job_id).model_copy(update={"status": "pending", "runner": "gone",
+                                                            "lease_until": 0.0, "finished_at": None})
+        store.put_state(lost)  # as if its first runner died before the outcome
+        store.create(store.request(state.job_id), [_png(PHOTOS[0]), _png(PHOTOS[1])], lost)
+        await runner.sweep()
+        return await _until_settled(runner, state.job_id)
+
+    settled = asyncio.run(scenario())
+    assert settled.status == "ok" and settled.attempts == 2
+    first, rerun = calls
+    assert first == rerun == ([PHOTOS[0].tolist()], [PHOTOS[1].tolist()])
 
 
 def _png_array(data: bytes) -> np.ndarray:
@@ -818,7 +852,7 @@ def test_an_abandoned_group_stops_at_the_next_pgd_step_and_frees_the_device(monk
 
     steps_run, outcome = [], []
 
-    def engine(rgbs, cfg, identity, models, step_done, evaluator_factory=None):
+    def engine(rgbs, cfg, identity, models, step_done, evaluator_factory=None, fixed=None):
         try:
             for step in range(1, 101):  # 100 steps of 20 ms: 2 s if nobody stops it
                 threading.Event().wait(0.02)
@@ -858,7 +892,7 @@ def test_a_cancelled_protector_call_keeps_the_device_until_the_engine_really_sto
 
     release, started = threading.Event(), threading.Event()
 
-    def engine(rgbs, cfg, identity, models, progress, evaluator_factory=None):
+    def engine(rgbs, cfg, identity, models, progress, evaluator_factory=None, fixed=None):
         started.set()
         progress(1, 4)
         release.wait(10)  # one long step: the device stays taken until it ends

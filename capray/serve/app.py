@@ -9,9 +9,12 @@
   (`runner.py`); any replica answers any job, so it scales like any stateless deployment.
 
 API (`Authorization: Bearer <key>` on every route but healthz when keys are configured):
-  POST /v1/protect                      JSON {photos: [{data: base64, name?}], identity?, config?}
-                                        or multipart: photo=@a.jpg (repeated), options={"identity", "config"}
+  POST /v1/protect                      JSON {photos: [{data: base64, name?}], identity?, config?, fixed?,
+                                        fixed_jobs?} or multipart: photo=@a.jpg (repeated), fixed=@b.png
+                                        (repeated), options={"identity", "config", "fixed_jobs"}
                                         → 202 {job_id, status, status_url}
+                                        (fixed / fixed_jobs: the person's published protected photos,
+                                        held fixed in CAP's group; only `photos` are protected)
   GET  /v1/jobs/{id}                    → {status: pending|ok|failed, progress, error?, result?}
   GET  /v1/jobs/{id}/photos/{index}     → one protected PNG (image/png)
   GET  /v1/jobs/{id}/result.zip         → every protected PNG + summary.json
@@ -47,7 +50,7 @@ from capray.serve import errors
 from capray.serve.auth import AuthError, KeyRing, check_exposure
 from capray.serve.body_limit import missing_guard
 from capray.serve.limits import RequestError, UploadSlots, check_pixels, effective_config
-from capray.serve.requests import decode_photos, read_submission
+from capray.serve.requests import check_counts, decode_photos, read_submission
 from capray.serve.results import build_result, result_zip
 from capray.serve.runner import JobRunner
 from capray.serve.schemas import JobAccepted, JobResult, JobStatus, Progress, ProtectRequest
@@ -109,8 +112,11 @@ class ProtectorDeployment:
         self.device_lock = asyncio.Lock()
         self.busy_since: float | None = None
 
-    async def protect(self, rgbs: list[Any], config: dict[str, Any], identity: str, progress: bool = True):
+    async def protect(self, rgbs: list[Any], config: dict[str, Any], identity: str, progress: bool = True,
+                      fixed: list[Any] | None = None):
         """Streams ("progress", (done, total)) events, then ("result", (protected, record)).
+
+        `fixed`: published protected photos of the person, held fixed in CAP's group (append).
 
         `progress=False` (the sync endpoint, which has no one to tell) streams the result alone: each
         event is a Ray object and a hop through the event loops, a measurable part of a small request."""
@@ -135,7 +141,8 @@ class ProtectorDeployment:
         await self.device_lock.acquire()
         self.busy_since = time.monotonic()
         sharded = evaluator_factory_for(self.sharding, self.scoring_pool)
-        work = asyncio.ensure_future(asyncio.to_thread(self._protect, rgbs, cfg, identity, step_done, sharded))
+        work = asyncio.ensure_future(asyncio.to_thread(self._protect, rgbs, cfg, identity, step_done, sharded,
+                                                       fixed or []))
         work.add_done_callback(self._engine_done)
         try:
             if progress:
@@ -152,8 +159,9 @@ class ProtectorDeployment:
             if not work.done():
                 abandoned.set()
 
-    def _protect(self, rgbs, cfg, identity, step_done, sharded):
-        result = self.protector(rgbs, identity, config=cfg, progress=step_done, evaluator_factory=sharded)
+    def _protect(self, rgbs, cfg, identity, step_done, sharded, fixed):
+        result = self.protector(rgbs, identity, fixed=fixed, config=cfg, progress=step_done,
+                                evaluator_factory=sharded)
         return result.arrays, result.record
 
     def _engine_done(self, work: asyncio.Future) -> None:
@@ -174,10 +182,10 @@ ScoringPoolDeployment = serve.deployment(name="ScoringPool")(ScoringPool)
 
 
 async def _call_protector(handle: DeploymentHandle, rgbs: list[Any], cfg: CaprayConfig, identity: str,
-                          on_progress=None) -> tuple[list[Any], ProtectionRecord]:
+                          on_progress=None, fixed: list[Any] = ()) -> tuple[list[Any], ProtectionRecord]:
     """The Protector's result; its progress events go to `on_progress` (None: not sent at all)."""
     stream = handle.options(stream=True).protect.remote(rgbs, cfg.model_dump(mode="json"), identity,
-                                                        on_progress is not None)
+                                                        on_progress is not None, list(fixed))
     try:
         async for kind, value in stream:
             if kind == "progress":
@@ -220,9 +228,9 @@ class Ingress:
         self.finished = Metric(SERVE_GROUPS, serve=True)
         self.sweeper = asyncio.get_running_loop().create_task(self.runner.sweep_forever())
 
-    async def _protect(self, rgbs, cfg, identity, on_progress):
+    async def _protect(self, rgbs, cfg, identity, on_progress, fixed=()):
         try:
-            out = await _call_protector(self.protector, rgbs, cfg, identity, on_progress)
+            out = await _call_protector(self.protector, rgbs, cfg, identity, on_progress, fixed)
         except BaseException as exc:  # a busy refusal is retried by the runner: not a failed group
             self.finished.inc(outcome="busy" if errors.is_busy(exc) else "failed")
             raise
@@ -233,8 +241,9 @@ class Ingress:
         return self.keys.authenticate(request.headers.get("authorization"))
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, request: Request):
-        """Capacity first (nothing read yet), then the body, the overrides, the pixel budget, the decode.
+    async def _admitted(self, request: Request, owner: str):
+        """Capacity first (nothing read yet), then the body, the overrides, the fixed photos (uploaded,
+        or a finished job of the same caller), the pixel budget, the decode.
 
         All of it, and whatever the caller does inside (storing the job), holds one of this replica's
         upload slots (`serve.max_uploads_in_flight`): the body is in memory until then.
@@ -245,12 +254,32 @@ class Ingress:
         with self.uploads.take():
             sub = await read_submission(request, self.config.serve)
             cfg = effective_config(self.config, sub.config)
-            check_pixels(sub.files, self.config.serve)
+            if sub.fixed_jobs:
+                published = [png for job_id in dict.fromkeys(sub.fixed_jobs)
+                             for png in await self._published_by(owner, job_id)]
+                sub.fixed_files = [*published, *sub.fixed_files]
+                check_counts(len(sub.files), self.config.serve, len(sub.fixed_files))
+            check_pixels([*sub.files, *sub.fixed_files], self.config.serve)
             decoded = await asyncio.to_thread(decode_photos, sub.files, sub.names, self.config.serve)
-            yield sub, cfg, decoded
+            held = await asyncio.to_thread(decode_photos, sub.fixed_files, [], self.config.serve)
+            yield sub, cfg, decoded, held
+
+    async def _published_by(self, owner: str, job_id: str) -> list[bytes]:
+        """The protected PNGs of the caller's finished job `job_id` (404 for anyone else's)."""
+        state = await self._job_of(owner, job_id)
+        if state.status != "ok":
+            raise RequestError(409, f"fixed job is {state.status}: only a finished job's photos can be held fixed",
+                               job_id=job_id)
+        result = JobResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
+        pngs = [await asyncio.to_thread(self.store.photo, job_id, i) for i in range(len(result.photos))]
+        if any(png is None for png in pngs):
+            raise _not_found(job_id)
+        return pngs
 
     async def _owned(self, request: Request, job_id: str) -> JobState:
-        owner = self._caller(request)
+        return await self._job_of(self._caller(request), job_id)
+
+    async def _job_of(self, owner: str, job_id: str) -> JobState:
         state = await asyncio.to_thread(self.store.state, job_id)
         if state is None or state.owner != owner:
             raise _not_found(job_id)
@@ -272,8 +301,8 @@ class Ingress:
     @api.post("/v1/protect", status_code=202, response_model=JobAccepted, openapi_extra=BODY_DOC)
     async def submit(self, request: Request, response: Response) -> JobAccepted:
         owner = self._caller(request)
-        async with self._admitted(request) as (sub, cfg, decoded):
-            state = await self.runner.submit(sub, decoded, cfg, owner)
+        async with self._admitted(request, owner) as (sub, cfg, decoded, held):
+            state = await self.runner.submit(sub, decoded, cfg, owner, held)
         response.headers[REPLICA_HEADER] = self.tag
         return JobAccepted(job_id=state.job_id, status="pending",
                            status_url=str(request.url_for("job_status", job_id=state.job_id)))
@@ -309,12 +338,11 @@ class Ingress:
 
     @api.post("/v1/protect:sync", response_model=JobResult, openapi_extra=BODY_DOC)
     async def protect_sync(self, request: Request) -> JobResult:
-        self._caller(request)
-        async with self._admitted(request) as (sub, cfg, decoded):
+        async with self._admitted(request, self._caller(request)) as (sub, cfg, decoded, held):
             self.sync_in_flight += 1  # from here on it counts as a pending job
         try:
             protected, record = await asyncio.wait_for(
-                self._protect([d.rgb for d in decoded], cfg, sub.identity, None),
+                self._protect([d.rgb for d in decoded], cfg, sub.identity, None, [d.rgb for d in held]),
                 timeout=self.config.serve.job_timeout_s)
         except TimeoutError:
             raise RequestError(504, errors.timed_out(self.config.serve.job_timeout_s)) from None

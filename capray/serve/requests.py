@@ -22,6 +22,7 @@ from capray.serve.limits import RequestError, check_declared_length, limited_rec
 from capray.serve.schemas import ProtectOptions, ProtectRequest
 
 PHOTO_FIELDS = ("photo", "photos")  # multipart file fields that carry photos (repeat the field per photo)
+FIXED_FIELD = "fixed"  # multipart file field (repeated) of published protected photos held fixed (append)
 OPTIONS_FIELD = "options"  # multipart JSON part: {"identity": …, "config": {…}}
 
 
@@ -31,6 +32,8 @@ class Submission:
     config: dict[str, Any]
     files: list[bytes]
     names: list[str | None] = field(default_factory=list)
+    fixed_files: list[bytes] = field(default_factory=list)  # published photos held fixed (append mode)
+    fixed_jobs: list[str] = field(default_factory=list)  # earlier jobs of the caller whose photos are held fixed
 
 
 def _validation_error(exc: ValidationError, where: str = "") -> RequestError:
@@ -38,11 +41,12 @@ def _validation_error(exc: ValidationError, where: str = "") -> RequestError:
     return RequestError(422, "malformed request", errors=errors)
 
 
-def _check_counts(count: int, limits: ServeConfig) -> None:
+def check_counts(count: int, limits: ServeConfig, fixed: int = 0) -> None:
     if count == 0:
         raise RequestError(422, "no photos: send at least one")
-    if count > limits.max_photos:
-        raise RequestError(413, f"{count} photos; at most {limits.max_photos} per request")
+    if count + fixed > limits.max_photos:
+        held = f" and {fixed} fixed" if fixed else ""
+        raise RequestError(413, f"{count} photos{held}; at most {limits.max_photos} per request")
 
 
 def _b64_payload(data: str) -> str:
@@ -56,17 +60,22 @@ def from_json(body: bytes, limits: ServeConfig) -> Submission:
         req = ProtectRequest.model_validate_json(body)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    _check_counts(len(req.photos), limits)
+    check_counts(len(req.photos), limits, len(req.fixed))
+    return Submission(req.identity, req.config, _b64_files(req.photos, limits), [p.name for p in req.photos],
+                      _b64_files(req.fixed, limits, "fixed"), req.fixed_jobs)
+
+
+def _b64_files(photos: list, limits: ServeConfig, where: str = "photo") -> list[bytes]:
     files = []
-    for i, photo in enumerate(req.photos):
+    for i, photo in enumerate(photos):
         payload = _b64_payload(photo.data)
         if len(payload) * 3 // 4 > limits.max_photo_bytes:
-            raise RequestError(413, f"photo larger than {limits.max_photo_bytes} bytes", photo=i, name=photo.name)
+            raise RequestError(413, f"photo larger than {limits.max_photo_bytes} bytes", **{where: i}, name=photo.name)
         try:
             files.append(base64.b64decode(payload, validate=True))
         except (binascii.Error, ValueError):
-            raise RequestError(422, "photo data is not valid base64", photo=i, name=photo.name) from None
-    return Submission(req.identity, req.config, files, [p.name for p in req.photos])
+            raise RequestError(422, "photo data is not valid base64", **{where: i}, name=photo.name) from None
+    return files
 
 
 async def from_multipart(request: Any, limits: ServeConfig) -> Submission:
@@ -83,7 +92,8 @@ async def from_multipart(request: Any, limits: ServeConfig) -> Submission:
         raise RequestError(422, f"malformed multipart body: {exc.detail}") from None
     try:
         uploads = [v for k, v in form.multi_items() if k in PHOTO_FIELDS and isinstance(v, UploadFile)]
-        _check_counts(len(uploads), limits)
+        held = [v for k, v in form.multi_items() if k == FIXED_FIELD and isinstance(v, UploadFile)]
+        check_counts(len(uploads), limits, len(held))
         raw = form.get(OPTIONS_FIELD)
         if isinstance(raw, UploadFile):
             raw = (await raw.read(1_000_001)).decode("utf-8", "replace")
@@ -93,15 +103,21 @@ async def from_multipart(request: Any, limits: ServeConfig) -> Submission:
             raise RequestError(422, "the options part is not valid JSON") from None
         except ValidationError as exc:
             raise _validation_error(exc, "options.") from None
-        files = []
-        for i, upload in enumerate(uploads):
-            if upload.size is not None and upload.size > limits.max_photo_bytes:
-                raise RequestError(413, f"photo larger than {limits.max_photo_bytes} bytes", photo=i,
-                                   name=upload.filename)
-            files.append(await upload.read())
-        return Submission(options.identity, options.config, files, [u.filename for u in uploads])
+        files, fixed = await _read_uploads(uploads, limits), await _read_uploads(held, limits, "fixed")
+        return Submission(options.identity, options.config, files, [u.filename for u in uploads], fixed,
+                          options.fixed_jobs)
     finally:
         await form.close()
+
+
+async def _read_uploads(uploads: list, limits: ServeConfig, where: str = "photo") -> list[bytes]:
+    files = []
+    for i, upload in enumerate(uploads):
+        if upload.size is not None and upload.size > limits.max_photo_bytes:
+            raise RequestError(413, f"photo larger than {limits.max_photo_bytes} bytes", **{where: i},
+                               name=upload.filename)
+        files.append(await upload.read())
+    return files
 
 
 async def read_submission(request: Any, limits: ServeConfig) -> Submission:

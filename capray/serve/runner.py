@@ -28,8 +28,9 @@ from capray.serve.requests import Submission, decode_photos
 from capray.serve.results import build_result
 from capray.serve.store import JobRequest, JobState, JobStore
 
-# protect(rgbs, cfg, identity, on_progress) -> (protected rgbs, ProtectionRecord)
-ProtectCall = Callable[[list[Any], CaprayConfig, str, Callable[[int, int], None]], Awaitable[tuple[list[Any], Any]]]
+# protect(rgbs, cfg, identity, on_progress, fixed rgbs) -> (protected rgbs, ProtectionRecord)
+ProtectCall = Callable[[list[Any], CaprayConfig, str, Callable[[int, int], None], list[Any]],
+                       Awaitable[tuple[list[Any], Any]]]
 
 
 BACKOFF_S, MAX_BACKOFF_S = 0.5, 15.0  # retrying a Protector call refused for backpressure
@@ -65,24 +66,25 @@ class JobRunner:
         return await asyncio.to_thread(fn, *args)
 
     # -- submitting and running -----------------------------------------------------------------
-    async def submit(self, sub: Submission, decoded: list[Any], cfg: CaprayConfig, owner: str) -> JobState:
-        """Store the job (request and photo files first), then run it here."""
+    async def submit(self, sub: Submission, decoded: list[Any], cfg: CaprayConfig, owner: str,
+                     held: list[Any] = ()) -> JobState:
+        """Store the job (request and photo files first, the fixed photos after them), then run it here."""
         now = time.time()
         request = JobRequest(job_id=uuid.uuid4().hex, owner=owner, identity=sub.identity, names=sub.names,
-                             config=cfg.model_dump(mode="json"), created_at=now)
+                             fixed_count=len(sub.fixed_files), config=cfg.model_dump(mode="json"), created_at=now)
         state = JobState(job_id=request.job_id, owner=owner, created_at=now, updated_at=now,
                          steps_total=cfg.attack.total_pgd_steps, runner=self.tag, attempts=1,
                          lease_until=now + self.limits.job_lease_s)
-        await self._io(self.store.create, request, sub.files, state)
-        self._spawn(state, request, decoded)
+        await self._io(self.store.create, request, [*sub.files, *sub.fixed_files], state)
+        self._spawn(state, request, (decoded, list(held)))
         return state
 
-    def _spawn(self, state: JobState, request: JobRequest, decoded: list[Any] | None) -> None:
+    def _spawn(self, state: JobState, request: JobRequest, decoded: tuple[list[Any], list[Any]] | None) -> None:
         task = asyncio.create_task(self._run(state, request, decoded))
         self.running[state.job_id] = task
         task.add_done_callback(lambda _: self.running.pop(state.job_id, None))
 
-    async def _run(self, state: JobState, request: JobRequest, decoded: list[Any] | None) -> None:
+    async def _run(self, state: JobState, request: JobRequest, decoded: tuple[list[Any], list[Any]] | None) -> None:
         stop = asyncio.Event()
         attempt = asyncio.ensure_future(self._attempt(state, request, decoded))
 
@@ -124,19 +126,23 @@ class JobRunner:
             errors.log.warning("job %s: finished or taken over elsewhere; runner %s drops its %s outcome",
                                state.job_id, self.tag, status)
 
-    async def _attempt(self, state: JobState, request: JobRequest, decoded: list[Any] | None) -> tuple[str, Any]:
-        """One run: ("ok", (pngs, result)) or ("failed", a client-safe reason)."""
+    async def _attempt(self, state: JobState, request: JobRequest,
+                       decoded: tuple[list[Any], list[Any]] | None) -> tuple[str, Any]:
+        """One run: ("ok", (pngs, result)) or ("failed", a client-safe reason). `decoded`: the photos and
+        the fixed photos, decoded (None on a rerun: read from the store)."""
         def on_progress(done: int, total: int) -> None:
             state.steps_done, state.steps_total = done, total
 
         try:
             cfg = CaprayConfig.model_validate(request.config)
             if decoded is None:  # a rerun: the photos come from the store
-                files = await self._io(self.store.inputs, state.job_id, len(request.names))
-                decoded = await self._io(decode_photos, files, request.names, self.limits)
-            protected, record = await self._protect_in_time([d.rgb for d in decoded], cfg, request.identity,
-                                                            on_progress)
-            pngs, result = await self._io(build_result, request.names, decoded, protected,
+                files = await self._io(self.store.inputs, state.job_id, len(request.names) + request.fixed_count)
+                decoded = (await self._io(decode_photos, files[:len(request.names)], request.names, self.limits),
+                           await self._io(decode_photos, files[len(request.names):], [], self.limits))
+            photos, held = decoded
+            protected, record = await self._protect_in_time([d.rgb for d in photos], cfg, request.identity,
+                                                            on_progress, [d.rgb for d in held])
+            pngs, result = await self._io(build_result, request.names, photos, protected,
                                           record, cfg)
         except JobTimeout as exc:
             return "failed", str(exc)
@@ -147,7 +153,7 @@ class JobRunner:
         return "ok", (pngs, result)
 
     async def _protect_in_time(self, rgbs: list[Any], cfg: CaprayConfig, identity: str,
-                               on_progress: Callable[[int, int], None]) -> tuple[list[Any], Any]:
+                               on_progress: Callable[[int, int], None], fixed: list[Any]) -> tuple[list[Any], Any]:
         """The Protector call, failed `serve.job_timeout_s` after it started running, busy refusals retried.
 
         The limit counts from the call's first progress event (the Protector sends one as the group gets
@@ -166,7 +172,7 @@ class JobRunner:
                     started.append(time.monotonic())
                 on_progress(done, total)
 
-            call = asyncio.ensure_future(self.protect(rgbs, cfg, identity, progress))
+            call = asyncio.ensure_future(self.protect(rgbs, cfg, identity, progress, fixed))
             try:
                 return await _within(call, started, start_by, limit)
             except Exception as exc:

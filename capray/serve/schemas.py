@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from capray.attack.api import ProtectionRecord
 
@@ -29,12 +29,19 @@ class ProtectOptions(BaseModel):
                           description="seeds the randomness: same photos + identity + config → same pixels")
     config: dict[str, Any] = Field(default_factory=dict,
                                    description="overrides of the server's `seed`, `attack` and `cap` settings")
+    fixed_jobs: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+        default_factory=list, max_length=16, description="finished jobs of yours whose protected photos are this "
+        "person's published ones: they are held fixed in CAP's group and only the new photos are protected "
+        "(append). Uploaded `fixed` photos add to them")
 
 
 class ProtectRequest(ProtectOptions):
     """Photos of ONE person: CAP protects them as a group (the cross-image loss needs ≥ 2)."""
 
     photos: list[PhotoIn] = Field(..., description="1 to serve.max_photos photos")
+    fixed: list[PhotoIn] = Field(default_factory=list, description="this person's already-published protected "
+                                 "photos, held fixed (append): in CAP's group, never changed, not returned; they "
+                                 "count toward serve.max_photos and the pixel budget")
 
 
 class PhotoOut(BaseModel):

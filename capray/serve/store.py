@@ -34,6 +34,7 @@ class JobRequest(BaseModel):
     owner: str
     identity: str
     names: list[str | None]
+    fixed_count: int = Field(0, description="published photos held fixed, stored after the photos in input/")
     config: dict[str, Any] = Field(description="the effective CaprayConfig the job was accepted with")
     created_at: float
 
