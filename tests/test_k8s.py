@@ -7,12 +7,17 @@ Rendering is kustomize-free (load the YAMLs, apply the JSON 6902 patches and the
 kustomizations declare), so CI needs no kubectl; where kubectl is installed, its own render is
 compared with ours. Validation uses the CRDs' v1 openAPIV3Schema made strict (additionalProperties:
 false wherever properties are listed, as `kubeconform -strict` does), so misspelled fields fail.
-The schemas are read from ../shared/schemas/kuberay; the schema tests skip when it is missing.
+The schemas are KubeRay's CRDs, vendored gzipped in tests/data/kuberay (source and commit in its README).
+
+Security (docs/deploy.md#security-model) is checked on every rendered pod template: the "restricted" Pod
+Security Standard plus a read-only root filesystem, Ray's token auth, a NetworkPolicy per workload, each
+workload's own credentials only, the weight volume read-only but for the Job that fills it.
 """
 
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import shlex
 import shutil
@@ -25,7 +30,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
+SCHEMAS = ROOT / "tests" / "data" / "kuberay"
 SERVE_YAML = ROOT / "deploy" / "serve_config.yaml"
 LOCAL_CONFIG = "config.kubernetes.io/local-config"
 TARGETS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu", "cpu-demo": K8S / "overlays" / "cpu-demo"}
@@ -55,9 +60,9 @@ def _apply_patches(docs: list[dict], patches: list[dict], where: Path) -> None:
             doc.update(jsonpatch.apply_patch(doc, ops))
 
 
-def _get(doc: dict, dotted: str):
+def _get(doc, dotted: str):
     for part in dotted.split("."):
-        doc = doc[part]
+        doc = doc[int(part)] if isinstance(doc, list) else doc[part]
     return doc
 
 
@@ -74,8 +79,11 @@ def _apply_replacements(docs: list[dict], replacements: list[dict]) -> None:
                     *parents, leaf = path.split(".")
                     node = doc
                     for part in parents:
-                        node = node.setdefault(part, {}) if target.get("options", {}).get("create") else node[part]
-                    node[leaf] = copy.deepcopy(value)
+                        if isinstance(node, list):
+                            node = node[int(part)]
+                        else:
+                            node = node.setdefault(part, {}) if target.get("options", {}).get("create") else node[part]
+                    node[int(leaf) if isinstance(node, list) else leaf] = copy.deepcopy(value)
 
 
 def _build(path: Path) -> list[dict]:
@@ -89,6 +97,8 @@ def _build(path: Path) -> list[dict]:
     for comp in kz.get("components", []):  # kustomize: components run after resources, before own patches
         ckz = yaml.safe_load((path / comp / "kustomization.yaml").read_text())
         assert ckz["kind"] == "Component" and set(ckz) <= KNOWN_KUSTOMIZE_FIELDS
+        for res in ckz.get("resources", []):
+            docs += [d for d in yaml.safe_load_all((path / comp / res).read_text()) if d]
         _apply_patches(docs, ckz.get("patches", []), path / comp)
         _apply_replacements(docs, ckz.get("replacements", []))
     _apply_patches(docs, kz.get("patches", []), path)
@@ -138,6 +148,33 @@ def job_command(spec: dict):
     return args, load_config(preset="smoke", overrides=parse_set(args.set))
 
 
+def pod_templates(spec: dict) -> list[dict]:
+    """Every pod template of one Ray cluster spec: the head's, then each worker group's."""
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
+
+
+def gpu_group(spec: dict) -> dict:
+    (group,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    return group
+
+
+CREDENTIAL_LABEL = "capray.io/workload"
+
+
+def without_credentials(spec: dict) -> dict:
+    """The cluster spec without what components/workload-credentials adds per workload."""
+    spec = copy.deepcopy(spec)
+    for template in pod_templates(spec):
+        template["metadata"]["labels"].pop(CREDENTIAL_LABEL, None)
+        pod = template["spec"]
+        pod.pop("serviceAccountName", None)
+        pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "api-keys"]
+        for c in pod["containers"]:
+            c.pop("envFrom", None)
+            c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "api-keys"]
+    return spec
+
+
 # -- strict CRD schemas ---------------------------------------------------------------------------------
 
 def _strict(node):
@@ -151,15 +188,17 @@ def _strict(node):
     return node
 
 
+def _crd(plural: str) -> dict:
+    return yaml.load(gzip.decompress((SCHEMAS / f"ray.io_{plural}.yaml.gz").read_bytes()), Loader=Loader)
+
+
 @pytest.fixture(scope="module")
 def validators():
-    if not SCHEMAS.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS}")
     import jsonschema
 
     out = {}
     for kind, plural in CRDS.items():
-        crd = yaml.load((SCHEMAS / f"ray.io_{plural}.yaml").read_text(), Loader=Loader)
+        crd = _crd(plural)
         (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         out[kind] = jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
     return out
@@ -197,6 +236,10 @@ def test_every_manifest_validates_against_the_kuberay_crds(name, validators):
                 assert _errors(validators["RayCluster"], cluster) == []
         elif doc["kind"] == "Job":
             assert doc["apiVersion"] == "batch/v1" and doc["metadata"]["name"] == "capray-models-fetch"
+        elif doc["kind"] == "NetworkPolicy":
+            assert doc["apiVersion"] == "networking.k8s.io/v1" and doc["spec"]["policyTypes"] == ["Ingress"]
+        elif doc["kind"] == "ServiceAccount":
+            assert doc["apiVersion"] == "v1" and doc["automountServiceAccountToken"] is False
         else:
             assert (doc["apiVersion"], doc["kind"]) == ("v1", "PersistentVolumeClaim"), doc["kind"]
             assert doc["spec"]["accessModes"] and doc["spec"]["resources"]["requests"]["storage"]
@@ -302,7 +345,7 @@ def test_the_nightly_stops_itself_before_kubernetes_would_and_before_the_next_ni
 def test_overlapping_nights_are_forbidden_where_the_crd_allows_it(validators):
     """This CRD has no concurrencyPolicy (the test above bounds each night instead); should a KubeRay update add
     one, the nightly must set it to Forbid."""
-    crd = yaml.load((SCHEMAS / "ray.io_raycronjobs.yaml").read_text(), Loader=Loader)
+    crd = _crd("raycronjobs")
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     fields = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     for name in TARGETS:
@@ -321,13 +364,14 @@ def test_gpu_clusters_have_the_essentials(name):
 
     docs = render(name)
     specs = cluster_specs(docs)
-    assert len(specs) == 3 and specs[0] == specs[1] == specs[2]  # one shared spec: one-off, nightly, online
+    shared = [without_credentials(s) for s in specs]
+    assert len(specs) == 3 and shared[0] == shared[1] == shared[2]  # one shared spec: one-off, nightly, online
     spec = specs[0]
     assert spec["rayVersion"] == ray.__version__
     assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
-    (worker,) = spec["workerGroupSpecs"]
+    worker = gpu_group(spec)
     assert worker["minReplicas"] == 0 <= worker["maxReplicas"]
     pod = worker["template"]["spec"]
     (container,) = pod["containers"]
@@ -345,8 +389,10 @@ def test_gpu_clusters_have_the_essentials(name):
         assert env["HF_HUB_OFFLINE"] == "1"
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
-        for var in ("HF_HOME", "TORCH_HOME", "CAPRAY_CACHE"):  # every cache lives on the weight volume
+        for var in ("HF_HOME", "TORCH_HOME"):  # the weights live on the (read-only) weight volume
             assert env[var].startswith(mounts["models"] + "/"), var
+        scratch = [m for m in mounts if "emptyDir" in volumes[m] and env["CAPRAY_CACHE"].startswith(mounts[m] + "/")]
+        assert scratch, "capray's own cache (class images) must be on a writable emptyDir"
         assert volumes["models"]["persistentVolumeClaim"]["claimName"] in claims
 
 
@@ -363,10 +409,11 @@ def test_the_models_fetch_job_fills_the_caches_the_ray_pods_read(name):
     assert container["command"][0] == "capray" and (args.command, args.models_command) == ("models", "fetch")
     dirs = CacheDirs.at(args.cache)
     assert "HF_HUB_OFFLINE" not in {e["name"] for e in container.get("env", [])}  # this pod downloads
-    (mount,) = container["volumeMounts"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "models"]
+    assert not mount.get("readOnly")  # the one writer of the weight volume
     claim = {v["name"]: v for v in job["volumes"]}[mount["name"]]["persistentVolumeClaim"]["claimName"]
     spec = cluster_specs(docs)[0]
-    for template in (spec["headGroupSpec"]["template"], spec["workerGroupSpecs"][0]["template"]):
+    for template in (spec["headGroupSpec"]["template"], gpu_group(spec)["template"]):
         (c,) = template["spec"]["containers"]
         env = {e["name"]: e["value"] for e in c["env"]}
         pod_mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["models"]
@@ -446,3 +493,145 @@ def test_every_serve_proxy_refuses_oversized_bodies_before_buffering_them(name):
         env = {e["name"]: e["value"] for e in container["env"]}
         assert missing_guard(limit, env) is None, template["metadata"]["labels"]
         assert {k: env[k] for k in proxy_env(limit)} == proxy_env(limit)  # the same limit, not a larger one
+
+
+# -- security (docs/deploy.md#security-model) -----------------------------------------------------------
+
+def all_pod_templates(docs: list[dict]) -> list[tuple[str, dict]]:
+    """(where, pod template) for every pod k8s/ makes: Ray heads and workers, job submitters, the fetch Job."""
+    out = []
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        if doc["kind"] == "Job":
+            out.append((name, doc["spec"]["template"]))
+        if doc["kind"] in JOB_KINDS:
+            out.append((f"{name}/submitter", job_spec(doc)["submitterPodTemplate"]))
+    for doc in docs:
+        for spec in cluster_specs([doc]):
+            out += [(f"{doc['metadata']['name']}/{i}", t) for i, t in enumerate(pod_templates(spec))]
+    return out
+
+
+def restricted_problems(template: dict) -> list[str]:
+    """Where a pod template falls short of the "restricted" Pod Security Standard or a read-only root."""
+    pod = template["spec"]
+    problems = []
+    if any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")):
+        problems.append("host namespaces")
+    allowed = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+               "secret"}
+    problems += [f"volume {v['name']}" for v in pod.get("volumes", []) if not set(v) - {"name"} <= allowed]
+    pod_ctx = pod.get("securityContext", {})
+    for c in pod["containers"] + pod.get("initContainers", []):
+        ctx = c.get("securityContext", {})
+        merged = {**pod_ctx, **ctx}
+        if merged.get("runAsNonRoot") is not True or merged.get("runAsUser") == 0:
+            problems.append(f"{c['name']}: may run as root")
+        if (merged.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{c['name']}: no seccomp profile")
+        if ctx.get("allowPrivilegeEscalation") is not False or ctx.get("privileged"):
+            problems.append(f"{c['name']}: privilege escalation")
+        caps = ctx.get("capabilities") or {}
+        if caps.get("drop") != ["ALL"] or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{c['name']}: capabilities not dropped")
+        if ctx.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{c['name']}: writable root filesystem")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            problems.append(f"{c['name']}: host port")
+    return problems
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_every_pod_meets_the_restricted_pod_security_standard_with_a_read_only_root(name):
+    docs = render(name)
+    templates = all_pod_templates(docs)
+    assert len(templates) >= (5 if name == "cpu-demo" else 12)  # cpu-demo: one pod per cluster, no fetch Job
+    for where, template in templates:
+        assert restricted_problems(template) == [], where
+        pod = template["spec"]
+        assert pod.get("automountServiceAccountToken") is False, where  # nothing here talks to the k8s API
+        for c in pod["containers"]:  # a read-only root needs explicit scratch space
+            tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert tmp and "emptyDir" in {v["name"]: v for v in pod["volumes"]}[tmp[0]["name"]], where
+    for spec in cluster_specs(docs):  # the autoscaler sidecar runs in the head pod
+        if spec.get("enableInTreeAutoscaling"):
+            ctx = spec["autoscalerOptions"]["securityContext"]
+            assert ctx["runAsNonRoot"] and ctx["readOnlyRootFilesystem"] and ctx["allowPrivilegeEscalation"] is False
+            assert ctx["capabilities"]["drop"] == ["ALL"] and ctx["seccompProfile"]["type"] == "RuntimeDefault"
+
+
+def test_the_restricted_check_catches_what_it_should():
+    (_, template), *_ = all_pod_templates(render("base"))
+    assert restricted_problems(template) == []
+    for mutate in (lambda p: p["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False),
+                   lambda p: p["securityContext"].pop("runAsNonRoot"),
+                   lambda p: p["containers"][0]["securityContext"]["capabilities"].update(drop=[]),
+                   lambda p: p["volumes"].append({"name": "host", "hostPath": {"path": "/"}})):
+        bad = copy.deepcopy(template)
+        mutate(bad["spec"])
+        assert restricted_problems(bad), mutate
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_ray_control_plane_needs_a_token_and_only_the_endpoint_port_is_open(name):
+    docs = render(name)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    by_workload = {p["spec"]["podSelector"]["matchLabels"][CREDENTIAL_LABEL]: p for p in policies}
+    assert set(by_workload) == {"batch", "serve"}
+    for doc in docs:
+        for spec in cluster_specs([doc]):
+            assert spec["authOptions"]["mode"] == "token", doc["metadata"]["name"]
+            labels = {t["metadata"]["labels"].get(CREDENTIAL_LABEL) for t in pod_templates(spec)}
+            (workload,) = labels  # every pod of a cluster is fenced by its workload's policy
+            assert workload == ("serve" if doc["kind"] == "RayService" else "batch")
+        if doc["kind"] in JOB_KINDS:  # the submitter reaches the dashboard as one of the job's own pods
+            assert job_spec(doc)["submitterPodTemplate"]["metadata"]["labels"][CREDENTIAL_LABEL] == "batch"
+    for workload, policy in by_workload.items():
+        for rule in policy["spec"]["ingress"]:
+            ports = {p["port"] for p in rule.get("ports", [])}
+            sources = rule.get("from")
+            if not sources:  # open to every client: only the endpoint, which authenticates each call
+                assert workload == "serve" and ports == {8000}, rule
+            elif not ports:  # every port: only from the same workload's pods
+                assert sources == [{"podSelector": {"matchLabels": {CREDENTIAL_LABEL: workload}}}], rule
+            else:  # other namespaces (the operator, Prometheus): never GCS or the Ray client
+                assert all("namespaceSelector" in s and "podSelector" not in s for s in sources), rule
+                assert not ports & {6379, 10001}, rule
+
+
+def _env_secrets(container: dict) -> set[str]:
+    return {e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e}
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_each_workload_gets_only_its_own_credentials_and_reads_the_weights_read_only(name):
+    docs = render(name)
+    for doc in docs:
+        for spec in cluster_specs([doc]):
+            online = doc["kind"] == "RayService"
+            for template in pod_templates(spec):
+                pod = template["spec"]
+                (c,) = pod["containers"]
+                secrets = _env_secrets(c) | {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+                if online:
+                    assert "capray-s3" not in secrets  # never the photo library's keys
+                    assert secrets <= {"capray-serve-s3", "capray-api-keys"}
+                else:
+                    assert "capray-api-keys" not in secrets and secrets <= {"capray-s3"}
+                models = [m for m in c["volumeMounts"] if m["name"] == "models"]
+                assert models and all(m.get("readOnly") for m in models), doc["metadata"]["name"]
+                if name != "cpu-demo":
+                    account = pod["serviceAccountName"]
+                    assert account == ("capray-serve" if online else "capray-batch")
+    if name != "cpu-demo":
+        accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+        assert accounts == {"capray-batch", "capray-serve"}
+
+
+@pytest.mark.parametrize("name", ["base", "gpu"])
+def test_cpu_work_has_its_own_worker_group_that_scales_to_zero(name):
+    for spec in cluster_specs(render(name)):
+        cpu = [g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" not in json.dumps(g)]
+        (group,) = cpu
+        assert group["minReplicas"] == 0 < group["maxReplicas"]
+        assert "tolerations" not in group["template"]["spec"]  # never lands on (or holds) a GPU node
