@@ -181,7 +181,7 @@ class BatchConfig(_Strict):
     lease_ttl_s: float = Field(120.0, gt=0, description="a lease on OUTPUT not renewed for this long is "
                                "abandoned and may be taken over")
     allowed_input_prefixes: list[str] = Field(default_factory=list, description="where manifest URIs may point "
-                                              "besides the input's own bucket (local: the manifest's folder)")
+                                              "besides the manifest's own folder")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options, e.g. endpoint_url")
     min_image_side: int = Field(8, ge=1, description="photos with a shorter side are refused")
     cpus_per_io_task: float = Field(0.5, gt=0, description="logical CPUs per decode / encode+write task")
@@ -333,6 +333,10 @@ class ShardingConfig(_Strict):
                                    "and its actor replaced")
 
 
+# The sections that decide a group's pixels: what a stored job keeps (never storage options or keys).
+ENGINE_SECTIONS = ("seed", "model", "attack", "cap")
+
+
 class CaprayConfig(_Strict):
     seed: int = 0
     model: ModelConfig = ModelConfig()
@@ -354,11 +358,14 @@ class CaprayConfig(_Strict):
         """The parts that decide output pixels (batch/serve/sharding plumbing excluded): the engine's
         settings, and which photos a rerun protects (`batch.on_added_photos`). The default 'append'
         adds nothing, so outputs written before the setting existed keep their hash and resume."""
-        engine = {"seed": self.seed, "model": self.model.model_dump(), "attack": self.attack.model_dump(),
-                  "cap": self.cap.model_dump()}
+        engine = self.model_dump(include=set(ENGINE_SECTIONS))
         if self.batch.on_added_photos != "append":
             engine["on_added_photos"] = self.batch.on_added_photos
         return engine
+
+    def with_engine(self, engine: dict[str, Any]) -> CaprayConfig:
+        """This config with ENGINE_SECTIONS taken from `engine` (e.g. a stored job's settings)."""
+        return CaprayConfig.model_validate({**self.model_dump(), **{k: engine[k] for k in ENGINE_SECTIONS}})
 
     def config_hash(self) -> str:
         blob = json.dumps(self.engine_dict(), sort_keys=True, default=str).encode()

@@ -689,6 +689,35 @@ def test_a_runner_whose_job_was_taken_over_writes_nothing_more(tmp_path):
     assert (after.status, after.runner, after.attempts) == ("pending", "r2", 2) and store.photo(after.job_id, 0) is None
 
 
+def test_a_jobs_stored_files_hold_no_storage_secret_and_no_api_key(tmp_path):
+    """job.json keeps the engine settings a rerun needs, never the server's storage options or a caller's key;
+    a rerun from it still gets the server's own settings back."""
+    from capray.serve.auth import owner_id
+    from capray.serve.requests import decode_photos
+
+    secrets = ["AKIA-BATCH-KEY-0001", "batch-secret-value-0002", "alice-api-key-0003"]
+
+    async def scenario():
+        runner, store, cfg = _runner(tmp_path, _invert)
+        runner.config = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={
+            "storage_options": {"key": secrets[0], "secret": secrets[1]}})})
+        sub = _submission()
+        job_cfg = runner.config  # as effective_config returns it: the server's config, with overrides
+        state = await runner.submit(sub, decode_photos(sub.files, sub.names, cfg.serve), job_cfg,
+                                    owner=owner_id(secrets[2]))
+        await _until_settled(runner, state.job_id)
+        return store, state, runner
+
+    store, state, runner = asyncio.run(scenario())
+    files = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+    assert any(p.name == "job.json" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert not [s for s in secrets if s.encode() in data], path
+    rerun = runner.config.with_engine(store.request(state.job_id).config)
+    assert rerun.batch.storage_options["key"] == secrets[0] and rerun.config_hash() == runner.config.config_hash()
+
+
 def test_a_rerun_job_gets_its_fixed_photos_back_from_the_store(tmp_path):
     """A job holding published photos fixed is stored whole (photos, then fixed photos): a replica that
     adopts it after its runner was lost protects the same photos against the same fixed ones."""

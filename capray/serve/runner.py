@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from capray.config import CaprayConfig
+from capray.config import ENGINE_SECTIONS, CaprayConfig
 from capray.serve import errors
 from capray.serve.limits import RequestError
 from capray.serve.requests import Submission, decode_photos
@@ -71,7 +71,8 @@ class JobRunner:
         """Store the job (request and photo files first, the fixed photos after them), then run it here."""
         now = time.time()
         request = JobRequest(job_id=uuid.uuid4().hex, owner=owner, identity=sub.identity, names=sub.names,
-                             fixed_count=len(sub.fixed_files), config=cfg.model_dump(mode="json"), created_at=now)
+                             fixed_count=len(sub.fixed_files), created_at=now,
+                             config=cfg.model_dump(mode="json", include=set(ENGINE_SECTIONS)))
         state = JobState(job_id=request.job_id, owner=owner, created_at=now, updated_at=now,
                          steps_total=cfg.attack.total_pgd_steps, runner=self.tag, attempts=1,
                          lease_until=now + self.limits.job_lease_s)
@@ -134,7 +135,7 @@ class JobRunner:
             state.steps_done, state.steps_total = done, total
 
         try:
-            cfg = CaprayConfig.model_validate(request.config)
+            cfg = self.config.with_engine(request.config)  # the server's plumbing, the job's engine settings
             if decoded is None:  # a rerun: the photos come from the store
                 files = await self._io(self.store.inputs, state.job_id, len(request.names) + request.fixed_count)
                 decoded = (await self._io(decode_photos, files[:len(request.names)], request.names, self.limits),

@@ -35,7 +35,8 @@ class JobRequest(BaseModel):
     identity: str
     names: list[str | None]
     fixed_count: int = Field(0, description="published photos held fixed, stored after the photos in input/")
-    config: dict[str, Any] = Field(description="the effective CaprayConfig the job was accepted with")
+    config: dict[str, Any] = Field(description="the engine settings the job was accepted with (config.ENGINE_SECTIONS "
+                                   "of its effective config): never the server's storage options or keys")
     created_at: float
 
 
