@@ -616,16 +616,17 @@ def test_an_identity_that_would_take_over_another_ones_folder_fails(tmp_path):
 # -- 7. URI allowlist ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("uri", ["http://169.254.169.254/latest/meta-data", "s3://other-tenant/a.png",
-                                 "zip::s3://photos/x.zip", "s3://photos/../other/a.png", "file:///etc/passwd",
+                                 "zip::s3://photos/x.zip", "s3://photos/tenant-a/../tenant-b/a.png", "file:///etc/passwd",
                                  "/etc/passwd", "gs://photos/a.png"])
 def test_manifest_uris_outside_the_input_are_refused(uri):
     from capray.io.allowlist import allowed_prefixes, uri_problem
 
-    prefixes = allowed_prefixes("s3://photos/manifests/list.csv", [])
-    assert prefixes == ["s3://photos"]
+    prefixes = allowed_prefixes("s3://photos/tenant-a/list.csv", [])
+    assert prefixes == ["s3://photos/tenant-a"]  # the manifest's folder, not the whole (shared) bucket
     assert uri_problem(uri, prefixes) is not None
-    assert uri_problem("s3://photos/lib/alice/1.png", prefixes) is None
-    assert uri_problem("s3://photos-evil/a.png", prefixes) is not None  # whole segments only
+    assert uri_problem("s3://photos/tenant-a/lib/alice/1.png", prefixes) is None
+    assert uri_problem("s3://photos/tenant-b/alice/1.png", prefixes) is not None  # another tenant's photos
+    assert uri_problem("s3://photos/tenant-a-evil/a.png", prefixes) is not None  # whole segments only
 
 
 def test_allowed_input_prefixes_widen_the_default():

@@ -67,10 +67,10 @@ def test_s3_folder_and_manifest_inputs_to_s3_output(s3):
     assert read_manifest("s3://protected/run1", options).num_rows == 3
 
 
-    # a CSV manifest in the bucket, with relative and absolute URIs
-    fs.pipe("photos/m/list.csv", b"identity,uri\ncoffee,../lib/coffee/coffee_1.png\n"
-                                 b"coffee,s3://photos/lib/coffee/coffee_2.png\n")
-    by_manifest = protect("s3://photos/m/list.csv", "s3://protected/run2", config, show_progress=False)
+    # a CSV manifest in the bucket, with relative and absolute URIs under its own folder
+    fs.pipe("photos/list.csv", b"identity,uri\ncoffee,lib/coffee/coffee_1.png\n"
+                               b"coffee,s3://photos/lib/coffee/coffee_2.png\n")
+    by_manifest = protect("s3://photos/list.csv", "s3://protected/run2", config, show_progress=False)
     assert (by_manifest.ok, by_manifest.failed) == (1, 0)
     row = read_manifest("s3://protected/run2", options).to_pylist()[0]
     assert row["input_fingerprint"] and row["num_photos"] == 2

@@ -3,8 +3,8 @@
 A catalog is data, often built from user input, and every URI in it is read with the job's
 credentials. Without a limit a row could read `http://169.254.169.254/…`, `file:///etc/…`, a chained
 `zip::s3://…` URL or another tenant's bucket. So a photo URI must lie under an allowed prefix: by
-default the input's own `scheme://bucket/` for an object store, or the catalog's own folder for a
-local catalog; `batch.allowed_input_prefixes` adds more. Anything else fails its identity (for its
+default the catalog's own folder (a shared bucket's other tenants stay out of reach), or a folder
+input itself; `batch.allowed_input_prefixes` adds more. Anything else fails its identity (for its
 input) with a message that says which URI and how to allow it: in the check stage, before the stat
 that fingerprints the photo (a request too), and again where photos are read. Prefixes match whole
 path segments.
@@ -18,13 +18,11 @@ from capray.io.storage import normalize_uri
 
 
 def default_prefix(input_uri: str) -> str:
-    """The input's own bucket (`s3://bucket`), or for a local input its folder (a catalog's parent)."""
-    uri = normalize_uri(input_uri)
-    if "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://{rest.split('/', 1)[0]}"
+    """The catalog's own folder (`s3://bucket/tenant-a` for `s3://bucket/tenant-a/catalog.parquet`), or a
+    folder input itself: in a bucket other tenants share, a catalog cannot reach their photos by default."""
     from capray.io.discover import is_catalog
 
+    uri = normalize_uri(input_uri)
     return posixpath.dirname(uri) if is_catalog(uri) else uri
 
 
