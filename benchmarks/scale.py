@@ -201,6 +201,9 @@ def main() -> None:
     parser.add_argument("--slice", type=int, default=None,
                         help="batch.slice_identities (default: --n-small, so the large library spans n/n_small "
                              "slices, as a 10M-identity library spans 1,000 of the default 10,000)")
+    parser.add_argument("--first-commit-only", action="store_true",
+                        help="only the time to the first commit, small vs large, each run time-boxed to a minute "
+                             "(a quick recheck of that one ratio; last line RESULT scale_first_commit …)")
     args = parser.parse_args()
 
     os.environ["CAPRAY_BENCH_LATENCY_S"] = str(args.latency_ms / 1000)
@@ -232,6 +235,8 @@ def main() -> None:
     make_library(work / "warm", 50, args.photos, seed=3)
     run(work / "warm", work / "out-warm", cfg)  # Ray Data's first execution starts worker processes: not measured
     results = {}
+    if args.first_commit_only:  # the runs stop after a minute: only their first commit is looked at
+        cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"max_run_seconds": 60, "stop_grace_s": 30})})
     for name, n in (("small", args.n_small), ("large", args.n)):
         results[name] = r = run(work / name, work / f"out-{name}", cfg)
         s = r["summary"]
@@ -239,6 +244,12 @@ def main() -> None:
               f"driver peak RSS {r['peak_rss_mb']:.0f} MB, driver requests {r['driver_requests']}, "
               f"all requests {r['all_requests']}, {s.ok} ok / {s.failed} failed / {s.unfinished} unfinished",
               flush=True)
+    if args.first_commit_only:
+        small, large = results["small"]["first_commit_s"], results["large"]["first_commit_s"]
+        print(f"RESULT scale_first_commit n_small={args.n_small} n_large={args.n} "
+              f"first_commit_ratio={large / small:.2f}")
+        ray.shutdown()
+        return
     files = manifest_files(LatencyFS(), str(work / "out-large" / MANIFEST_DIR))
     expected = change_library(work / "large", args.n, args.changed, seed=2)
     again = run(work / "large", work / "out-large", cfg)

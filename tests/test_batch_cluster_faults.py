@@ -537,7 +537,7 @@ def test_a_renewed_lease_stays_held_an_abandoned_one_expires_and_force_unlock_ta
     caplog.clear()
     assert not live.renew() and "taken over by job " + taker.job_id in live.lost  # the old holder would stop
     forced = acquire(out, ttl_s=60, force=True)  # --force-unlock: at once
-    assert "--force-unlock" in caplog.text
+    assert "took over the lease" in caplog.text and "(forced)" in caplog.text
     assert json.loads(lease_file.read_text())["job_id"] == forced.job_id
     taker._stop.set()
     forced.release()
@@ -696,14 +696,16 @@ def test_the_check_stage_refuses_uris_outside_the_prefix_before_any_request(tmp_
 
 @pytest.mark.s3
 def test_on_s3_the_lease_is_a_conditional_create_and_retries_are_configured(moto_s3):
-    from capray.batch.lease import LEASE_FILE, LeaseHeld, _create, acquire
+    from capray.batch.lease import LEASE_FILE, LeaseHeld, acquire
+    from capray.io.lease import S3Backend, backend_for
     from capray.io.storage import S3_RETRIES, get_fs
 
     options = moto_s3.bucket("leases")
     fs, _ = get_fs("s3://leases/out", options)
     assert fs.config_kwargs["retries"] == S3_RETRIES  # botocore's retry mode reaches the client
-    assert _create(fs, f"leases/race/{LEASE_FILE}", {"job_id": "a"})
-    assert not _create(fs, f"leases/race/{LEASE_FILE}", {"job_id": "b"})  # If-None-Match: * refused it
+    race = backend_for(f"s3://leases/race/{LEASE_FILE}", options)
+    assert isinstance(race, S3Backend) and race.create(b'{"holder": "a"}')
+    assert race.create(b'{"holder": "b"}') is None  # If-None-Match: * refused it
     held = acquire("s3://leases/out", 60, options)
     with pytest.raises(LeaseHeld, match=held.job_id):
         acquire("s3://leases/out", 60, options)
@@ -723,7 +725,7 @@ def test_force_unlock_takes_a_held_output_over_and_the_old_holder_finds_out(ray_
     argv = [str(tmp_path / "in"), str(out), "--preset", "smoke", "--quiet"]
     assert command.run(parser.parse_args(argv)) == 2
     assert command.run(parser.parse_args(argv + ["--force-unlock"])) == 0
-    assert "taking over the lease on OUTPUT (--force-unlock)" in caplog.text
+    assert "took over the lease" in caplog.text and "(forced)" in caplog.text
     assert (out / "run.json").exists() and not (out / ".capray-lease.json").exists()  # released at the end
     assert not holder.renew() and "taken over" in holder.lost
     holder._stop.set()

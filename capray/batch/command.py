@@ -71,6 +71,7 @@ def protect(input_uri: str, output_uri: str, cfg, *, address: str | None = None,
     try:
         try:
             plan = make_plan(input_uri, output_uri, cfg)  # after the lease: it cleans temp files in OUTPUT
+            plan.fence = held.fence()
         except Exception:
             held.release()
             if created_dir:  # a refused run writes nothing

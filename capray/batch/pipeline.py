@@ -36,6 +36,7 @@ from capray.batch.tally import VERDICTS, start_tally
 from capray.config import CaprayConfig
 from capray.exit_codes import EXIT_FAILED, EXIT_INPUT_FAILED, EXIT_OK
 from capray.io.allowlist import allowed_prefixes
+from capray.io.lease import check_fence
 from capray.io.storage import get_fs, join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,8 @@ def run_job(plan: Plan, cfg: CaprayConfig, *, protect_stage: type = ProtectStage
     fs, path = get_fs(join(plan.output, "metrics.prom"), so)
     write_bytes_atomic(fs, path, results.metrics.text())
     compaction = None
+    if plan.fence is not None:  # the driver's last writes too: only while OUTPUT's lease is this job's
+        check_fence(plan.fence, storage_options=so)
     if b.compact_at_end and (progress.ok or progress.failed or results.deleted):
         try:
             compaction = compact(plan.output, cfg)

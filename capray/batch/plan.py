@@ -46,6 +46,9 @@ class Plan:
     resuming: bool  # OUTPUT holds an earlier run: the done-check reads each identity's committed state
     run_id: str  # names this run's commit files
     started_at: str
+    # OUTPUT's lease this run writes under (`capray.io.lease.Lease.fence`): every commit checks it first.
+    # None for a processor applied to a platform's own Dataset (no lease).
+    fence: dict[str, Any] | None = None
 
 
 def _previous_run(output: str, so: dict[str, Any]) -> dict[str, Any] | None:

@@ -91,7 +91,8 @@ class Processor:
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=b.num_actors),
                             **actor_pool_args(b), udf_modifying_row_count=False)
         ds = ds.map_batches(WriteStage(self.cfg, plan.output, plan.run_id), batch_size=1, **io)
-        return ds.map_batches(CommitStage(self.cfg, plan.output, plan.run_id), batch_size=b.records_per_commit, **io)
+        return ds.map_batches(CommitStage(self.cfg, plan.output, plan.run_id, plan.fence),
+                              batch_size=b.records_per_commit, **io)
 
     @classmethod
     def start(cls, cfg: CaprayConfig, plan: Plan, allowed: list[str] | None = None, tally: Any = None,

@@ -13,6 +13,7 @@ import pyarrow as pa
 from capray.batch.rows import SUMMARY_SCHEMA, table_of
 from capray.batch.stages.base import Stage, short_error
 from capray.io import manifest
+from capray.io.lease import check_fence
 from capray.io.storage import TransientStorageError, is_transient
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,9 @@ log = logging.getLogger(__name__)
 class CommitStage(Stage):
     output_schema = SUMMARY_SCHEMA
 
-    def __init__(self, cfg, output: str, run_id: str):
+    def __init__(self, cfg, output: str, run_id: str, fence: dict[str, Any] | None = None):
         super().__init__(cfg)
-        self.output, self.run_id = output, run_id
+        self.output, self.run_id, self.fence = output, run_id, fence
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return table_of(self.commit(batch.to_pylist()), SUMMARY_SCHEMA)
@@ -35,6 +36,8 @@ class CommitStage(Stage):
         written = [w for w in written if not w.get("deferred")]
         rows = [manifest.ManifestRow.model_validate_json(w["row"]) for w in written]
         records_error = None
+        if rows and self.fence is not None:  # OUTPUT's lease still this job's? (one GET per commit)
+            check_fence(self.fence, storage_options=so)  # LeaseLost: nothing of this batch is committed
         if rows:
             try:
                 manifest.write_records(self.output, self.run_id, rows, so)
