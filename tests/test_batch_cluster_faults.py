@@ -445,8 +445,9 @@ ray.init(address="local", num_cpus=4, object_store_memory=150 * 1024**2, include
          log_to_driver=False, runtime_env={"worker_process_setup_hook": "flakyfs.setup"})
 from capray.batch.command import protect
 from capray.config import load_config
+# io_retries: each distinct file a task touches (PNGs, records, states, OUTPUT's lease) fails once per process
 cfg = load_config(preset="smoke", overrides={"attack": {"outer_loops": 1, "adv_steps": 2},
-    "batch": {"cpus_per_actor": 0.5, "gpus_per_actor": 0, "io_retries": 8}})
+    "batch": {"cpus_per_actor": 0.5, "gpus_per_actor": 0, "io_retries": 10}})
 s = protect("flaky://" + src, "flaky://" + out, cfg, show_progress=False)
 print("RESULT " + json.dumps({"ok": s.ok, "failed": s.failed, "unfinished": s.unfinished}))
 ray.shutdown()

@@ -155,7 +155,7 @@ def run_job(plan: Plan, cfg: CaprayConfig, *, protect_stage: type = ProtectStage
     write_bytes_atomic(fs, path, results.metrics.text())
     compaction = None
     if plan.fence is not None:  # the driver's last writes too: only while OUTPUT's lease is this job's
-        check_fence(plan.fence, storage_options=so)
+        _check_fence_with_retries(plan.fence, so)
     if b.compact_at_end and (progress.ok or progress.failed or results.deleted):
         try:
             compaction = compact(plan.output, cfg)
@@ -195,6 +195,19 @@ def _run_slice(processor: Processor, candidates, results: _Results, tally, progr
             raise
     finally:
         release_freed_memory()  # the execution's per-block state is freed now: keep the driver flat
+
+
+def _check_fence_with_retries(fence: dict[str, Any], so: dict[str, Any], attempts: int = 4) -> None:
+    """`check_fence`, a transient storage error retried with backoff (a lost lease is never retried)."""
+    from capray.io.storage import is_transient
+
+    for attempt in range(attempts):
+        try:
+            return check_fence(fence, storage_options=so)
+        except OSError as exc:
+            if not is_transient(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
 
 
 def _sweep(plan: Plan, processor: Processor, sweep, stop: RunStop, results: _Results, tally, progress: Progress,

@@ -37,7 +37,12 @@ class CommitStage(Stage):
         rows = [manifest.ManifestRow.model_validate_json(w["row"]) for w in written]
         records_error = None
         if rows and self.fence is not None:  # OUTPUT's lease still this job's? (one GET per commit)
-            check_fence(self.fence, storage_options=so)  # LeaseLost: nothing of this batch is committed
+            try:
+                check_fence(self.fence, storage_options=so)  # LeaseLost: nothing of this batch is committed
+            except OSError as exc:
+                if is_transient(exc):  # the store, not the lease: Ray Data retries the whole commit task
+                    raise TransientStorageError(f"checking OUTPUT's lease: {short_error(exc)}") from exc
+                raise
         if rows:
             try:
                 manifest.write_records(self.output, self.run_id, rows, so)
