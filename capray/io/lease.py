@@ -71,12 +71,17 @@ def _body(data: bytes) -> dict[str, Any]:
         return {}
 
 
+def _digest(data: bytes) -> str:
+    """The ETag of a store without one: the content's hash."""
+    return hashlib.sha256(data).hexdigest()
+
+
 class LocalBackend:
     """A local disk: `O_EXCL` create; replace and delete compare the content's hash under an `flock`
     (between processes of this host; a network file system's locks are only as good as its own)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, fs: Any, path: str):
+        self.fs, self.path = fs, path
 
     @contextlib.contextmanager
     def _locked(self):
@@ -90,14 +95,19 @@ class LocalBackend:
         finally:
             os.close(fd)  # closing releases the lock
 
-    def _etag(self) -> tuple[str, bytes, float] | None:
+    def _current(self) -> tuple[bytes, float] | None:
+        """(content, mtime) of the lease, or None; call under the lock."""
         try:
             with open(self.path, "rb") as fh:
                 data = fh.read()
-            mtime = os.stat(self.path).st_mtime
+            return data, os.stat(self.path).st_mtime
         except FileNotFoundError:
             return None
-        return hashlib.sha256(data).hexdigest(), data, mtime
+
+    def _is(self, etag: str) -> bool:
+        """The lease exists and is the version `etag` names; call under the lock."""
+        current = self._current()
+        return current is not None and _digest(current[0]) == etag
 
     def _exists(self) -> bool:
         return os.path.isdir(os.path.dirname(self.path))
@@ -113,39 +123,32 @@ class LocalBackend:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-        return hashlib.sha256(data).hexdigest()
+        return _digest(data)
 
     def read(self) -> Seen | None:
         if not self._exists():
             return None
         with self._locked():
-            found = self._etag()
-        if found is None:
+            current = self._current()
+        if current is None:
             return None
-        etag, data, mtime = found
-        return Seen(_body(data), etag, time.time() - mtime)
+        data, mtime = current
+        return Seen(_body(data), _digest(data), time.time() - mtime)
 
     def replace(self, data: bytes, etag: str) -> str | None:
         if not self._exists():
             return None
         with self._locked():
-            found = self._etag()
-            if found is None or found[0] != etag:
+            if not self._is(etag):
                 return None
-            tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        return hashlib.sha256(data).hexdigest()
+            write_bytes_atomic(self.fs, self.path, data)
+        return _digest(data)
 
     def delete(self, etag: str) -> bool:
         if not self._exists():
             return False
         with self._locked():
-            found = self._etag()
-            if found is None or found[0] != etag:
+            if not self._is(etag):
                 return False
             os.remove(self.path)
         return True
@@ -213,7 +216,6 @@ class PlainBackend:
 
     def __init__(self, fs: Any, path: str):
         self.fs, self.path = fs, path
-        log.warning("the store of %s has no conditional writes: its lease is best effort", path)
 
     def _data(self) -> bytes | None:
         self.fs.invalidate_cache(self.path)
@@ -222,11 +224,15 @@ class PlainBackend:
         except FileNotFoundError:
             return None
 
+    def _is(self, etag: str) -> bool:
+        current = self._data()
+        return current is not None and _digest(current) == etag
+
     def create(self, data: bytes) -> str | None:
         if self._data() is not None:
             return None
         write_bytes_atomic(self.fs, self.path, data)
-        return hashlib.sha256(data).hexdigest()
+        return _digest(data)
 
     def read(self) -> Seen | None:
         data = self._data()
@@ -236,18 +242,16 @@ class PlainBackend:
             age = time.time() - self.fs.modified(self.path).timestamp()
         except (OSError, NotImplementedError):
             age = 0.0
-        return Seen(_body(data), hashlib.sha256(data).hexdigest(), age)
+        return Seen(_body(data), _digest(data), age)
 
     def replace(self, data: bytes, etag: str) -> str | None:
-        current = self._data()
-        if current is None or hashlib.sha256(current).hexdigest() != etag:
+        if not self._is(etag):
             return None
         write_bytes_atomic(self.fs, self.path, data)
-        return hashlib.sha256(data).hexdigest()
+        return _digest(data)
 
     def delete(self, etag: str) -> bool:
-        current = self._data()
-        if current is None or hashlib.sha256(current).hexdigest() != etag:
+        if not self._is(etag):
             return False
         self.fs.rm_file(self.path)
         return True
@@ -256,7 +260,7 @@ class PlainBackend:
 def backend_for(uri: str, storage_options: dict[str, Any] | None = None) -> Backend:
     fs, path = get_fs(uri, storage_options)
     if is_local(fs):
-        return LocalBackend(path)
+        return LocalBackend(fs, path)
     if type(fs).__name__ == "S3FileSystem":
         return S3Backend(fs, path)
     return PlainBackend(fs, path)
@@ -379,6 +383,8 @@ def acquire(uri: str, ttl_s: float, storage_options: dict[str, Any] | None = Non
     `alive(body)` says its holder is gone (e.g. a process on this host that no longer exists).
     `who` describes the holder to whoever is refused; `extra` goes into the lease's body as it is."""
     backend = backend_for(uri, storage_options)
+    if isinstance(backend, PlainBackend):  # said once, by the holder (not by every commit's fence check)
+        log.warning("the store of %s has no conditional writes: its lease is best effort", uri)
     holder = holder or uuid.uuid4().hex
     for _ in range(5):
         seen = backend.read()
