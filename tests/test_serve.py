@@ -443,10 +443,13 @@ async def _until_settled(runner, job_id, timeout=10.0):
     raise AssertionError("job still pending")
 
 
-@pytest.fixture(scope="module")
-def s3_store(moto_s3):
-    """A bucket on the session's moto S3 server: (store URI, fsspec options)."""
-    return "s3://capray-jobs/serve", moto_s3.bucket("capray-jobs")
+STORE_CLOCK_SLACK_S = 1.1  # S3 stamps (Last-Modified, Date) are whole seconds: a lease's age is ±1 s there
+
+
+@pytest.fixture
+def s3_store(moto_s3, tmp_path):
+    """A store of this test's own on the session's moto S3 server: (store URI, fsspec options)."""
+    return f"s3://capray-jobs/{tmp_path.name}", moto_s3.bucket("capray-jobs")
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -467,13 +470,16 @@ def test_store_keeps_the_job_and_a_lost_runner_is_replaced(job_store):
         decoded = decode_photos(sub.files, sub.names, cfg.serve)
         state = await lost.submit(sub, decoded, cfg, owner="k1")
         lost.running[state.job_id].cancel()  # the replica died mid-job: nobody renews the lease
+        # and a job whose runners kept vanishing: it ends failed, with the reason
+        stuck = JobState(job_id="f" * 32, owner="k1", created_at=0, updated_at=0, attempts=2, holder="gone")
+        store.create(store.request(state.job_id).model_copy(update={"job_id": stuck.job_id}), sub.files, stuck, 2)
         await asyncio.sleep(0)
-        assert store.state(state.job_id).status == "pending" and store.pending_ids() == [state.job_id]
+        assert store.state(state.job_id).status == "pending" and state.job_id in store.pending_ids()
         other, _, _ = _runner(tmp_path, _invert, job_lease_s=2)
         other.tag = "r2"
         await other.sweep()
-        assert not other.running  # the lease has not run out yet
-        await asyncio.sleep(max(0.0, store.state(state.job_id).lease_until - time.time()) + 0.1)
+        assert not other.running  # the lease has not run out yet (by the store's clock)
+        await asyncio.sleep(2.1 + STORE_CLOCK_SLACK_S)
         await other.sweep()
         done = await _until_settled(other, state.job_id)
         assert (done.status, done.attempts, done.steps_done, done.steps_total) == ("ok", 2, 2, 2)
@@ -481,10 +487,6 @@ def test_store_keeps_the_job_and_a_lost_runner_is_replaced(job_store):
         for i, clean in enumerate(PHOTOS):
             assert np.array_equal(_png_array(store.photo(state.job_id, i)), 255 - clean)
         assert store.request(state.job_id).owner == "k1"
-        # a job whose runners kept vanishing ends failed, with the reason
-        stuck = JobState(job_id="f" * 32, owner="k1", created_at=0, updated_at=0, attempts=2, lease_until=1)
-        store.create(store.request(state.job_id).model_copy(update={"job_id": stuck.job_id}), sub.files, stuck)
-        await other.sweep()
         failed = store.state(stuck.job_id)
         assert failed.status == "failed" and "lost 2 time(s)" in failed.error
         return state.job_id
@@ -571,56 +573,79 @@ def test_busy_protectors_are_retried_and_the_time_limit_counts_from_the_start(tm
     assert idle.status == "failed" and idle.error == errors.not_started(0.3)
 
 
-def _stored_job(tmp_path, job_id: str):
-    """A store holding one pending job of owner k1, claimed by runner r1: (store, its state)."""
+def _stored_job(where, job_id: str, ttl_s: float = 60):
+    """A store holding one pending job of owner k1, created by runner r1: (store, its state, r1's claim)."""
     from capray.serve.store import JobRequest, JobState, JobStore
 
-    store = JobStore(str(tmp_path / "store"))
-    state = JobState(job_id=job_id, owner="k1", created_at=0, updated_at=0, runner="r1", attempts=1)
-    store.create(JobRequest(job_id=job_id, owner="k1", identity="x", names=["p0"], config={}, created_at=0),
-                 [b"photo"], state)
-    return store, state
+    uri, options = (str(where / "store"), {}) if isinstance(where, Path) else where
+    store = JobStore(uri, options)
+    state = JobState(job_id=job_id, owner="k1", created_at=0, updated_at=0, holder="r1", attempts=1)
+    claim = store.create(JobRequest(job_id=job_id, owner="k1", identity="x", names=["p0"], config={}, created_at=0),
+                         [b"photo"], state, ttl_s)
+    return store, state, claim
 
 
-def test_status_writes_never_overwrite_a_finished_job_or_another_runners(tmp_path):
-    """The store's guard: a late write (heartbeat, second runner) checks the job is still pending and its own."""
+def _as(state, holder: str, **update):
+    return state.model_copy(update={"holder": holder, **update})
+
+
+def test_a_job_has_one_holder_and_a_finished_job_is_never_rewritten(job_store):
+    """The job's status is its runner's lease: a take-over replaces exactly the version it read (one of two
+    replicas wins), the runner it replaced can neither renew nor finish, and once the winner has written
+    the outcome no take-over of an older version lands."""
     job_id = "a" * 32
-    store, state = _stored_job(tmp_path, job_id)
-    assert store.held_by(job_id, "r1") and not store.held_by(job_id, "r2")
-    assert store.put_state(state.model_copy(update={"steps_done": 1}), "r1")
-    assert not store.put_state(state.model_copy(update={"steps_done": 9}), "r2")  # another runner's job
-    assert not store.finish(state.model_copy(), [b"png"], b"{}", "r2") and store.photo(job_id, 0) is None
-    assert store.state(job_id).steps_done == 1
-    assert store.finish(state.model_copy(), [b"png"], b"{}", "r1") and store.state(job_id).status == "ok"
-    late = state.model_copy(update={"steps_done": 2})  # a heartbeat, or a second runner that timed out
-    assert not store.put_state(late, "r1") and not store.fail(late.model_copy(), "timed out", "r1")
-    assert store.state(job_id).status == "ok" and store.photo(job_id, 0) == b"png"
+    store, state, claim = _stored_job(job_store, job_id)
+    seen = store.peek(job_id)
+    assert seen.body["holder"] == "r1" and seen.body["generation"] == 1 and seen.age_s < 30
+    theirs = store.take_over(seen, _as(state, "r2", attempts=2), 60)
+    assert theirs is not None and theirs.generation == 2
+    assert store.take_over(seen, _as(state, "r3", attempts=2), 60) is None  # the same version: r2 won it
+    assert not claim.renew() and "taken over" in claim.lost
+    assert not store.finish(claim, state.model_copy(), [b"png"], b"{}") and store.photo(job_id, 0) is None
+    assert not store.fail(claim, state.model_copy(), "late") and store.state(job_id).status == "pending"
+    assert theirs.renew() and store.state(job_id).holder == "r2"
+    assert store.finish(theirs, _as(state, "r2", attempts=2), [b"png"], b"{}")
+    done = store.state(job_id)
+    assert (done.status, done.holder, done.attempts, done.generation) == ("ok", "r2", 2, 2)
+    assert store.take_over(seen, _as(state, "r3"), 60) is None and store.state(job_id).status == "ok"
+    assert store.pending_ids() == [] and store.photo(job_id, 0) == b"png"
 
 
-def test_a_store_written_with_the_old_done_status_reads_as_ok(tmp_path):
-    """Jobs finished before Serve's statuses matched the manifest's (`done`) still answer, as `ok`."""
+def test_a_store_written_before_job_leases_still_reads(tmp_path):
+    """Jobs written by older versions: `done` for `ok`, and the holder named `runner`."""
     import json
 
     from capray.serve.store import JobState
 
     job_id = "b" * 32
-    store, state = _stored_job(tmp_path, job_id)
-    assert store.finish(state.model_copy(), [b"png"], b"{}", "r1")
+    store, state, claim = _stored_job(tmp_path, job_id)
+    assert store.finish(claim, state.model_copy(), [b"png"], b"{}")
     status_file = tmp_path / "store" / "jobs" / job_id / "status.json"
     old = json.loads(status_file.read_text())
     assert old["status"] == "ok"
-    status_file.write_text(json.dumps({**old, "status": "done"}))  # as the previous version wrote it
-    assert store.state(job_id).status == "ok" and not store.held_by(job_id, None)
+    old.pop("holder")
+    status_file.write_text(json.dumps({**old, "status": "done", "runner": "r0", "lease_until": 0.0}))
+    assert store.state(job_id).status == "ok" and store.state(job_id).holder == "r0"
     with pytest.raises(ValueError):
         JobState.model_validate({**old, "status": "finished"})  # only the one old word is translated
 
 
-def test_a_heartbeat_write_in_flight_lands_before_the_final_one_never_after(tmp_path):
-    """A heartbeat already writing in a worker thread when the job finishes: `cancel()` would not stop it,
-    and its stale `pending` would land over `ok` (the job then lost: pending, no runner, no marker)."""
+def test_a_renewal_in_flight_lands_before_the_final_write_never_after(tmp_path, monkeypatch):
+    """A renewal already writing in its thread when the job finishes: the final write waits for it (and is
+    conditional on the version it wrote), so a stale `pending` never lands over `ok`."""
     import threading
 
+    from capray.io import lease
+
     in_flight = threading.Event()
+    real_renew = lease.Lease.renew
+
+    def slow_renew(self):
+        in_flight.set()
+        time.sleep(0.3)  # the job finishes meanwhile
+        return real_renew(self)
+
+    monkeypatch.setattr(lease.Lease, "renew", slow_renew)
 
     async def protect(rgbs, cfg, identity, on_progress, fixed=()):
         on_progress(0, 2)
@@ -631,20 +656,7 @@ def test_a_heartbeat_write_in_flight_lands_before_the_final_one_never_after(tmp_
     async def scenario():
         from capray.serve.requests import decode_photos
 
-        runner, store, cfg = _runner(tmp_path, protect, job_lease_s=0.3)
-        real_put = store.put_state
-
-        def slow_put(state, runner_tag=None):
-            if runner_tag is None or state.status != "pending":  # the job's creation, its final write
-                return real_put(state, runner_tag)
-            ok, snapshot = store.held_by(state.job_id, runner_tag), state.model_copy()
-            in_flight.set()
-            time.sleep(0.3)  # checked, not yet written: the job finishes meanwhile
-            if ok:
-                real_put(snapshot)
-            return ok
-
-        store.put_state = slow_put
+        runner, store, cfg = _runner(tmp_path, protect, job_lease_s=0.6)
         sub = _submission()
         state = await runner.submit(sub, decode_photos(sub.files, sub.names, cfg.serve), cfg, owner="k1")
         settled = await _until_settled(runner, state.job_id)
@@ -652,10 +664,29 @@ def test_a_heartbeat_write_in_flight_lands_before_the_final_one_never_after(tmp_
         return settled, store.state(state.job_id), store
 
     settled, later, store = asyncio.run(scenario())
-    assert settled.status == later.status == "ok" and later.runner is None and store.pending_ids() == []
+    assert settled.status == later.status == "ok" and later.holder == "r1" and store.pending_ids() == []
 
 
-def test_a_runner_whose_job_was_taken_over_writes_nothing_more(tmp_path):
+def _long_protect(cancelled: list):
+    async def protect(rgbs, cfg, identity, on_progress, fixed=()):
+        on_progress(0, 2)
+        try:
+            await asyncio.sleep(60)  # a long group: only a cancellation ends it in time
+        except asyncio.CancelledError:
+            cancelled.append(identity)
+            raise
+        return [255 - a for a in rgbs], _record(len(rgbs), identity)
+
+    return protect
+
+
+async def _until_stopped(runner, job_id, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while job_id in runner.running and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+def test_a_runner_whose_job_was_taken_over_writes_nothing_more(job_store):
     """Two replicas ran the same job: the one that lost it stops renewing, cancels its Protector call (which
     would otherwise run to the end for no one) and writes no outcome."""
     from capray.serve.requests import decode_photos
@@ -663,30 +694,156 @@ def test_a_runner_whose_job_was_taken_over_writes_nothing_more(tmp_path):
     cancelled = []
 
     async def scenario():
-        async def protect(rgbs, cfg, identity, on_progress, fixed=()):
-            on_progress(0, 2)
-            try:
-                await asyncio.sleep(60)  # a long group: only a cancellation ends it in time
-            except asyncio.CancelledError:
-                cancelled.append(identity)
-                raise
-            return [255 - a for a in rgbs], _record(len(rgbs), identity)
-
-        runner, store, cfg = _runner(tmp_path, protect, job_lease_s=0.3)
+        runner, store, cfg = _runner(job_store, _long_protect(cancelled), job_lease_s=0.6)
         sub = _submission()
         state = await runner.submit(sub, decode_photos(sub.files, sub.names, cfg.serve), cfg, owner="k1")
-        await asyncio.sleep(0.15)
-        theirs = store.state(state.job_id).model_copy(update={"runner": "r2", "attempts": 2})
-        store.put_state(theirs)  # another replica adopted it (this runner's lease looked expired)
-        for _ in range(200):  # a heartbeat or two: they see the job is not theirs
-            if state.job_id not in runner.running:
-                break
-            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        current = store.state(state.job_id)
+        theirs = store.take_over(store.peek(state.job_id), _as(current, "r2", attempts=2), 60)
+        assert theirs is not None  # another replica adopted it (this runner's lease looked expired to it)
+        await _until_stopped(runner, state.job_id)
         return store.state(state.job_id), store
 
     after, store = asyncio.run(scenario())
     assert cancelled == ["alice"], "the runner that lost the job let its Protector call run on"
-    assert (after.status, after.runner, after.attempts) == ("pending", "r2", 2) and store.photo(after.job_id, 0) is None
+    assert (after.status, after.holder, after.attempts) == ("pending", "r2", 2) and store.photo(after.job_id, 0) is None
+
+
+def test_a_runner_that_cannot_renew_stops_in_time_and_the_job_is_run_elsewhere(job_store, monkeypatch):
+    """The store stops answering this replica's renewals: it cancels its run before its lease can expire,
+    writes nothing after, and another replica adopts the job once the lease has run out."""
+    from capray.io import lease
+    from capray.serve.requests import decode_photos
+
+    cancelled = []
+
+    def unreachable(self, data, etag):
+        raise OSError("the store is unreachable from this replica")
+
+    async def scenario():
+        runner, store, cfg = _runner(job_store, _long_protect(cancelled), job_lease_s=1.2)
+        sub = _submission()
+        for backend in (lease.LocalBackend, lease.S3Backend):
+            monkeypatch.setattr(backend, "replace", unreachable)
+        state = await runner.submit(sub, decode_photos(sub.files, sub.names, cfg.serve), cfg, owner="k1")
+        t0 = time.monotonic()
+        await _until_stopped(runner, state.job_id)
+        stopped_after = time.monotonic() - t0
+        monkeypatch.undo()
+        last = store.peek(state.job_id)
+        other, _, _ = _runner(job_store, _invert, job_lease_s=1.2)
+        other.tag = "r2"
+        await asyncio.sleep(1.3 + STORE_CLOCK_SLACK_S)
+        assert store.peek(state.job_id).etag == last.etag, "the stopped runner wrote after giving up"
+        await other.sweep()
+        return stopped_after, await _until_settled(other, state.job_id)
+
+    stopped_after, done = asyncio.run(scenario())
+    assert cancelled == ["alice"] and stopped_after < 1.2, stopped_after
+    assert (done.status, done.holder, done.attempts) == ("ok", "r2", 2)
+
+
+def test_two_replicas_sweeping_at_once_run_an_expired_job_once(job_store):
+    """Both replicas see the same expired lease; the conditional take-over lets exactly one run the job."""
+    calls = []
+
+    async def counted(rgbs, cfg, identity, on_progress, fixed=()):
+        calls.append(identity)
+        return await _invert(rgbs, cfg, identity, on_progress)
+
+    async def scenario():
+        from capray.config import ENGINE_SECTIONS
+        from capray.serve.store import JobRequest, JobState
+
+        job_id = "c" * 32
+        _, store, cfg = _runner(job_store, counted)
+        request = JobRequest(job_id=job_id, owner="k1", identity="x", names=["p0.png", "p1.png"], created_at=0,
+                             config=cfg.model_dump(mode="json", include=set(ENGINE_SECTIONS)))
+        state = JobState(job_id=job_id, owner="k1", created_at=0, updated_at=0, holder="gone", attempts=1)
+        store.create(request, [_png(a) for a in PHOTOS], state, 1)  # by a runner that then vanished
+        await asyncio.sleep(1 + STORE_CLOCK_SLACK_S)
+        replicas = []
+        for tag in ("r2", "r3", "r4"):
+            replica, _, _ = _runner(job_store, counted, job_lease_s=1)
+            replica.tag = tag
+            replicas.append(replica)
+        await asyncio.gather(*(r.sweep() for r in replicas))
+        runners = [r for r in replicas if job_id in r.running]
+        assert len(runners) == 1, [r.tag for r in runners]
+        return await _until_settled(runners[0], job_id)
+
+    done = asyncio.run(scenario())
+    assert calls == ["x"] and (done.status, done.attempts, done.generation) == ("ok", 2, 2)
+
+
+@pytest.mark.s3
+def test_a_replica_whose_clock_is_90_s_fast_adopts_no_live_job(s3_store, monkeypatch):
+    """Expiry is judged by the store's clock: a fast replica does not take a running job away."""
+    import types
+
+    from capray.io import lease
+
+    cancelled = []
+
+    async def scenario():
+        runner, store, cfg = _runner(s3_store, _long_protect(cancelled), job_lease_s=30)
+        from capray.serve.requests import decode_photos
+
+        sub = _submission()
+        state = await runner.submit(sub, decode_photos(sub.files, sub.names, cfg.serve), cfg, owner="k1")
+        fast = types.SimpleNamespace(time=lambda: time.time() + 90, monotonic=time.monotonic)
+        monkeypatch.setattr(lease, "time", fast)
+        other, _, _ = _runner(s3_store, _invert, job_lease_s=30)
+        other.tag = "r2"
+        await other.sweep()
+        monkeypatch.setattr(lease, "time", time)
+        adopted = state.job_id in other.running
+        runner.running[state.job_id].cancel()
+        await asyncio.sleep(0.05)
+        return adopted, store.state(state.job_id)
+
+    adopted, after = asyncio.run(scenario())
+    assert not adopted and after.holder == "r1" and after.attempts == 1
+
+
+def test_the_sweep_repairs_a_finish_cut_short_and_deletes_uploads_nobody_will_run(job_store, monkeypatch):
+    """The two crash points of a job's life: between its final status and its markers (its photos must
+    still expire), and inside `create` before its status (its uploaded faces must not stay forever)."""
+    from capray.io import lease
+    from capray.serve.store import JobRequest, JobState
+
+    job_id, orphan_id = "d" * 32, "e" * 32
+    store, state, claim = _stored_job(job_store, job_id)
+    monkeypatch.setattr(type(store), "settle", lambda self, state: None)  # the replica dies right after the status
+    assert store.finish(claim, state.model_copy(), [b"png"], b"{}")
+    monkeypatch.undo()
+    assert store.pending_ids() == [job_id] and store.inputs(job_id, 1) == [b"photo"] and store.expired(0) == []
+
+    def died(*_args, **_kwargs):
+        raise ConnectionError("the replica died storing the job")
+
+    monkeypatch.setattr(lease, "create", died)
+    with pytest.raises(ConnectionError):
+        store.create(JobRequest(job_id=orphan_id, owner="k1", identity="x", names=["p0"], config={}, created_at=0),
+                     [b"face"], JobState(job_id=orphan_id, owner="k1", created_at=0, updated_at=0, holder="r1"), 1)
+    monkeypatch.undo()
+    assert store.inputs(orphan_id, 1) == [b"face"] and store.state(orphan_id) is None
+
+    async def sweeps():
+        runner, _, _ = _runner(job_store, _invert, job_lease_s=1, job_ttl_s=3600)
+        await runner.sweep()
+        assert store.pending_ids() == [orphan_id], "an upload still within the lease time was deleted"
+        await asyncio.sleep(1 + STORE_CLOCK_SLACK_S)
+        await runner.sweep()
+
+    asyncio.run(sweeps())
+    assert store.pending_ids() == [] and store.state(job_id).status == "ok" and store.photo(job_id, 0) == b"png"
+    with pytest.raises(FileNotFoundError):
+        store.inputs(job_id, 1)  # the finished job's uploads are gone, and its marker now lets it expire
+    assert [j for _, j in store.expired(-10)] == [job_id]
+    with pytest.raises(FileNotFoundError):
+        store.inputs(orphan_id, 1)
+    assert store.request(orphan_id) is None
 
 
 def test_a_jobs_stored_files_hold_no_storage_secret_and_no_api_key(tmp_path):
@@ -739,10 +896,12 @@ def test_a_rerun_job_gets_its_fixed_photos_back_from_the_store(tmp_path):
                                     held=decode_photos(sub.fixed_files, [], cfg.serve))
         await _until_settled(runner, state.job_id)
         assert store.request(state.job_id).fixed_count == 1
-        lost = store.state(state.job_id).model_copy(update={"status": "pending", "runner": "gone",
-                                                            "lease_until": 0.0, "finished_at": None})
-        store.put_state(lost)  # as if its first runner died before the outcome
-        store.create(store.request(state.job_id), [_png(PHOTOS[0]), _png(PHOTOS[1])], lost)
+        lost = store.state(state.job_id).model_copy(update={"status": "pending", "holder": "gone",
+                                                            "finished_at": None})
+        request = store.request(state.job_id)
+        store.delete(state.job_id)  # as if its first runner died before the outcome
+        store.create(request, [_png(PHOTOS[0]), _png(PHOTOS[1])], lost, 0.3)
+        await asyncio.sleep(0.4)
         await runner.sweep()
         return await _until_settled(runner, state.job_id)
 

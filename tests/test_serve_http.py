@@ -14,6 +14,7 @@ import select
 import socket
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,8 +252,10 @@ def test_a_job_whose_runner_vanished_is_rerun_with_the_same_pixels(client, serve
     request = JobRequest(job_id=job_id, owner=owner_id(ALICE), identity="alice", names=["p0.png", "p1.png"],
                          config=cfg.model_dump(mode="json"), created_at=now)
     store.create(request, [_png(a) for a in PHOTOS],
-                 JobState(job_id=job_id, owner=request.owner, created_at=now, updated_at=now, runner="gone",
-                          attempts=1, lease_until=now - 1, steps_total=cfg.attack.total_pgd_steps))
+                 JobState(job_id=job_id, owner=request.owner, created_at=now, updated_at=now, holder="gone",
+                          attempts=1, steps_total=cfg.attack.total_pgd_steps), cfg.serve.job_lease_s)
+    status_file = Path(cfg.serve.store) / "jobs" / job_id / "status.json"
+    os.utime(status_file, (now - 60, now - 60))  # its runner last renewed a minute ago (the store's clock)
     status = _wait(client, job_id)
     assert status["status"] == "ok" and status["attempts"] == 2, status
     assert _pngs(client, job_id, len(PHOTOS)) == finished["pngs"][0]
@@ -298,8 +301,7 @@ def test_capacity_is_checked_before_the_body_is_read(client, served):
     now = time.time()
     for job_id in fake:  # pending jobs of a live runner elsewhere (their lease is fresh)
         store.create(JobRequest(job_id=job_id, owner="x", identity="x", names=[], config={}, created_at=now), [],
-                     JobState(job_id=job_id, owner="x", created_at=now, updated_at=now, runner="elsewhere",
-                              lease_until=now + 3600))
+                     JobState(job_id=job_id, owner="x", created_at=now, updated_at=now, holder="elsewhere"), 3600)
     try:
         resp = client.post("/v1/protect", content=b"{not json", headers={**_auth(), "content-type": "application/json"})
         assert resp.status_code == 503 and resp.headers["retry-after"] == "30", resp.text

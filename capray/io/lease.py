@@ -1,4 +1,4 @@
-"""The one lease primitive: "only one may do this" for OUTPUT's writer (and whatever else needs it).
+"""The one lease primitive: "only one may do this", for OUTPUT's writer and for each Serve job's runner.
 
 A lease is a small JSON object. Every change to it is conditional on the version its writer last
 saw, so two contenders can never both win:
@@ -13,6 +13,9 @@ saw, so two contenders can never both win:
   still carries its holder id and generation (`Lease.check`, one GET), and a holder whose renewals
   keep failing gives up (`on_lost`) before the lease can expire, so it never writes after a
   successor may have started.
+
+A lease can also outlive its holder as a record: `Lease.finish(body)` writes its last version under
+the same condition (a Serve job's status is the lease of whoever runs it, and stays as the outcome).
 
 A create whose response was lost and that botocore retried sees 412 on its own write: the lease then
 names this holder, and the create counts as won. Stores without conditional writes (other fsspec
@@ -258,7 +261,11 @@ class PlainBackend:
 
 
 def backend_for(uri: str, storage_options: dict[str, Any] | None = None) -> Backend:
-    fs, path = get_fs(uri, storage_options)
+    return backend_on(*get_fs(uri, storage_options))
+
+
+def backend_on(fs: Any, path: str) -> Backend:
+    """The conditional-write backend for `path` on an fsspec filesystem already open."""
     if is_local(fs):
         return LocalBackend(fs, path)
     if type(fs).__name__ == "S3FileSystem":
@@ -280,6 +287,8 @@ class Lease:
     body: dict[str, Any]
     etag: str
     on_lost: Callable[[], None] | None = None  # called from the renewal thread once the lease is lost
+    refresh: Callable[[], dict[str, Any]] | None = None  # fields each renewal writes too (e.g. progress)
+    period_s: float | None = None  # between renewals; default ttl_s / 3
     lost: str | None = None
     released: bool = False
     renewed: float = field(default_factory=time.monotonic)  # last renewal that succeeded, this process's clock
@@ -299,13 +308,15 @@ class Lease:
         return {"uri": self.uri, "holder": self.holder, "generation": self.generation}
 
     def start(self) -> Lease:
+        """Start renewing in a thread (a lease is held from `acquire`/`take_over` on; this keeps it)."""
         self._thread = threading.Thread(target=self._renew_loop, name="capray-lease", daemon=True)
         self._thread.start()
         return self
 
     def renew(self) -> bool:
         """Rewrite the lease if it is still the version this holder wrote; False (and `lost`) otherwise."""
-        body = dict(self.body, renewals=int(self.body.get("renewals", 0)) + 1)
+        body = dict(self.body, **(self.refresh() if self.refresh else {}),
+                    renewals=int(self.body.get("renewals", 0)) + 1)
         etag = self.backend.replace(_encode(body), self.etag)
         if etag is None:
             seen = self.backend.read()
@@ -325,7 +336,7 @@ class Lease:
             self.on_lost()
 
     def _renew_loop(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
+        while not self._stop.wait(self.period_s or self.ttl_s / 3):
             try:
                 if not self.renew():
                     self._give_up(self.lost or "the lease was lost")
@@ -342,13 +353,39 @@ class Lease:
             raise LeaseLost(self.lost)
         check_fence(self.fence(), self.backend)
 
+    def _stop_renewing(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
     def release(self) -> None:
         """Stop renewing and delete the lease if it is still this holder's version (once; idempotent)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._stop_renewing()
         if not self.lost and not self.released:
             self.backend.delete(self.etag)
+        self.released = True
+
+    def finish(self, body: dict[str, Any]) -> bool:
+        """Stop renewing and leave `body` as the lease's last version, if it is still this holder's (a
+        record that outlives its holder, e.g. a finished job's status); False when it is not (or no more)."""
+        self._stop_renewing()
+        if self.lost or self.released:
+            return False
+        self.released = True
+        data = _encode(body)
+        if self.backend.replace(data, self.etag) is not None:
+            self.body = body
+            return True
+        seen = self.backend.read()  # a retried write that had landed reads back as ours
+        if seen is not None and seen.body == json.loads(data):
+            self.body, self.etag = seen.body, seen.etag
+            return True
+        self.lost = "the lease was taken over by " + (describe(seen) if seen else "nobody (it was deleted)")
+        return False
+
+    def abandon(self) -> None:
+        """Stop renewing and leave the lease as it is, to expire (this holder is stopping mid-work)."""
+        self._stop_renewing()
         self.released = True
 
     def __enter__(self) -> Lease:
@@ -373,6 +410,34 @@ def describe(seen: Seen) -> str:
             f"last renewed {seen.age_s:.0f}s ago by the store's clock")
 
 
+def _new_body(holder: str, generation: int, who: str, ttl_s: float, extra: dict[str, Any] | None) -> dict[str, Any]:
+    return {**(extra or {}), "holder": holder, "generation": generation, "who": who, "ttl_s": ttl_s}
+
+
+def take_over(backend: Backend, seen: Seen, ttl_s: float, *, uri: str = "", holder: str | None = None,
+              who: str = "", extra: dict[str, Any] | None = None, lease_type: type[Lease] = Lease,
+              **lease_options: Any) -> Lease | None:
+    """Replace exactly the version `seen` (the next fencing generation): the new `Lease` (not yet renewing:
+    `start()` it), or None when the lease changed since `seen` was read — another contender won."""
+    body = _new_body(holder or uuid.uuid4().hex, int(seen.body.get("generation", 0)) + 1, who, ttl_s, extra)
+    etag = backend.replace(_encode(body), seen.etag)  # only one contender replaces the version it read
+    return None if etag is None else lease_type(uri, ttl_s, backend, body, etag, **lease_options)
+
+
+def create(backend: Backend, ttl_s: float, *, uri: str = "", holder: str | None = None, who: str = "",
+           extra: dict[str, Any] | None = None, lease_type: type[Lease] = Lease, **lease_options: Any) -> Lease | None:
+    """Create the lease (generation 1) if it does not exist: the new `Lease` (not yet renewing), or None."""
+    holder = holder or uuid.uuid4().hex
+    body = _new_body(holder, 1, who, ttl_s, extra)
+    etag = backend.create(_encode(body))
+    if etag is None:  # someone else created it first, or a retry of our own create
+        mine = backend.read()
+        if mine is None or mine.body.get("holder") != holder:
+            return None
+        etag = mine.etag
+    return lease_type(uri, ttl_s, backend, body, etag, **lease_options)
+
+
 def acquire(uri: str, ttl_s: float, storage_options: dict[str, Any] | None = None, *, holder: str | None = None,
             who: str = "", extra: dict[str, Any] | None = None, force: bool = False,
             alive: Callable[[dict[str, Any]], bool] | None = None, on_lost: Callable[[], None] | None = None,
@@ -386,25 +451,20 @@ def acquire(uri: str, ttl_s: float, storage_options: dict[str, Any] | None = Non
     if isinstance(backend, PlainBackend):  # said once, by the holder (not by every commit's fence check)
         log.warning("the store of %s has no conditional writes: its lease is best effort", uri)
     holder = holder or uuid.uuid4().hex
+    mine = {"uri": uri, "holder": holder, "who": who, "extra": extra, "lease_type": lease_type, "on_lost": on_lost}
     for _ in range(5):
         seen = backend.read()
         if seen is None:
-            body = {**(extra or {}), "holder": holder, "generation": 1, "who": who, "ttl_s": ttl_s}
-            etag = backend.create(_encode(body))
-            if etag is None:  # someone else created it first, or a retry of our own create
-                mine = backend.read()
-                if mine is None or mine.body.get("holder") != holder:
-                    continue
-                etag = mine.etag
-            return lease_type(uri, ttl_s, backend, body, etag, on_lost).start()
+            held = create(backend, ttl_s, **mine)
+            if held is not None:
+                return held.start()
+            continue
         why = ("forced" if force else f"not renewed for over {ttl_s:.0f}s" if seen.age_s > ttl_s
                else "its holder is gone" if alive is not None and not alive(seen.body) else None)
         if why is None:
             raise LeaseHeld(f"{describe(seen)} (lease {uri})")
-        body = {**(extra or {}), "holder": holder, "generation": int(seen.body.get("generation", 0)) + 1,
-                "who": who, "ttl_s": ttl_s}
-        etag = backend.replace(_encode(body), seen.etag)  # only one contender replaces the version it read
-        if etag is not None:
+        held = take_over(backend, seen, ttl_s, **mine)
+        if held is not None:
             log.warning("took over the lease %s (%s): was %s", uri, why, describe(seen))
-            return lease_type(uri, ttl_s, backend, body, etag, on_lost).start()
+            return held.start()
     raise LeaseHeld(f"could not take the lease {uri}: other holders keep changing it")

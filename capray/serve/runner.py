@@ -8,9 +8,12 @@ sweep deletes finished jobs past `serve.job_ttl_s`. Every job ends `ok` or `fail
 client-safe error (`errors.public_error`): at most `serve.job_timeout_s` after the Protector starts
 it, and failed if no Protector starts it within `serve.job_timeout_s` (busy refusals are retried).
 
-Every status write after the first checks that the stored job is still pending and held by this
-runner (`JobStore.put_state(runner=…)`): a late heartbeat or a second runner that adopted the same
-job never rewrites a finished job, nor one another replica now runs.
+The lease is the job's status itself (`capray.io.lease`, `JobStore`): created with `If-None-Match`,
+renewed with the progress on `If-Match`, judged expired by the store's clock (a replica whose clock
+runs fast adopts nothing alive), and taken over by exactly one replica with the next fencing
+generation. A runner whose lease was taken over, or could not be renewed for 2/3 of
+`serve.job_lease_s`, cancels its Protector call and writes nothing more; a late renewal or a second
+runner never rewrites a finished job, nor one another replica now runs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from capray.config import ENGINE_SECTIONS, CaprayConfig
+from capray.io.lease import Lease, Seen
 from capray.serve import errors
 from capray.serve.limits import RequestError
 from capray.serve.requests import Submission, decode_photos
@@ -74,55 +78,43 @@ class JobRunner:
                              fixed_count=len(sub.fixed_files), created_at=now,
                              config=cfg.model_dump(mode="json", include=set(ENGINE_SECTIONS)))
         state = JobState(job_id=request.job_id, owner=owner, created_at=now, updated_at=now,
-                         steps_total=cfg.attack.total_pgd_steps, runner=self.tag, attempts=1,
-                         lease_until=now + self.limits.job_lease_s)
-        await self._io(self.store.create, request, [*sub.files, *sub.fixed_files], state)
-        self._spawn(state, request, (decoded, list(held)))
+                         steps_total=cfg.attack.total_pgd_steps, holder=self.tag, attempts=1)
+        claim = await self._io(self.store.create, request, [*sub.files, *sub.fixed_files], state,
+                               self.limits.job_lease_s)
+        self._spawn(claim, request, (decoded, list(held)))
         return state
 
-    def _spawn(self, state: JobState, request: JobRequest, decoded: tuple[list[Any], list[Any]] | None) -> None:
-        task = asyncio.create_task(self._run(state, request, decoded))
+    def _spawn(self, claim: Lease, request: JobRequest, decoded: tuple[list[Any], list[Any]] | None) -> None:
+        state = JobState.model_validate(claim.body)
+        task = asyncio.create_task(self._run(claim, state, request, decoded))
         self.running[state.job_id] = task
         task.add_done_callback(lambda _: self.running.pop(state.job_id, None))
 
-    async def _run(self, state: JobState, request: JobRequest, decoded: tuple[list[Any], list[Any]] | None) -> None:
-        stop = asyncio.Event()
+    async def _run(self, claim: Lease, state: JobState, request: JobRequest,
+                   decoded: tuple[list[Any], list[Any]] | None) -> None:
+        """One run under the job's lease: renewed with the progress every `heartbeat_s` (in the lease's
+        thread, so a busy event loop cannot let it lapse); once it is lost the run is cancelled (the
+        Protector stops at its next PGD step instead of finishing for no one) and nothing is written."""
         attempt = asyncio.ensure_future(self._attempt(state, request, decoded))
-
-        async def heartbeat() -> None:
-            """Renews the lease and publishes progress; ends when told to, or once the job is not this runner's
-            (then the run is cancelled: the Protector stops at its next PGD step instead of finishing for no one)."""
-            while True:
-                try:
-                    await asyncio.wait_for(stop.wait(), self.heartbeat_s)
-                    return
-                except TimeoutError:
-                    pass
-                state.lease_until = time.time() + self.limits.job_lease_s
-                try:
-                    if not await self._io(self.store.put_state, state, self.tag):
-                        errors.log.warning("job %s: taken over or finished elsewhere; runner %s stops running it",
-                                           state.job_id, self.tag)
-                        attempt.cancel()
-                        return
-                except Exception as exc:  # noqa: BLE001 - a storage hiccup: the next beat tries again
-                    errors.log.warning("job %s: lease renewal failed: %r", state.job_id, exc)
-
-        beat = asyncio.create_task(heartbeat())
+        loop = asyncio.get_running_loop()
+        claim.refresh = lambda: {"steps_done": state.steps_done, "steps_total": state.steps_total,
+                                 "updated_at": time.time()}
+        claim.period_s = self.heartbeat_s
+        claim.on_lost = lambda: loop.call_soon_threadsafe(attempt.cancel)
+        claim.start()
         try:
             status, detail = await attempt
         except asyncio.CancelledError:
-            if beat.done():  # the heartbeat cancelled a job that is no longer ours: nothing to write
+            claim.abandon()  # no more renewals, in either case: the lease runs out and another replica adopts it
+            if claim.lost:  # taken over, or not renewable: the job is not this runner's to write
+                errors.log.warning("job %s: %s; runner %s stops running it", state.job_id, claim.lost, self.tag)
                 return
-            raise  # this runner is cancelled (replica stopping): the job stays pending, its lease runs out
-        finally:
-            stop.set()
-            await beat  # a write already in a worker thread lands before the final one, never after it
+            raise  # this runner is cancelled (replica stopping): the job stays pending
         if status == "ok":
             pngs, result = detail
-            wrote = await self._io(self.store.finish, state, pngs, result.model_dump_json().encode(), self.tag)
+            wrote = await self._io(self.store.finish, claim, state, pngs, result.model_dump_json().encode())
         else:
-            wrote = await self._io(self.store.fail, state, detail, self.tag)
+            wrote = await self._io(self.store.fail, claim, state, detail)
         if not wrote:
             errors.log.warning("job %s: finished or taken over elsewhere; runner %s drops its %s outcome",
                                state.job_id, self.tag, status)
@@ -189,37 +181,49 @@ class JobRunner:
 
     # -- the sweep ------------------------------------------------------------------------------
     async def sweep(self) -> None:
-        """Take over pending jobs whose runner is gone; delete finished jobs past their TTL."""
-        now = time.time()
+        """Take over pending jobs whose runner is gone; repair what a crash left half-done; delete finished
+        jobs past their TTL."""
         for job_id in await self._io(self.store.pending_ids):
             if job_id in self.running:
                 continue
-            state = await self._io(self.store.state, job_id)
-            if state is None or state.status != "pending":
-                await self._io(self.store.drop_marker, job_id)  # a finish that stopped between its two writes
-            elif state.lease_until < now:
-                await self._adopt(state)
+            seen = await self._io(self.store.peek, job_id)
+            if seen is None:  # the replica died inside `create`, before the status
+                await self._io(self._orphan, job_id)
+                continue
+            state = JobState.model_validate(seen.body)  # expired by the TTL its holder renews for
+            if state.status != "pending":  # it died after the final status, before the markers
+                await self._io(self.store.settle, state)
+            elif seen.age_s > float(seen.body.get("ttl_s", self.limits.job_lease_s)) or state.holder is None:
+                await self._adopt(seen, state)
         for marker, job_id in await self._io(self.store.expired, self.limits.job_ttl_s):
             await self._io(self.store.expire, marker, job_id)
 
-    async def _adopt(self, state: JobState) -> None:
-        if state.attempts >= self.limits.job_attempts:
-            await self._io(self.store.fail, state, f"its runner was lost {state.attempts} time(s) (server restarts); "
-                                                   "not retried again", state.runner)
+    def _orphan(self, job_id: str) -> None:
+        """A pending marker with no status past the lease time: its uploads are deleted (nobody will run it)."""
+        age = self.store.marker_age(job_id)
+        if age is not None and age > self.limits.job_lease_s and self.store.peek(job_id) is None:
+            errors.log.warning("job %s: its upload never completed (replica lost while storing it); deleted", job_id)
+            self.store.delete(job_id)
+
+    async def _adopt(self, seen: Seen, state: JobState) -> None:
+        """Take the job over (exactly one replica's take-over of the version `seen` succeeds) and run it,
+        or fail it when its runners kept vanishing or its request is gone."""
+        previous, state.holder = state.holder, self.tag
+        give_up = (f"its runner was lost {state.attempts} time(s) (server restarts); not retried again"
+                   if state.attempts >= self.limits.job_attempts else None)
+        request = None if give_up else await self._io(self.store.request, state.job_id)
+        if give_up is None and request is None:
+            give_up = "the job's request is missing from the store"
+        if give_up is None:
+            state.attempts += 1
+        claim = await self._io(self.store.take_over, seen, state, self.limits.job_lease_s)
+        if claim is None:
+            return  # another replica adopted it, or it finished, since the sweep read it
+        if give_up is not None:
+            await self._io(self.store.fail, claim, state, give_up)
             return
-        request = await self._io(self.store.request, state.job_id)
-        if request is None:
-            await self._io(self.store.fail, state, "the job's request is missing from the store", state.runner)
-            return
-        previous = state.runner
-        state.runner, state.attempts = self.tag, state.attempts + 1
-        state.lease_until = time.time() + self.limits.job_lease_s
-        if not await self._io(self.store.put_state, state, previous):
-            return  # it finished, or another replica took it, since the sweep read it
-        await asyncio.sleep(0.2)  # two replicas adopting at once: the last writer runs it, the other backs off
-        current = await self._io(self.store.state, state.job_id)
-        if current is not None and current.runner == self.tag and current.status == "pending":
-            self._spawn(current, request, None)
+        errors.log.info("job %s: adopted from runner %s (attempt %d)", state.job_id, previous, state.attempts)
+        self._spawn(claim, request, None)
 
     async def sweep_forever(self) -> None:
         while True:

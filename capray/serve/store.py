@@ -5,14 +5,16 @@ cluster that accepted it (a RayService upgrade starts a new cluster on the same 
 
     STORE/jobs/<id>/job.json           the request: owner, identity, photo names, effective config
     STORE/jobs/<id>/input/<i>          the uploaded photo files, as sent (deleted when the job ends)
-    STORE/jobs/<id>/status.json        pending|ok|failed, progress, runner lease, attempts, error
+    STORE/jobs/<id>/status.json        pending|ok|failed, progress, attempts, error: the runner's lease
     STORE/jobs/<id>/result.json        the JobResult without pixel data
     STORE/jobs/<id>/photos/<i>.png     the protected photos
     STORE/pending/<id>                 one marker per unfinished job (capacity, orphan sweep)
     STORE/finished/<t>-<id>            one marker per finished job, t = finish time (expiry sweep)
 
 The two marker folders keep every sweep proportional to the jobs in flight or within their TTL,
-never to the whole history. Writes are whole-object (atomic on S3, temp+rename locally).
+never to the whole history. Writes are whole-object (atomic on S3, temp+rename locally). The status
+is the lease of the runner holding the job (`capray.io.lease`): created with `If-None-Match`, every
+later write conditional on the version its runner last wrote, its age judged by the store's clock.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import os
 import time
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from capray.io import lease
 from capray.io.storage import get_fs, join, write_bytes_atomic
 from capray.serve.schemas import JobStatusWord
 
@@ -41,6 +44,9 @@ class JobRequest(BaseModel):
 
 
 class JobState(BaseModel):
+    """A job's status: also the lease of the runner that holds it (`capray.io.lease`; the lease's own
+    `who`/`ttl_s`/`renewals` fields are in the stored object too, and ignored here)."""
+
     job_id: str
     owner: str
     status: JobStatusWord = "pending"
@@ -50,8 +56,8 @@ class JobState(BaseModel):
     error: str | None = None
     steps_done: int = 0
     steps_total: int = 0
-    runner: str | None = None
-    lease_until: float = 0.0
+    holder: str | None = Field(None, description="the runner holding the job; None while nobody does")
+    generation: int = Field(0, description="the lease's fencing generation: bumped by every take-over")
     attempts: int = 0
 
     @field_validator("status", mode="before")
@@ -59,6 +65,18 @@ class JobState(BaseModel):
     def _old_word(cls, value: Any) -> Any:
         """A store written before the statuses matched the manifest's says `done` for `ok`: still readable."""
         return "ok" if value == "done" else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_runner(cls, data: Any) -> Any:
+        """A store written before job claims were leases names the holder `runner`."""
+        if isinstance(data, dict) and "holder" not in data and "runner" in data:
+            data = {**data, "holder": data["runner"]}
+        return data
+
+    def lease_fields(self) -> dict[str, Any]:
+        """What goes into the lease's body beside the lease's own fields (holder, generation)."""
+        return self.model_dump(mode="json", exclude={"holder", "generation"})
 
 
 def default_store() -> str:
@@ -103,13 +121,33 @@ class JobStore:
             pass
 
     # -- jobs -----------------------------------------------------------------------------------
-    def create(self, request: JobRequest, files: list[bytes], state: JobState) -> None:
-        """Input files and the request first, the status and pending marker last: a job is visible only whole."""
+    def create(self, request: JobRequest, files: list[bytes], state: JobState, ttl_s: float,
+               **lease_options: Any) -> lease.Lease:
+        """The pending marker first (a crash from here on leaves something the sweep finds), then the input
+        files and the request, the status last: it is created as the lease of `state.holder`, generation 1.
+        The lease is not renewing yet: `start()` it."""
+        write_bytes_atomic(self.fs, self._pending(request.job_id), b"")
         for i, data in enumerate(files):
             write_bytes_atomic(self.fs, self._job(request.job_id, "input", str(i)), data)
         write_bytes_atomic(self.fs, self._job(request.job_id, "job.json"), request.model_dump_json().encode())
-        self.put_state(state)
-        write_bytes_atomic(self.fs, self._pending(request.job_id), b"")
+        held = lease.create(self._status(request.job_id), ttl_s, uri=self._job(request.job_id, "status.json"),
+                            holder=state.holder, extra=state.lease_fields(), **lease_options)
+        if held is None:
+            raise RuntimeError(f"job {request.job_id} already exists")
+        return held
+
+    def _status(self, job_id: str) -> lease.Backend:
+        return lease.backend_on(self.fs, self._job(job_id, "status.json"))
+
+    def peek(self, job_id: str) -> lease.Seen | None:
+        """The job's status as its lease: body, version, and age by the store's clock (None: no status)."""
+        return self._status(job_id).read()
+
+    def take_over(self, seen: lease.Seen, state: JobState, ttl_s: float, **lease_options: Any) -> lease.Lease | None:
+        """Hold the job whose status was `seen`, for `state.holder` (the next generation); None when
+        another replica changed it since (it adopted the job first, or the job finished)."""
+        return lease.take_over(self._status(state.job_id), seen, ttl_s, uri=self._job(state.job_id, "status.json"),
+                               holder=state.holder, extra=state.lease_fields(), **lease_options)
 
     def request(self, job_id: str) -> JobRequest | None:
         raw = self._read(self._job(job_id, "job.json"))
@@ -124,54 +162,47 @@ class JobStore:
         raw = self._read(self._job(job_id, "status.json"))
         return JobState.model_validate_json(raw) if raw is not None else None
 
-    def held_by(self, job_id: str, runner: str | None) -> bool:
-        """Whether the stored job is still pending and held by `runner`: a finished job, or one another
-        replica took over, is not this runner's to write."""
-        current = self.state(job_id)
-        return current is not None and current.status == "pending" and current.runner == runner
-
-    def put_state(self, state: JobState, runner: str | None = None) -> bool:
-        """Write the status; with `runner`, only while `held_by(runner)` (False when skipped).
-
-        Read-then-write, not compare-and-swap (S3 has none here): it keeps a late heartbeat or a second
-        runner from rewriting a finished job, though two writes at the very same moment can still both land.
-        """
-        if runner is not None and not self.held_by(state.job_id, runner):
-            return False
-        state.updated_at = self.clock()
-        write_bytes_atomic(self.fs, self._job(state.job_id, "status.json"), state.model_dump_json().encode())
-        return True
-
-    def finish(self, state: JobState, pngs: list[bytes], summary: bytes, runner: str | None = None) -> bool:
-        """Results before the status that points at them; then the markers move. `runner`: as in `put_state`."""
-        if runner is not None and not self.held_by(state.job_id, runner):
+    def finish(self, held: lease.Lease, state: JobState, pngs: list[bytes], summary: bytes) -> bool:
+        """Results before the status that points at them, and only while `held` (checked first, then the
+        status written on the lease's condition); False when the job is no longer this holder's."""
+        try:
+            held.check()
+        except lease.LeaseLost:
             return False
         for i, png in enumerate(pngs):
             write_bytes_atomic(self.fs, self._job(state.job_id, "photos", f"{i}.png"), png)
         write_bytes_atomic(self.fs, self._job(state.job_id, "result.json"), summary)
-        return self._close(state, "ok", None, runner)
+        return self._close(held, state, "ok", None)
 
-    def fail(self, state: JobState, error: str, runner: str | None = None) -> bool:
-        return self._close(state, "failed", error, runner)
+    def fail(self, held: lease.Lease, state: JobState, error: str) -> bool:
+        return self._close(held, state, "failed", error)
 
-    def _close(self, state: JobState, status: str, error: str | None, runner: str | None) -> bool:
+    def _close(self, held: lease.Lease, state: JobState, status: str, error: str | None) -> bool:
         state.status, state.error, state.finished_at = status, error, self.clock()
-        state.runner, state.lease_until = None, 0.0
-        if not self.put_state(state, runner):
+        state.updated_at = state.finished_at
+        if not held.finish({**held.body, **state.lease_fields()}):
             return False
-        write_bytes_atomic(self.fs, join(self.root, "finished", f"{int(state.finished_at)}-{state.job_id}"), b"")
-        self._remove(self._pending(state.job_id))
-        self._remove(self._job(state.job_id, "input"), recursive=True)  # users' photos are kept no longer than needed
+        self.settle(state)
         return True
+
+    def settle(self, state: JobState) -> None:
+        """After a job's final status: its finished marker, its pending marker gone, its uploads deleted
+        (users' photos are kept no longer than needed). Idempotent: the sweep repeats it for a replica
+        that died half-way through."""
+        write_bytes_atomic(self.fs, join(self.root, "finished", f"{int(state.finished_at or 0)}-{state.job_id}"), b"")
+        self._remove(self._job(state.job_id, "input"), recursive=True)
+        self._remove(self._pending(state.job_id))
+
+    def marker_age(self, job_id: str) -> float | None:
+        """Seconds since the job's pending marker was written, by the store's clock (None: no marker)."""
+        seen = lease.backend_on(self.fs, self._pending(job_id)).read()
+        return None if seen is None else seen.age_s
 
     def result(self, job_id: str) -> bytes | None:
         return self._read(self._job(job_id, "result.json"))
 
     def photo(self, job_id: str, index: int) -> bytes | None:
         return self._read(self._job(job_id, "photos", f"{index}.png"))
-
-    def drop_marker(self, job_id: str) -> None:
-        self._remove(self._pending(job_id))
 
     def delete(self, job_id: str) -> None:
         self._remove(self._job(job_id), recursive=True)
