@@ -242,6 +242,13 @@ class ServeConfig(_Strict):
     max_request_bytes: int = Field(100_000_000, ge=1, description="body size; larger is refused (413) while it streams")
     max_uploads_in_flight: int = Field(8, ge=1, description="request bodies one ingress replica reads at once (each "
                                        "up to max_request_bytes in memory); more are refused (503 + Retry-After)")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body may take this long, plus 1 s per "
+                                  "min_body_bytes_per_s bytes it has sent; a slower one is refused (408)")
+    min_body_bytes_per_s: int = Field(100_000, ge=1, description="the sustained upload rate a body must keep")
+    max_jobs_per_key: int = Field(8, ge=1, description="one API key's pending jobs (cluster-wide) plus its requests "
+                                  "in progress; more are refused (429 + Retry-After)")
+    max_bytes_per_key_per_min: int = Field(500_000_000, ge=1, description="request-body bytes one API key may send "
+                                           "each ingress replica per minute (429 + Retry-After)")
     max_photos: int = Field(16, ge=1)
     max_photo_bytes: int = Field(20_000_000, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, description="per photo (decompression-bomb guard)")
@@ -268,6 +275,9 @@ class ServeConfig(_Strict):
     def _check_scaling(self) -> ServeConfig:
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"serve.max_replicas ({self.max_replicas}) < serve.min_replicas ({self.min_replicas})")
+        if self.max_bytes_per_key_per_min < self.max_request_bytes:
+            raise ValueError(f"serve.max_bytes_per_key_per_min ({self.max_bytes_per_key_per_min}) < "
+                             f"serve.max_request_bytes ({self.max_request_bytes}): a largest request could never pass")
         if self.max_ongoing_requests <= self.target_ongoing_requests:
             raise ValueError("serve.max_ongoing_requests must exceed serve.target_ongoing_requests, "
                              "or the Protector never scales up")

@@ -109,10 +109,10 @@ def test_limits_default_to_batch_config():
 
 
 def test_results_json_config_masks_storage_secrets(smoke_config):
-    from capray.evaluate.pipeline import _redacted
+    from capray.io.storage import redacted_config
 
     cfg = smoke_config(batch={"storage_options": {"key": "id", "secret": "s3cr3t", "endpoint_url": "http://x"}})
-    opts = _redacted(cfg)["batch"]["storage_options"]
+    opts = redacted_config(cfg)["batch"]["storage_options"]
     assert opts == {"key": "***", "secret": "***", "endpoint_url": "http://x"}
 
 

@@ -105,6 +105,32 @@ def test_bad_files_raise_clear_errors(data, needle):
         decode(data)
 
 
+def _saved(fmt: str, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb(32, 32)).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def test_only_photo_formats_are_decoded_and_others_are_refused_by_name_before_any_decoder(monkeypatch):
+    """JPEG/PNG/WebP/TIFF/BMP decode; GIF, PPM, ICO, PSD-like headers are refused naming their format,
+    and no other plugin's opener runs (even on a file that would decode)."""
+    from PIL import GifImagePlugin
+
+    from capray.io.images import UnsupportedFormat, photo_formats
+
+    for fmt in ("JPEG", "PNG", "WEBP", "TIFF", "BMP"):
+        assert fmt in photo_formats()
+        assert decode(_saved(fmt)).rgb.shape == (32, 32, 3), fmt
+    opened = []
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "_open", lambda self: opened.append(1))
+    for fmt in ("GIF", "PPM", "ICO"):
+        with pytest.raises(UnsupportedFormat, match=f"{fmt} files are not accepted"):
+            decode(_saved(fmt))
+    with pytest.raises(UnsupportedFormat, match="PSD"):
+        decode(b"8BPS\x00\x01" + b"\x00" * 40)  # a Photoshop header: its parser never runs
+    assert opened == []
+
+
 def test_cmyk_grayscale_16bit_palette_alpha_handling():
     arr = rgb()
     buf = io.BytesIO()
@@ -173,6 +199,20 @@ def test_redact_hides_secrets():
                 "client_kwargs": {"aws_session_token": "T"}})
     assert r == {"key": "***", "secret": "***", "endpoint_url": "http://x",
                  "client_kwargs": {"aws_session_token": "***"}}
+
+
+def test_the_written_config_masks_both_workloads_storage_secrets():
+    """run.json and results.json write `redacted_config`: neither the library's nor the job store's keys."""
+    import json
+
+    from capray.config import load_config
+    from capray.io.storage import redacted_config
+
+    cfg = load_config(overrides={"batch": {"storage_options": {"secret": "B-SECRET", "endpoint_url": "http://s3"}},
+                                 "serve": {"store_options": {"key": "S-KEY"}}})
+    text = json.dumps(redacted_config(cfg))
+    assert "B-SECRET" not in text and "S-KEY" not in text and "http://s3" in text
+    assert cfg.serve.store_options["key"] == "S-KEY"  # the live config keeps them
 
 
 # -- discovery ---------------------------------------------------------------------------------------

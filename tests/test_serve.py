@@ -353,13 +353,13 @@ def test_uploads_in_flight_are_bounded_per_replica_before_the_body_is_read(tmp_p
 
     from capray.config import load_config
     from capray.serve.app import Ingress
-    from capray.serve.limits import RequestError, UploadSlots
+    from capray.serve.limits import KeyLimits, RequestError, UploadSlots
     from capray.serve.store import JobStore
 
     cfg = load_config(preset="smoke",
                       overrides={"serve": {"store": str(tmp_path / "store"), "max_uploads_in_flight": 2}})
     replica = SimpleNamespace(config=cfg, store=JobStore(cfg.serve.store), sync_in_flight=0,
-                              uploads=UploadSlots(cfg.serve.max_uploads_in_flight))
+                              uploads=UploadSlots(cfg.serve.max_uploads_in_flight), key_limits=KeyLimits(cfg.serve))
     admitted = Ingress.func_or_class._admitted
     good = json_body([base64.b64encode(_png(PHOTOS[0])).decode()])
 
@@ -395,6 +395,156 @@ def test_uploads_in_flight_are_bounded_per_replica_before_the_body_is_read(tmp_p
         assert await admit(upload(good, opened)) == 1
 
     asyncio.run(scenario())
+
+
+# -- the edge: slow bodies, per-key limits, formats, off-loop parsing, streamed downloads ----------------
+
+def _replica(tmp_path, **serve):
+    """The parts of an ingress replica that admission uses, on a local store (no Ray)."""
+    from types import SimpleNamespace
+
+    from capray.config import load_config
+    from capray.serve.limits import KeyLimits, UploadSlots
+    from capray.serve.store import JobStore
+
+    cfg = load_config(preset="smoke", overrides={"serve": {"store": str(tmp_path / "store"), **serve}})
+    return SimpleNamespace(config=cfg, store=JobStore(cfg.serve.store), sync_in_flight=0,
+                           uploads=UploadSlots(cfg.serve.max_uploads_in_flight), key_limits=KeyLimits(cfg.serve))
+
+
+def _request(chunks: list[bytes], delay_s: float = 0.0, content_type: bytes = b"application/json",
+             length: int | None = None, then_stall: bool = False):
+    """A request whose body arrives in `chunks`, `delay_s` apart (`then_stall`: and then nothing more)."""
+    from starlette.requests import Request
+
+    pending = list(chunks)
+
+    async def receive() -> dict:
+        if not pending:
+            await asyncio.sleep(3600)  # a client that stopped sending
+        await asyncio.sleep(delay_s)
+        chunk = pending.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending) or then_stall}
+
+    headers = [(b"content-type", content_type)] + ([(b"content-length", str(length).encode())] if length else [])
+    return Request({"type": "http", "method": "POST", "path": "/v1/protect", "query_string": b"",
+                    "headers": headers}, receive)
+
+
+async def _admit(replica, request, owner="k1") -> int:
+    from capray.serve.app import Ingress
+
+    async with Ingress.func_or_class._admitted(replica, request, owner) as (_sub, _cfg, decoded, _held):
+        return len(decoded)
+
+
+def _refusal(coro):
+    from capray.serve.limits import RequestError
+
+    with pytest.raises(RequestError) as info:
+        asyncio.run(coro)
+    return info.value
+
+
+def test_a_trickled_body_is_refused_in_time_and_gives_its_slot_back(tmp_path):
+    """One byte every 50 ms is far under 1 000 bytes/s: refused (408) after the initial allowance plus what
+    its bytes earned, not after the request timeout; a body at a fair rate is read whole."""
+    replica = _replica(tmp_path, body_timeout_s=0.3, min_body_bytes_per_s=1_000)
+    good = json_body([base64.b64encode(_png(PHOTOS[0])).decode()])
+    t0 = time.monotonic()
+    refused = _refusal(_admit(replica, _request([good[i:i + 1] for i in range(len(good))], delay_s=0.05)))
+    assert refused.status == 408 and "serve.min_body_bytes_per_s" in refused.detail["error"]
+    assert time.monotonic() - t0 < 2 and replica.uploads.used == 0 and not replica.key_limits.active
+    stalled = _refusal(_admit(replica, _request([good[:100]], then_stall=True)))  # a little, then nothing
+    assert stalled.status == 408
+    chunks = [good[i:i + 2_000] for i in range(0, len(good), 2_000)]
+    assert asyncio.run(_admit(replica, _request(chunks, delay_s=0.01))) == 1  # 200 kB/s: read whole
+
+
+def test_one_key_cannot_take_every_job_slot_or_the_bandwidth_and_others_still_get_in(tmp_path):
+    from capray.serve.store import JobRequest, JobState
+
+    replica = _replica(tmp_path, max_jobs_per_key=2, max_request_bytes=60_000, max_bytes_per_key_per_min=60_000)
+    good = json_body([base64.b64encode(_png(PHOTOS[0])).decode()])
+    for i in range(2):  # key k1 already has two pending jobs (on any replica: they are in the store)
+        job_id = f"{i:032x}"
+        replica.store.create(JobRequest(job_id=job_id, owner="k1", identity="x", names=[], config={}, created_at=0),
+                             [], JobState(job_id=job_id, owner="k1", created_at=0, updated_at=0, holder="r"), 60)
+    busy = _refusal(_admit(replica, _request([good]), owner="k1"))
+    assert busy.status == 429 and "serve.max_jobs_per_key" in busy.detail["error"] and busy.headers["Retry-After"]
+    assert asyncio.run(_admit(replica, _request([good]), owner="k2")) == 1  # another key is not held up
+    # bytes per minute: k2 has sent len(good); a declared body over what is left is refused before it is read
+    left = 60_000 - len(good)
+    over = _refusal(_admit(replica, _request([good], length=left + 1_000), owner="k2"))
+    assert over.status == 429 and "serve.max_bytes_per_key_per_min" in over.detail["error"]
+    assert 0 < int(over.headers["Retry-After"]) <= 60
+    # and one that does not say its length is cut off once its bytes pass the budget
+    cut = _refusal(_admit(replica, _request([b" " * 10_000] * 6), owner="k2"))
+    assert cut.status == 429 and replica.key_limits._tokens("k2") < 0
+    assert asyncio.run(_admit(replica, _request([good]), owner="k3")) == 1
+
+
+def test_a_config_whose_byte_budget_is_under_one_request_is_refused():
+    from pydantic import ValidationError
+
+    from capray.config import ServeConfig
+
+    with pytest.raises(ValidationError, match="max_bytes_per_key_per_min"):
+        ServeConfig(max_request_bytes=10_000_000, max_bytes_per_key_per_min=1_000_000)
+
+
+def test_other_image_formats_are_refused_with_415_before_decoding_and_json_is_parsed_off_the_loop(tmp_path,
+                                                                                               monkeypatch):
+    import threading
+
+    from PIL import Image
+
+    import capray.serve.requests
+
+    replica = _replica(tmp_path)
+    buf = io.BytesIO()
+    Image.fromarray(PHOTOS[0]).save(buf, format="GIF")
+    gif = json_body([base64.b64encode(_png(PHOTOS[1])).decode(), base64.b64encode(buf.getvalue()).decode()])
+    refused = _refusal(_admit(replica, _request([gif])))
+    assert refused.status == 415 and refused.detail["photo"] == 1 and "GIF" in refused.detail["error"]
+    parsed_on = []
+    real = capray.serve.requests.from_json
+
+    def recording(body, limits):
+        parsed_on.append(threading.current_thread() is threading.main_thread())
+        return real(body, limits)
+
+    monkeypatch.setattr(capray.serve.requests, "from_json", recording)
+    assert asyncio.run(_admit(replica, _request([json_body([base64.b64encode(_png(PHOTOS[0])).decode()])]))) == 1
+    assert parsed_on == [False], "the JSON body was parsed on the event loop's thread"
+
+
+def test_result_zip_is_streamed_one_photo_at_a_time():
+    """Each PNG is read just before its entry is sent; the chunks make the same archive a client unzips."""
+    import zipfile
+
+    from capray.serve.results import result_zip
+    from capray.serve.schemas import JobResult, PhotoOut
+
+    record = _record(3)
+    result = JobResult(**record.model_dump(), eps=0.05, eps_255=6.4,
+                       photos=[PhotoOut(name=f"p{i}.png", width=8, height=8, linf_255=1, psnr=50, ssim=1, notes=[])
+                               for i in range(3)])
+    events = []
+
+    def read_png(i):
+        events.append(f"read {i}")
+        return bytes([i]) * 1000
+
+    chunks = []
+    for chunk in result_zip(result, read_png):
+        events.append("sent")
+        chunks.append(chunk)
+    assert events == ["read 0", "sent", "read 1", "sent", "read 2", "sent", "sent"]
+    with zipfile.ZipFile(io.BytesIO(b"".join(chunks))) as zf:
+        assert zf.namelist() == ["00_p0.png", "01_p1.png", "02_p2.png", "summary.json"]
+        assert [zf.read(n) for n in zf.namelist()[:3]] == [bytes([i]) * 1000 for i in range(3)]
+    assert b"".join(result_zip(result, read_png)) == b"".join(chunks)  # deterministic bytes
 
 
 # -- the job store and runner without Ray ---------------------------------------------------------------
@@ -443,7 +593,10 @@ async def _until_settled(runner, job_id, timeout=10.0):
     raise AssertionError("job still pending")
 
 
-STORE_CLOCK_SLACK_S = 1.1  # S3 stamps (Last-Modified, Date) are whole seconds: a lease's age is ±1 s there
+def _slack(where) -> float:
+    """Margin past a lease's TTL before it reads as expired: S3 stamps (Last-Modified, Date) are whole
+    seconds, so a lease's age is ±1 s there; a local file's mtime is exact."""
+    return 0.1 if isinstance(where, Path) else 1.1
 
 
 @pytest.fixture
@@ -452,8 +605,10 @@ def s3_store(moto_s3, tmp_path):
     return f"s3://capray-jobs/{tmp_path.name}", moto_s3.bucket("capray-jobs")
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+@pytest.fixture(params=["local", pytest.param("s3", marks=[pytest.mark.s3, pytest.mark.slow])])
 def job_store(request, tmp_path):
+    """The store the runner tests run on: a local folder (fast tier) and the moto S3 server (slow tier:
+    whole-second stamps make its lease waits a second longer)."""
     return tmp_path if request.param == "local" else request.getfixturevalue("s3_store")
 
 
@@ -465,21 +620,21 @@ def test_store_keeps_the_job_and_a_lost_runner_is_replaced(job_store):
     tmp_path = job_store
 
     async def scenario():
-        lost, store, cfg = _runner(tmp_path, _invert, job_lease_s=2)
+        lost, store, cfg = _runner(tmp_path, _invert, job_lease_s=1)
         sub = _submission()
         decoded = decode_photos(sub.files, sub.names, cfg.serve)
         state = await lost.submit(sub, decoded, cfg, owner="k1")
         lost.running[state.job_id].cancel()  # the replica died mid-job: nobody renews the lease
         # and a job whose runners kept vanishing: it ends failed, with the reason
         stuck = JobState(job_id="f" * 32, owner="k1", created_at=0, updated_at=0, attempts=2, holder="gone")
-        store.create(store.request(state.job_id).model_copy(update={"job_id": stuck.job_id}), sub.files, stuck, 2)
+        store.create(store.request(state.job_id).model_copy(update={"job_id": stuck.job_id}), sub.files, stuck, 1)
         await asyncio.sleep(0)
         assert store.state(state.job_id).status == "pending" and state.job_id in store.pending_ids()
-        other, _, _ = _runner(tmp_path, _invert, job_lease_s=2)
+        other, _, _ = _runner(tmp_path, _invert, job_lease_s=1)
         other.tag = "r2"
         await other.sweep()
         assert not other.running  # the lease has not run out yet (by the store's clock)
-        await asyncio.sleep(2.1 + STORE_CLOCK_SLACK_S)
+        await asyncio.sleep(1 + _slack(tmp_path))
         await other.sweep()
         done = await _until_settled(other, state.job_id)
         assert (done.status, done.attempts, done.steps_done, done.steps_total) == ("ok", 2, 2, 2)
@@ -733,7 +888,7 @@ def test_a_runner_that_cannot_renew_stops_in_time_and_the_job_is_run_elsewhere(j
         last = store.peek(state.job_id)
         other, _, _ = _runner(job_store, _invert, job_lease_s=1.2)
         other.tag = "r2"
-        await asyncio.sleep(1.3 + STORE_CLOCK_SLACK_S)
+        await asyncio.sleep(1.2 + _slack(job_store))
         assert store.peek(state.job_id).etag == last.etag, "the stopped runner wrote after giving up"
         await other.sweep()
         return stopped_after, await _until_settled(other, state.job_id)
@@ -761,7 +916,7 @@ def test_two_replicas_sweeping_at_once_run_an_expired_job_once(job_store):
                              config=cfg.model_dump(mode="json", include=set(ENGINE_SECTIONS)))
         state = JobState(job_id=job_id, owner="k1", created_at=0, updated_at=0, holder="gone", attempts=1)
         store.create(request, [_png(a) for a in PHOTOS], state, 1)  # by a runner that then vanished
-        await asyncio.sleep(1 + STORE_CLOCK_SLACK_S)
+        await asyncio.sleep(1 + _slack(job_store))
         replicas = []
         for tag in ("r2", "r3", "r4"):
             replica, _, _ = _runner(job_store, counted, job_lease_s=1)
@@ -833,7 +988,7 @@ def test_the_sweep_repairs_a_finish_cut_short_and_deletes_uploads_nobody_will_ru
         runner, _, _ = _runner(job_store, _invert, job_lease_s=1, job_ttl_s=3600)
         await runner.sweep()
         assert store.pending_ids() == [orphan_id], "an upload still within the lease time was deleted"
-        await asyncio.sleep(1 + STORE_CLOCK_SLACK_S)
+        await asyncio.sleep(1 + _slack(job_store))
         await runner.sweep()
 
     asyncio.run(sweeps())
@@ -899,7 +1054,7 @@ def test_a_rerun_job_gets_its_fixed_photos_back_from_the_store(tmp_path):
         lost = store.state(state.job_id).model_copy(update={"status": "pending", "holder": "gone",
                                                             "finished_at": None})
         request = store.request(state.job_id)
-        store.delete(state.job_id)  # as if its first runner died before the outcome
+        store.delete(state.job_id, "k1")  # as if its first runner died before the outcome
         store.create(request, [_png(PHOTOS[0]), _png(PHOTOS[1])], lost, 0.3)
         await asyncio.sleep(0.4)
         await runner.sweep()

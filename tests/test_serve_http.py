@@ -173,6 +173,7 @@ def test_result_zip_holds_the_same_pngs_and_a_summary(client, finished):
     job = finished["ids"][1]
     resp = client.get(f"/v1/jobs/{job}/result.zip", headers=_auth())
     assert resp.status_code == 200 and resp.headers["content-type"] == "application/zip"
+    assert "content-length" not in resp.headers  # streamed entry by entry, never built whole in memory
     with zipfile.ZipFile(io.BytesIO(resp.content)) as zf:
         names = zf.namelist()
         assert names == ["00_p0.png", "01_p1.png", "summary.json"]
@@ -265,10 +266,15 @@ def test_a_job_whose_runner_vanished_is_rerun_with_the_same_pixels(client, serve
 
 def test_bad_requests_are_refused_with_clear_4xx(client):
     bad_image = _json_body()
-    bad_image["photos"][1]["data"] = base64.b64encode(b"GIF89a but not really").decode()
+    bad_image["photos"][1]["data"] = base64.b64encode(b"\x89PNG\r\n\x1a\n but not really").decode()
     resp = client.post("/v1/protect", json=bad_image, headers=_auth())
     assert resp.status_code == 422 and resp.json()["detail"]["photo"] == 1, resp.text
     assert client.post("/v1/protect:sync", json=bad_image, headers=_auth()).status_code == 422
+    other_format = _json_body()
+    other_format["photos"][1]["data"] = base64.b64encode(b"8BPS\x00\x01" + bytes(40)).decode()  # Photoshop
+    for route in ("/v1/protect", "/v1/protect:sync"):
+        resp = client.post(route, json=other_format, headers=_auth())
+        assert resp.status_code == 415 and "PSD files are not accepted" in resp.json()["detail"]["error"], resp.text
     cases = [
         (dict(json=_json_body(PHOTOS * 3)), 413, "at most 4"),  # 6 photos > max_photos
         (_multipart(PHOTOS * 3), 413, "at most 4"),
@@ -308,7 +314,7 @@ def test_capacity_is_checked_before_the_body_is_read(client, served):
         assert client.post("/v1/protect:sync", json=_json_body(), headers=_auth()).status_code == 503
     finally:
         for job_id in fake:
-            store.delete(job_id)
+            store.delete(job_id, "x")
     assert client.post("/v1/protect", content=b"{not json", headers={**_auth(), "content-type": "application/json"}
                        ).status_code == 422
 

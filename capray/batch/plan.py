@@ -24,7 +24,7 @@ from capray.io.storage import (
     join,
     normalize_uri,
     overlaps,
-    redact,
+    redacted_config,
     remove_stale_temps,
     write_bytes_atomic,
 )
@@ -133,8 +133,7 @@ def write_run_file(plan: Plan, cfg: CaprayConfig, extra: dict[str, Any] | None =
     """OUT/run.json: the effective config (secrets redacted); rewritten at the end with the run's totals."""
     import ray
 
-    effective = cfg.model_dump(mode="json")
-    effective["batch"]["storage_options"] = redact(effective["batch"]["storage_options"])
+    effective = redacted_config(cfg)
     body = {
         "capray_version": __version__, "ray_version": ray.__version__, "config_hash": cfg.config_hash(),
         "input": plan.input, "input_kind": plan.kind, "output": plan.output, "run_id": plan.run_id,

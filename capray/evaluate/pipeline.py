@@ -16,7 +16,7 @@ from capray.evaluate.report import render
 from capray.evaluate.runner import IdentityTask, run_identities
 from capray.evaluate.transforms import parse_transform
 from capray.io.naming import identity_problem
-from capray.io.storage import join, normalize_uri, redact
+from capray.io.storage import join, normalize_uri, redacted_config
 
 
 def evaluate(clean: str | PathLike, protected: list[str | PathLike], out: str | PathLike, cfg: CaprayConfig, *,
@@ -53,7 +53,7 @@ def evaluate(clean: str | PathLike, protected: list[str | PathLike], out: str | 
         "guidance_scale": cfg.evaluate.guidance_scale,
         "sources": [{**asdict(s), "transform": s.transform.label if s.transform else None} for s in sources],
         "seconds": round(time.perf_counter() - started, 3),
-        "config": _redacted(cfg),
+        "config": redacted_config(cfg),
     }
     files.write(join(out, "results.json"),
                 json.dumps({"meta": meta, "identities": results}, indent=1, default=str).encode("utf-8"))
@@ -62,8 +62,3 @@ def evaluate(clean: str | PathLike, protected: list[str | PathLike], out: str | 
     return {"meta": meta, "identities": results, "report": str(html_path), "summary": str(md_path)}
 
 
-def _redacted(cfg: CaprayConfig) -> dict[str, Any]:
-    """The effective config for results.json, storage secrets masked (as protect's run.json)."""
-    effective = json.loads(cfg.model_dump_json())
-    effective["batch"]["storage_options"] = redact(effective["batch"]["storage_options"])
-    return effective

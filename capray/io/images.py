@@ -1,7 +1,10 @@
 """Decode untrusted photos safely and encode protected ones losslessly.
 
-Decoding checks the file size, the image header's pixel count (decompression bombs) and the minimum
-side *before* pixels are decoded, refuses truncated files (Pillow's default), applies the EXIF
+Only photo formats are decoded (`PHOTO_FORMATS`): a file whose header says PSD, FITS, EPS, DDS or any
+other format Pillow knows is refused by name before any decoder of it runs (`UnsupportedFormat`),
+so an exploit in a rarely used parser is not reachable from an upload. Decoding checks the file
+size, the image header's pixel count (decompression bombs) and the minimum side *before* pixels are
+decoded, refuses truncated files (Pillow's default), applies the EXIF
 orientation (the photo is protected and written the way it is displayed), and maps every mode to
 8-bit RGB: grayscale is replicated to three channels, CMYK goes through Pillow's conversion, 16-bit
 images are scaled (not clipped) to 8 bits. An alpha channel is kept aside and re-attached unchanged
@@ -24,6 +27,44 @@ PNG_COMPRESS_LEVEL = 6
 
 class BadImage(ValueError):
     """A photo that cannot be used; the message says why in words a user understands."""
+
+
+class UnsupportedFormat(BadImage):
+    """A file of an image format capray does not decode (the endpoint answers 415)."""
+
+
+# Photo formats decoded from untrusted input. HEIF/HEIC joins when the pillow-heif plugin is installed.
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "HEIF")
+
+
+def photo_formats() -> tuple[str, ...]:
+    """The allowlist's formats this Pillow can open (HEIF only with its plugin registered)."""
+    Image.init()
+    return tuple(f for f in PHOTO_FORMATS if f in Image.OPEN)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format a file's first bytes announce, by Pillow's own prefix checks (no decoder runs), or None."""
+    Image.init()
+    prefix = data[:64]
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        if accept is not None and accept(prefix):
+            return fmt
+    return None
+
+
+def check_format(data: bytes) -> None:
+    """`UnsupportedFormat` naming the format when the file is an image of a format not allowed."""
+    fmt = sniff_format(data)
+    if fmt is not None and fmt not in photo_formats():
+        raise UnsupportedFormat(f"{fmt} files are not accepted; send {', '.join(photo_formats())}")
+
+
+def open_photo(data: bytes) -> Image.Image:
+    """Open a photo's header with the allowlisted decoders only (pixels load later, after the checks)."""
+    check_format(data)
+    return Image.open(io.BytesIO(data), formats=photo_formats())
 
 
 @dataclass
@@ -74,7 +115,7 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 8,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return decoded_from_pil(Image.open(io.BytesIO(data)), max_pixels=max_pixels, min_side=min_side,
+            return decoded_from_pil(open_photo(data), max_pixels=max_pixels, min_side=min_side,
                                     max_pixels_key=max_pixels_key)
     except BadImage:
         raise

@@ -170,3 +170,12 @@ def redact(options: Any) -> Any:
     if isinstance(options, list):
         return [redact(v) for v in options]
     return options
+
+
+def redacted_config(cfg: Any) -> dict[str, Any]:
+    """A `CaprayConfig` as written down (run.json, results.json): every storage option that names a key,
+    secret, token or password masked, the batch job's and the job store's alike."""
+    effective = cfg.model_dump(mode="json")
+    effective["batch"]["storage_options"] = redact(effective["batch"]["storage_options"])
+    effective["serve"]["store_options"] = redact(effective["serve"]["store_options"])
+    return effective

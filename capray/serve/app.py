@@ -37,7 +37,7 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -49,7 +49,7 @@ from capray.metrics import SERVE_GROUPS, Metric
 from capray.serve import errors
 from capray.serve.auth import AuthError, KeyRing, check_exposure
 from capray.serve.body_limit import missing_guard
-from capray.serve.limits import RequestError, UploadSlots, check_pixels, effective_config
+from capray.serve.limits import KeyLimits, RequestError, UploadSlots, check_pixels, effective_config
 from capray.serve.requests import check_counts, decode_photos, read_submission
 from capray.serve.results import build_result, result_zip
 from capray.serve.runner import JobRunner
@@ -225,6 +225,7 @@ class Ingress:
         self.runner = JobRunner(self.store, self.config, self._protect, self.tag)
         self.sync_in_flight = 0
         self.uploads = UploadSlots(s.max_uploads_in_flight)
+        self.key_limits = KeyLimits(s)
         self.finished = Metric(SERVE_GROUPS, serve=True)
         self.sweeper = asyncio.get_running_loop().create_task(self.runner.sweep_forever())
 
@@ -242,24 +243,29 @@ class Ingress:
 
     @contextlib.asynccontextmanager
     async def _admitted(self, request: Request, owner: str):
-        """Capacity first (nothing read yet), then the body, the overrides, the fixed photos (uploaded,
-        or a finished job of the same caller), the pixel budget, the decode.
+        """Capacity and the caller's own limits first (nothing read yet), then the body, the overrides,
+        the fixed photos (uploaded, or a finished job of the same caller), formats and the pixel budget,
+        the decode.
 
         All of it, and whatever the caller does inside (storing the job), holds one of this replica's
-        upload slots (`serve.max_uploads_in_flight`): the body is in memory until then.
+        upload slots (`serve.max_uploads_in_flight`) and counts as one of the caller's requests in
+        progress (`serve.max_jobs_per_key`): the body is in memory until then.
         """
-        pending = len(await asyncio.to_thread(self.store.pending_ids)) + self.sync_in_flight + self.uploads.used
-        if pending >= self.config.serve.capacity:
+        jobs = await asyncio.to_thread(self.store.pending)
+        if len(jobs) + self.sync_in_flight + self.uploads.used >= self.config.serve.capacity:
             raise RequestError(503, "server busy: too many pending jobs, retry later", headers={"Retry-After": "30"})
-        with self.uploads.take():
-            sub = await read_submission(request, self.config.serve)
+        declared = request.headers.get("content-length", "")
+        self.key_limits.check(owner, sum(1 for _, of in jobs if of == owner),
+                              int(declared) if declared.isdigit() else None)
+        with self.uploads.take(), self.key_limits.take(owner):
+            sub = await read_submission(request, self.config.serve, lambda n: self.key_limits.charge(owner, n))
             cfg = effective_config(self.config, sub.config)
             if sub.fixed_jobs:
                 published = [png for job_id in dict.fromkeys(sub.fixed_jobs)
                              for png in await self._published_by(owner, job_id)]
                 sub.fixed_files = [*published, *sub.fixed_files]
                 check_counts(len(sub.files), self.config.serve, len(sub.fixed_files))
-            check_pixels([*sub.files, *sub.fixed_files], self.config.serve)
+            await asyncio.to_thread(check_pixels, [*sub.files, *sub.fixed_files], self.config.serve)
             decoded = await asyncio.to_thread(decode_photos, sub.files, sub.names, self.config.serve)
             held = await asyncio.to_thread(decode_photos, sub.fixed_files, [], self.config.serve)
             yield sub, cfg, decoded, held
@@ -288,7 +294,7 @@ class Ingress:
         if state is None or state.owner != owner:
             raise _not_found(job_id)
         if state.finished_at is not None and time.time() - state.finished_at > self.config.serve.job_ttl_s:
-            await asyncio.to_thread(self.store.delete, job_id)
+            await asyncio.to_thread(self.store.delete, job_id, owner)
             raise _not_found(job_id)
         return state
 
@@ -334,27 +340,32 @@ class Ingress:
              responses={200: {"content": {"application/zip": {}}}})
     async def job_zip(self, job_id: str, request: Request) -> Response:
         await self._finished(request, job_id)
-        result, pngs = await self._result_pngs(job_id)
-        body = await asyncio.to_thread(result_zip, result, pngs)
-        return Response(body, media_type="application/zip",
-                        headers={"Content-Disposition": f'attachment; filename="capray-{job_id}.zip"'})
+        result = JobResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
+        # a sync iterator: Starlette runs it in a worker thread, store reads included, one photo at a time
+        return StreamingResponse(result_zip(result, lambda i: self.store.photo(job_id, i)),
+                                 media_type="application/zip",
+                                 headers={"Content-Disposition": f'attachment; filename="capray-{job_id}.zip"'})
 
     @api.post("/v1/protect:sync", response_model=JobResult, openapi_extra=BODY_DOC)
     async def protect_sync(self, request: Request) -> JobResult:
-        async with self._admitted(request, self._caller(request)) as (sub, cfg, decoded, held):
-            self.sync_in_flight += 1  # from here on it counts as a pending job
-        try:
-            protected, record = await asyncio.wait_for(
-                self._protect([d.rgb for d in decoded], cfg, sub.identity, None, [d.rgb for d in held]),
-                timeout=self.config.serve.job_timeout_s)
-        except TimeoutError:
-            raise RequestError(504, errors.timed_out(self.config.serve.job_timeout_s)) from None
-        except Exception as exc:  # noqa: BLE001 - a short, stable message; the detail goes to the log
-            message = errors.public_error(exc)
-            status = 503 if message == errors.BUSY else 422 if message.startswith("invalid input") else 500
-            raise RequestError(status, message, headers={"Retry-After": "30"} if status == 503 else None) from None
-        finally:
-            self.sync_in_flight -= 1
+        owner = self._caller(request)
+        with contextlib.ExitStack() as in_progress:
+            async with self._admitted(request, owner) as (sub, cfg, decoded, held):
+                self.sync_in_flight += 1  # from here on it counts as a pending job, and as one of the caller's
+                in_progress.enter_context(self.key_limits.take(owner))
+            try:
+                protected, record = await asyncio.wait_for(
+                    self._protect([d.rgb for d in decoded], cfg, sub.identity, None, [d.rgb for d in held]),
+                    timeout=self.config.serve.job_timeout_s)
+            except TimeoutError:
+                raise RequestError(504, errors.timed_out(self.config.serve.job_timeout_s)) from None
+            except Exception as exc:  # noqa: BLE001 - a short, stable message; the detail goes to the log
+                message = errors.public_error(exc)
+                status = 503 if message == errors.BUSY else 422 if message.startswith("invalid input") else 500
+                raise RequestError(status, message,
+                                   headers={"Retry-After": "30"} if status == 503 else None) from None
+            finally:
+                self.sync_in_flight -= 1
         pngs, result = await asyncio.to_thread(build_result, sub.names, decoded, protected, record, cfg)
         for photo, png in zip(result.photos, pngs):
             photo.png = base64.b64encode(png).decode("ascii")

@@ -1,14 +1,18 @@
 """Limits enforced before the work they prevent: body bytes, pixels, and what a request's overrides may cost.
 
-Order matters and is the route's: capacity and uploads in flight (nothing read yet) → body bytes
-while they stream in → override policy (nothing decoded yet) → total pixels from the image headers →
-decode. Each refusal is a `RequestError` with a stable, short message naming the limit.
+Order matters and is the route's: capacity, uploads in flight and the key's own limits (nothing read
+yet) → body bytes and their rate while they stream in → override policy (nothing decoded yet) → photo
+formats and total pixels from the image headers → decode. Each refusal is a `RequestError` with a
+stable, short message naming the limit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
-import io
+import math
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -62,40 +66,121 @@ def check_declared_length(headers: Any, limit: int) -> None:
         raise too_large(limit)
 
 
-def limited_receive(receive: Callable[[], Awaitable[dict]], limit: int) -> Callable[[], Awaitable[dict]]:
-    """An ASGI `receive` that raises 413 as soon as more than `limit` body bytes have arrived."""
-    seen = 0
+def too_slow(seen: int, elapsed: float, limits: ServeConfig) -> RequestError:
+    return RequestError(408, f"request body too slow: {seen} bytes in {elapsed:.0f} s (at least "
+                             f"{limits.min_body_bytes_per_s} bytes/s after the first {limits.body_timeout_s:.0f} s; "
+                             "serve.min_body_bytes_per_s, serve.body_timeout_s)", headers={"Connection": "close"})
+
+
+def guarded_receive(receive: Callable[[], Awaitable[dict]], limits: ServeConfig,
+                    charge: Callable[[int], None] | None = None,
+                    clock: Callable[[], float] = time.monotonic) -> Callable[[], Awaitable[dict]]:
+    """An ASGI `receive` that refuses a body over `serve.max_request_bytes` (413) as soon as the bytes
+    pass it, and one arriving slower than `body_timeout_s + bytes / min_body_bytes_per_s` (408: a client
+    trickling bytes holds an upload slot no longer than that); `charge` counts each chunk to its key."""
+    seen, start = 0, clock()
 
     async def wrapped() -> dict:
         nonlocal seen
-        message = await receive()
+        allowed = start + limits.body_timeout_s + seen / limits.min_body_bytes_per_s
+        try:
+            message = await asyncio.wait_for(receive(), timeout=max(allowed - clock(), 0.0))
+        except TimeoutError:
+            raise too_slow(seen, clock() - start, limits) from None
         if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise too_large(limit)
+            chunk = len(message.get("body", b""))
+            seen += chunk
+            if seen > limits.max_request_bytes:
+                raise too_large(limits.max_request_bytes)
+            if charge is not None:
+                charge(chunk)
         return message
 
     return wrapped
 
 
-# -- pixels -------------------------------------------------------------------------------------
+# -- per API key ---------------------------------------------------------------------------------
+
+class KeyLimits:
+    """One API key's share of an ingress replica: its requests in progress here (which, with its pending
+    jobs in the store, `serve.max_jobs_per_key` bounds) and a token bucket of the body bytes it sends
+    (`serve.max_bytes_per_key_per_min`, refilled continuously). Without them one key holder could fill
+    every upload slot and pending job, and starve every other caller.
+
+    Keys come from the server's key ring (a bounded set), so the per-key tables stay small."""
+
+    def __init__(self, limits: ServeConfig, clock: Callable[[], float] = time.monotonic):
+        self.max_jobs = limits.max_jobs_per_key
+        self.capacity = float(limits.max_bytes_per_key_per_min)
+        self.rate = self.capacity / 60.0
+        self.clock = clock
+        self.active: collections.Counter[str] = collections.Counter()
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
+
+    def _tokens(self, key: str) -> float:
+        tokens, when = self._buckets.get(key, (self.capacity, self.clock()))
+        return min(self.capacity, tokens + (self.clock() - when) * self.rate)
+
+    def _over_rate(self, short: float) -> RequestError:
+        return RequestError(429, f"this API key sent more than {int(self.capacity)} bytes in the last minute "
+                                 "(serve.max_bytes_per_key_per_min), retry later",
+                            headers={"Retry-After": str(max(1, math.ceil(short / self.rate)))})
+
+    def check(self, key: str, pending_jobs: int, declared_bytes: int | None) -> None:
+        """Before a body is read: the key's jobs in flight, and room in its byte budget for what it declares."""
+        in_flight = pending_jobs + self.active[key]
+        if in_flight >= self.max_jobs:
+            raise RequestError(429, f"this API key has {in_flight} jobs in progress; at most {self.max_jobs} "
+                                    "(serve.max_jobs_per_key), retry when one finishes", headers={"Retry-After": "30"})
+        tokens, needed = self._tokens(key), float(declared_bytes or 1)
+        if tokens < needed:
+            raise self._over_rate(needed - tokens)
+
+    def charge(self, key: str, nbytes: int) -> None:
+        """Count body bytes as they arrive; 429 once the key's budget is spent (the body is not read further)."""
+        tokens = self._tokens(key) - nbytes
+        self._buckets[key] = (tokens, self.clock())
+        if tokens < 0:
+            raise self._over_rate(-tokens)
+
+    @contextlib.contextmanager
+    def take(self, key: str) -> Iterator[None]:
+        """Count one request of `key` in progress on this replica (no await between check and count)."""
+        self.active[key] += 1
+        try:
+            yield
+        finally:
+            self.active[key] -= 1
+            if not self.active[key]:
+                del self.active[key]
+
+
+# -- formats and pixels --------------------------------------------------------------------------
 
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header without decoding the pixels; None when unreadable."""
-    from PIL import Image
+    """(width, height) from an allowed photo's header without decoding the pixels; None when unreadable."""
+    from capray.io.images import BadImage, open_photo
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_photo(data) as img:
             return img.size
+    except BadImage:
+        raise
     except Exception:  # undecodable files are refused with their reason by the decoder
         return None
 
 
 def check_pixels(files: list[bytes], limits: ServeConfig) -> None:
-    """The per-request pixel budget, from headers: 16 flat 40 MP PNGs are refused before any decode."""
+    """Formats first (415 naming the photo), then the per-request pixel budget from the headers: 16 flat
+    40 MP PNGs are refused before any decode. Runs in a worker thread: headers are parsed here."""
+    from capray.io.images import UnsupportedFormat
+
     total = 0
-    for data in files:
-        size = header_size(data)
+    for i, data in enumerate(files):
+        try:
+            size = header_size(data)
+        except UnsupportedFormat as exc:
+            raise RequestError(415, f"cannot use this photo: {exc}", photo=i) from None
         if size:
             total += size[0] * size[1]
     if total > limits.max_request_pixels:

@@ -1,8 +1,9 @@
 """Turn an HTTP request body (JSON with base64 photos, or multipart photo files) into a `Submission`.
 
 Both forms end in the same thing — the photo files' bytes, their names, the identity and the config
-overrides — so they give the same pixels. The body is read through `limits.limited_receive`: JSON is
-held in memory only up to `serve.max_request_bytes`, multipart files spool to disk as they stream.
+overrides — so they give the same pixels. The body is read through `limits.guarded_receive` (size,
+rate, the key's byte budget): JSON is held in memory only up to `serve.max_request_bytes` and parsed in
+a worker thread (a 100 MB body must not stall the event loop); multipart files spool to disk as they stream.
 Photos are decoded here too, after the pixel budget has been checked on their headers.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +20,7 @@ from pydantic import ValidationError
 
 from capray.config import ServeConfig
 from capray.io.images import BadImage, DecodedImage, decode_image
-from capray.serve.limits import RequestError, check_declared_length, limited_receive
+from capray.serve.limits import RequestError, check_declared_length, guarded_receive
 from capray.serve.schemas import ProtectOptions, ProtectRequest
 
 PHOTO_FIELDS = ("photo", "photos")  # multipart file fields that carry photos (repeat the field per photo)
@@ -120,18 +122,22 @@ async def _read_uploads(uploads: list, limits: ServeConfig, where: str = "photo"
     return files
 
 
-async def read_submission(request: Any, limits: ServeConfig) -> Submission:
-    """The request's body as a `Submission`, refusing an oversized body while it streams in."""
+async def read_submission(request: Any, limits: ServeConfig,
+                          charge: Callable[[int], None] | None = None) -> Submission:
+    """The request's body as a `Submission`, refusing an oversized or too slow body while it streams in;
+    `charge` counts its bytes to the caller's budget as they arrive."""
+    import asyncio
+
     from starlette.requests import Request
 
     check_declared_length(request.headers, limits.max_request_bytes)
-    bounded = Request(request.scope, receive=limited_receive(request.receive, limits.max_request_bytes))
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in ("multipart/form-data", "application/json", ""):
+        raise RequestError(415, "send application/json or multipart/form-data")
+    bounded = Request(request.scope, receive=guarded_receive(request.receive, limits, charge))
     if kind == "multipart/form-data":
         return await from_multipart(bounded, limits)
-    if kind in ("application/json", ""):
-        return from_json(await bounded.body(), limits)
-    raise RequestError(415, "send application/json or multipart/form-data")
+    return await asyncio.to_thread(from_json, await bounded.body(), limits)
 
 
 def decode_photos(files: list[bytes], names: list[str | None], limits: ServeConfig) -> list[DecodedImage]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import zipfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from capray.attack.api import ProtectionRecord
@@ -34,12 +34,36 @@ def zip_name(index: int, name: str | None) -> str:
     return f"{index:02d}_{stem or 'photo'}.png"
 
 
-def result_zip(result: JobResult, pngs: list[bytes]) -> bytes:
-    """All protected PNGs plus `summary.json` (the result record); PNGs are stored, not recompressed."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for i, (photo, png) in enumerate(zip(result.photos, pngs)):
+class _Sink:
+    """A write-only stream the zip is written into and drained from, entry by entry."""
+
+    def __init__(self):
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.chunks.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def drain(self) -> bytes:
+        out, self.chunks = b"".join(self.chunks), []
+        return out
+
+
+def result_zip(result: JobResult, read_png: Callable[[int], bytes | None]) -> Iterator[bytes]:
+    """All protected PNGs plus `summary.json` (the result record), as chunks to stream: one PNG is read
+    (`read_png(i)`) and held at a time, so a download costs the server one photo of memory, not the job's.
+    PNGs are stored, not recompressed; fixed timestamps make the bytes deterministic."""
+    sink = _Sink()
+    with zipfile.ZipFile(sink, "w") as zf:
+        for i, photo in enumerate(result.photos):
+            png = read_png(i)
+            if png is None:
+                raise FileNotFoundError(f"protected photo {i} is missing from the job store")
             zf.writestr(zipfile.ZipInfo(zip_name(i, photo.name), (1980, 1, 1, 0, 0, 0)), png)
+            yield sink.drain()
         summary = json.dumps(result.model_dump(mode="json", exclude={"photos": {"__all__": {"png"}}}), indent=1)
         zf.writestr(zipfile.ZipInfo("summary.json", (1980, 1, 1, 0, 0, 0)), summary)
-    return buf.getvalue()
+    yield sink.drain()

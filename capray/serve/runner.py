@@ -183,12 +183,12 @@ class JobRunner:
     async def sweep(self) -> None:
         """Take over pending jobs whose runner is gone; repair what a crash left half-done; delete finished
         jobs past their TTL."""
-        for job_id in await self._io(self.store.pending_ids):
+        for job_id, owner in await self._io(self.store.pending):
             if job_id in self.running:
                 continue
             seen = await self._io(self.store.peek, job_id)
             if seen is None:  # the replica died inside `create`, before the status
-                await self._io(self._orphan, job_id)
+                await self._io(self._orphan, job_id, owner)
                 continue
             state = JobState.model_validate(seen.body)  # expired by the TTL its holder renews for
             if state.status != "pending":  # it died after the final status, before the markers
@@ -198,12 +198,12 @@ class JobRunner:
         for marker, job_id in await self._io(self.store.expired, self.limits.job_ttl_s):
             await self._io(self.store.expire, marker, job_id)
 
-    def _orphan(self, job_id: str) -> None:
+    def _orphan(self, job_id: str, owner: str | None) -> None:
         """A pending marker with no status past the lease time: its uploads are deleted (nobody will run it)."""
-        age = self.store.marker_age(job_id)
+        age = self.store.marker_age(job_id, owner)
         if age is not None and age > self.limits.job_lease_s and self.store.peek(job_id) is None:
             errors.log.warning("job %s: its upload never completed (replica lost while storing it); deleted", job_id)
-            self.store.delete(job_id)
+            self.store.delete(job_id, owner)
 
     async def _adopt(self, seen: Seen, state: JobState) -> None:
         """Take the job over (exactly one replica's take-over of the version `seen` succeeds) and run it,

@@ -8,7 +8,7 @@ cluster that accepted it (a RayService upgrade starts a new cluster on the same 
     STORE/jobs/<id>/status.json        pending|ok|failed, progress, attempts, error: the runner's lease
     STORE/jobs/<id>/result.json        the JobResult without pixel data
     STORE/jobs/<id>/photos/<i>.png     the protected photos
-    STORE/pending/<id>                 one marker per unfinished job (capacity, orphan sweep)
+    STORE/pending/<id>.<owner>         one marker per unfinished job (capacity, per-key limits, sweeps)
     STORE/finished/<t>-<id>            one marker per finished job, t = finish time (expiry sweep)
 
 The two marker folders keep every sweep proportional to the jobs in flight or within their TTL,
@@ -96,8 +96,10 @@ class JobStore:
     def _job(self, job_id: str, *parts: str) -> str:
         return join(self.root, "jobs", job_id, *parts)
 
-    def _pending(self, job_id: str) -> str:
-        return join(self.root, "pending", job_id)
+    def _pending(self, job_id: str, owner: str | None) -> str:
+        """The job's pending marker: its owner in the name, so one listing counts every key's jobs
+        (`None`: the owner-less name older versions wrote)."""
+        return join(self.root, "pending", job_id if owner is None else f"{job_id}.{owner}")
 
     # -- small helpers --------------------------------------------------------------------------
     def _read(self, path: str) -> bytes | None:
@@ -126,7 +128,7 @@ class JobStore:
         """The pending marker first (a crash from here on leaves something the sweep finds), then the input
         files and the request, the status last: it is created as the lease of `state.holder`, generation 1.
         The lease is not renewing yet: `start()` it."""
-        write_bytes_atomic(self.fs, self._pending(request.job_id), b"")
+        write_bytes_atomic(self.fs, self._pending(request.job_id, request.owner), b"")
         for i, data in enumerate(files):
             write_bytes_atomic(self.fs, self._job(request.job_id, "input", str(i)), data)
         write_bytes_atomic(self.fs, self._job(request.job_id, "job.json"), request.model_dump_json().encode())
@@ -191,11 +193,12 @@ class JobStore:
         that died half-way through."""
         write_bytes_atomic(self.fs, join(self.root, "finished", f"{int(state.finished_at or 0)}-{state.job_id}"), b"")
         self._remove(self._job(state.job_id, "input"), recursive=True)
-        self._remove(self._pending(state.job_id))
+        for owner in (state.owner, None):
+            self._remove(self._pending(state.job_id, owner))
 
-    def marker_age(self, job_id: str) -> float | None:
+    def marker_age(self, job_id: str, owner: str | None) -> float | None:
         """Seconds since the job's pending marker was written, by the store's clock (None: no marker)."""
-        seen = lease.backend_on(self.fs, self._pending(job_id)).read()
+        seen = lease.backend_on(self.fs, self._pending(job_id, owner)).read()
         return None if seen is None else seen.age_s
 
     def result(self, job_id: str) -> bytes | None:
@@ -204,13 +207,20 @@ class JobStore:
     def photo(self, job_id: str, index: int) -> bytes | None:
         return self._read(self._job(job_id, "photos", f"{index}.png"))
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, job_id: str, owner: str | None) -> None:
+        """The job's folder and its pending marker (`owner`'s, and the owner-less name older versions wrote;
+        None for a finished job, whose marker is gone)."""
         self._remove(self._job(job_id), recursive=True)
-        self._remove(self._pending(job_id))
+        for name in {owner, None}:
+            self._remove(self._pending(job_id, name))
 
     # -- sweeps ---------------------------------------------------------------------------------
+    def pending(self) -> list[tuple[str, str | None]]:
+        """(job id, owner) of every unfinished job: one listing."""
+        return [(job_id, owner or None) for job_id, _, owner in (name.partition(".") for name in self._list("pending"))]
+
     def pending_ids(self) -> list[str]:
-        return self._list("pending")
+        return [job_id for job_id, _ in self.pending()]
 
     def expired(self, ttl_s: float) -> list[tuple[str, str]]:
         """(marker, job id) of finished jobs older than the TTL, oldest first."""
@@ -223,5 +233,5 @@ class JobStore:
         return out
 
     def expire(self, marker: str, job_id: str) -> None:
-        self.delete(job_id)
+        self.delete(job_id, None)
         self._remove(join(self.root, "finished", marker))
