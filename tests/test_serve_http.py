@@ -189,30 +189,46 @@ def test_sync_request_returns_the_same_pixels_inline(client, finished):
     assert [base64.b64decode(p["png"]) for p in resp.json()["photos"]] == finished["pngs"][0]
 
 
-def test_a_job_holds_an_earlier_jobs_photos_fixed_and_protects_only_the_new_one(client, served, finished, tmp_path):
+def test_a_job_holds_an_earlier_jobs_photos_fixed_and_protects_only_the_new_one(client, served, finished):
     """Append at the endpoint: alice's new photo protected against her published ones — an earlier job's
-    PNGs, by reference (`fixed_jobs`) or uploaded (`fixed`) — gives the pixels of the batch job's append."""
-    from capray.batch.command import protect
-
+    PNGs, by reference (`fixed_jobs`) or uploaded (`fixed`) — the same pixels either way."""
     earlier, published = finished["ids"][0], finished["pngs"][0]
     new = _photo(64, 72, 3)
     by_reference = client.post("/v1/protect", json=_json_body([new], fixed_jobs=[earlier]), headers=_auth())
     assert by_reference.status_code == 202, by_reference.text
-    uploaded = client.post("/v1/protect:sync", headers=_auth(), files=[
-        ("photo", ("p2.png", _png(new), "image/png")),
-        *[("fixed", (f"p{i}.png", png, "image/png")) for i, png in enumerate(published)],
-        ("options", (None, json.dumps({"identity": "alice"}), "application/json"))])
-    assert uploaded.status_code == 200, uploaded.text
+    uploaded = _append_sync(client, new, published)
     status = _wait(client, by_reference.json()["job_id"])
     result = status["result"]
     assert status["status"] == "ok" and result["fixed_members"] == 2 and result["cap_enabled"]
     assert len(result["photos"]) == 1  # only the new photo comes back
     (png,) = _pngs(client, by_reference.json()["job_id"], 1)
-    assert base64.b64decode(uploaded.json()["photos"][0]["png"]) == png
+    assert uploaded == png
     linf = int(np.abs(_png_array(png).astype(int) - new.astype(int)).max())
     assert 0 < linf <= round(served["cfg"].attack.eps * 127.5)
+    others = client.post("/v1/protect", json=_json_body([new], fixed_jobs=[earlier]), headers=_auth(BOB))
+    assert others.status_code == 404  # another caller's job is not there for them
+    too_many = client.post("/v1/protect", json=_json_body([new, new, new], fixed_jobs=[earlier]), headers=_auth())
+    assert too_many.status_code == 413 and "2 fixed" in too_many.json()["detail"]["error"]
 
-    src, out = tmp_path / "in", tmp_path / "out"  # the same person in bulk: protected, then one photo added
+
+def _append_sync(client, new, published) -> bytes:
+    """The protected PNG of `new`, held against `published` (uploaded as `fixed`), from the sync route."""
+    resp = client.post("/v1/protect:sync", headers=_auth(), files=[
+        ("photo", ("p2.png", _png(new), "image/png")),
+        *[("fixed", (f"p{i}.png", png, "image/png")) for i, png in enumerate(published)],
+        ("options", (None, json.dumps({"identity": "alice"}), "application/json"))])
+    assert resp.status_code == 200, resp.text
+    return base64.b64decode(resp.json()["photos"][0]["png"])
+
+
+@pytest.mark.slow
+def test_the_endpoints_append_gives_the_batch_jobs_pixels(client, served, finished, tmp_path):
+    """The same person in bulk — protected, then one photo added — gets the endpoint's append pixels."""
+    from capray.batch.command import protect
+
+    new = _photo(64, 72, 3)
+    png = _append_sync(client, new, finished["pngs"][0])
+    src, out = tmp_path / "in", tmp_path / "out"
     (src / "alice").mkdir(parents=True)
     for i, arr in enumerate(PHOTOS):
         (src / "alice" / f"p{i}.png").write_bytes(_png(arr))
@@ -220,11 +236,6 @@ def test_a_job_holds_an_earlier_jobs_photos_fixed_and_protects_only_the_new_one(
     (src / "alice" / "p2.png").write_bytes(_png(new))
     assert protect(str(src), str(out), served["cfg"], show_progress=False).ok == 1
     assert (out / "alice" / "p2.png").read_bytes() == png
-
-    others = client.post("/v1/protect", json=_json_body([new], fixed_jobs=[earlier]), headers=_auth(BOB))
-    assert others.status_code == 404  # another caller's job is not there for them
-    too_many = client.post("/v1/protect", json=_json_body([new, new, new], fixed_jobs=[earlier]), headers=_auth())
-    assert too_many.status_code == 413 and "2 fixed" in too_many.json()["detail"]["error"]
 
 
 def test_two_ingress_replicas_answer_each_others_jobs(client, served, finished):
