@@ -593,6 +593,10 @@ async def _until_settled(runner, job_id, timeout=10.0):
     raise AssertionError("job still pending")
 
 
+def _pending_ids(store) -> list[str]:
+    return [job_id for job_id, _owner in store.pending()]
+
+
 def _slack(where) -> float:
     """Margin past a lease's TTL before it reads as expired: S3 stamps (Last-Modified, Date) are whole
     seconds, so a lease's age is ±1 s there; a local file's mtime is exact."""
@@ -629,7 +633,7 @@ def test_store_keeps_the_job_and_a_lost_runner_is_replaced(job_store):
         stuck = JobState(job_id="f" * 32, owner="k1", created_at=0, updated_at=0, attempts=2, holder="gone")
         store.create(store.request(state.job_id).model_copy(update={"job_id": stuck.job_id}), sub.files, stuck, 1)
         await asyncio.sleep(0)
-        assert store.state(state.job_id).status == "pending" and state.job_id in store.pending_ids()
+        assert store.state(state.job_id).status == "pending" and state.job_id in _pending_ids(store)
         other, _, _ = _runner(tmp_path, _invert, job_lease_s=1)
         other.tag = "r2"
         await other.sweep()
@@ -638,7 +642,7 @@ def test_store_keeps_the_job_and_a_lost_runner_is_replaced(job_store):
         await other.sweep()
         done = await _until_settled(other, state.job_id)
         assert (done.status, done.attempts, done.steps_done, done.steps_total) == ("ok", 2, 2, 2)
-        assert store.pending_ids() == []
+        assert _pending_ids(store) == []
         for i, clean in enumerate(PHOTOS):
             assert np.array_equal(_png_array(store.photo(state.job_id, i)), 255 - clean)
         assert store.request(state.job_id).owner == "k1"
@@ -677,7 +681,7 @@ def test_a_hung_or_crashing_protector_fails_the_job_with_a_short_message(tmp_pat
     t0 = time.monotonic()
     hung, store = asyncio.run(scenario(hang, job_timeout_s=0.5))
     assert hung.status == "failed" and hung.error == errors.timed_out(0.5) and time.monotonic() - t0 < 5
-    assert store.pending_ids() == []  # its slot is free
+    assert _pending_ids(store) == []  # its slot is free
     died, _ = asyncio.run(scenario(die))
     assert died.status == "failed" and died.error == errors.WORKER_LOST
 
@@ -763,7 +767,7 @@ def test_a_job_has_one_holder_and_a_finished_job_is_never_rewritten(job_store):
     done = store.state(job_id)
     assert (done.status, done.holder, done.attempts, done.generation) == ("ok", "r2", 2, 2)
     assert store.take_over(seen, _as(state, "r3"), 60) is None and store.state(job_id).status == "ok"
-    assert store.pending_ids() == [] and store.photo(job_id, 0) == b"png"
+    assert _pending_ids(store) == [] and store.photo(job_id, 0) == b"png"
 
 
 def test_a_store_written_before_job_leases_still_reads(tmp_path):
@@ -819,7 +823,7 @@ def test_a_renewal_in_flight_lands_before_the_final_write_never_after(tmp_path, 
         return settled, store.state(state.job_id), store
 
     settled, later, store = asyncio.run(scenario())
-    assert settled.status == later.status == "ok" and later.holder == "r1" and store.pending_ids() == []
+    assert settled.status == later.status == "ok" and later.holder == "r1" and _pending_ids(store) == []
 
 
 def _long_protect(cancelled: list):
@@ -972,7 +976,7 @@ def test_the_sweep_repairs_a_finish_cut_short_and_deletes_uploads_nobody_will_ru
     monkeypatch.setattr(type(store), "settle", lambda self, state: None)  # the replica dies right after the status
     assert store.finish(claim, state.model_copy(), [b"png"], b"{}")
     monkeypatch.undo()
-    assert store.pending_ids() == [job_id] and store.inputs(job_id, 1) == [b"photo"] and store.expired(0) == []
+    assert _pending_ids(store) == [job_id] and store.inputs(job_id, 1) == [b"photo"] and store.expired(0) == []
 
     def died(*_args, **_kwargs):
         raise ConnectionError("the replica died storing the job")
@@ -987,12 +991,12 @@ def test_the_sweep_repairs_a_finish_cut_short_and_deletes_uploads_nobody_will_ru
     async def sweeps():
         runner, _, _ = _runner(job_store, _invert, job_lease_s=1, job_ttl_s=3600)
         await runner.sweep()
-        assert store.pending_ids() == [orphan_id], "an upload still within the lease time was deleted"
+        assert _pending_ids(store) == [orphan_id], "an upload still within the lease time was deleted"
         await asyncio.sleep(1 + _slack(job_store))
         await runner.sweep()
 
     asyncio.run(sweeps())
-    assert store.pending_ids() == [] and store.state(job_id).status == "ok" and store.photo(job_id, 0) == b"png"
+    assert _pending_ids(store) == [] and store.state(job_id).status == "ok" and store.photo(job_id, 0) == b"png"
     with pytest.raises(FileNotFoundError):
         store.inputs(job_id, 1)  # the finished job's uploads are gone, and its marker now lets it expire
     assert [j for _, j in store.expired(-10)] == [job_id]

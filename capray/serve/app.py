@@ -276,15 +276,11 @@ class Ingress:
         if state.status != "ok":
             raise RequestError(409, f"fixed job is {state.status}: only a finished job's photos can be held fixed",
                                job_id=job_id)
-        _, pngs = await self._result_pngs(job_id)
+        result = JobResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
+        pngs = [await asyncio.to_thread(self.store.photo, job_id, i) for i in range(len(result.photos))]
         if any(png is None for png in pngs):
             raise _not_found(job_id)
         return pngs
-
-    async def _result_pngs(self, job_id: str) -> tuple[JobResult, list[bytes | None]]:
-        """A finished job's result and its protected PNGs, in order (None where one is missing)."""
-        result = JobResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
-        return result, [await asyncio.to_thread(self.store.photo, job_id, i) for i in range(len(result.photos))]
 
     async def _owned(self, request: Request, job_id: str) -> JobState:
         return await self._job_of(self._caller(request), job_id)

@@ -8,7 +8,7 @@ the node's environment: `capray serve` does it for the Ray it starts, `k8s/` on 
 the moment the bytes pass the limit. The proxy is then told the client left, so the replica's request is
 cancelled and nothing more is read from the socket (uvicorn pauses reading when nobody receives).
 
-The ingress keeps its own check (`limits.limited_receive`) for a cluster started without the hook; its
+The ingress keeps its own check (`limits.guarded_receive`) for a cluster started without the hook; its
 replicas warn when their node lacks it (`missing_guard`).
 """
 

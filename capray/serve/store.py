@@ -193,8 +193,12 @@ class JobStore:
         that died half-way through."""
         write_bytes_atomic(self.fs, join(self.root, "finished", f"{int(state.finished_at or 0)}-{state.job_id}"), b"")
         self._remove(self._job(state.job_id, "input"), recursive=True)
-        for owner in (state.owner, None):
-            self._remove(self._pending(state.job_id, owner))
+        self._drop_markers(state.job_id, state.owner)
+
+    def _drop_markers(self, job_id: str, owner: str | None) -> None:
+        """The job's pending marker under `owner`, and under the owner-less name older versions wrote."""
+        for name in {owner, None}:
+            self._remove(self._pending(job_id, name))
 
     def marker_age(self, job_id: str, owner: str | None) -> float | None:
         """Seconds since the job's pending marker was written, by the store's clock (None: no marker)."""
@@ -211,16 +215,12 @@ class JobStore:
         """The job's folder and its pending marker (`owner`'s, and the owner-less name older versions wrote;
         None for a finished job, whose marker is gone)."""
         self._remove(self._job(job_id), recursive=True)
-        for name in {owner, None}:
-            self._remove(self._pending(job_id, name))
+        self._drop_markers(job_id, owner)
 
     # -- sweeps ---------------------------------------------------------------------------------
     def pending(self) -> list[tuple[str, str | None]]:
         """(job id, owner) of every unfinished job: one listing."""
         return [(job_id, owner or None) for job_id, _, owner in (name.partition(".") for name in self._list("pending"))]
-
-    def pending_ids(self) -> list[str]:
-        return [job_id for job_id, _ in self.pending()]
 
     def expired(self, ttl_s: float) -> list[tuple[str, str]]:
         """(marker, job id) of finished jobs older than the TTL, oldest first."""
