@@ -25,7 +25,12 @@ with CUDA events:
 * λ-candidate sharding's per-phase cost: bytes of the attacked UNet's state and the device→host /
   host→device copies a scoring actor's phase state takes (`capray.distributed.candidates.PhaseState`);
 * `model.deterministic`: a PGD step with and without it (its cost) and two identical short runs in
-  that mode, which must give identical pixels (the process's settings are restored afterwards).
+  that mode, which must give identical pixels (the process's settings are restored afterwards);
+* λ scoring of one CAP step before and after issue 20's leaner scoring (`benchmarks/lean_scoring.py`:
+  evaluator calls and peak memory, 4 photos of 12 MP; 480×640 with --tiny), and the per-phase
+  compute copy's allocation before and after;
+* λ diagnostics: distinct candidates per searched step out of R + 1, and whether λ stopped choosing
+  (`--style-weights imagenet` and `--sd` for the real models' answer).
 
 The identity projection composes the measured pieces for the paper's recipe (ASPL: 50 outer loops ×
 6 PGD steps, CAP on the last half, 3 + 3 surrogate steps per loop) with an assumed number of distinct
@@ -265,6 +270,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-protect", action="store_true", help="skip the end-to-end protect_group memory check")
     p.add_argument("--workdir", default=None, help="where the random SD 2.1 directory is written (temp by default)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    p.add_argument("--style-weights", default="random", help="model.style_weights of the full-size run: 'random', "
+                   "'imagenet' (torchvision cache) or a VGG-19 state-dict path; the λ diagnostics mean most with "
+                   "the real ones")
+    p.add_argument("--sd", default=None, help="a real SD-format directory instead of random SD 2.1 weights")
     args = p.parse_args(argv)
     tiny = args.tiny
     args.resolution = args.resolution or (64 if tiny else 512)
@@ -284,7 +293,7 @@ def make_config(args: argparse.Namespace, sd: str, model: dict[str, Any] | None 
     if args.tiny:
         preset, base = "smoke", {"device": "cpu"}
     else:
-        preset, base = "paper", {"sd": sd, "device": "cuda", "dtype": "bf16", "style_weights": "random"}
+        preset, base = "paper", {"sd": sd, "device": "cuda", "dtype": "bf16", "style_weights": args.style_weights}
     overrides = {"model": {**base, "resolution": args.resolution, **(model or {})}, "attack": attack or {}}
     return load_config(preset=preset, overrides=overrides)
 
@@ -600,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         if args.tiny:
             sd = "tiny"
+        elif args.sd:
+            sd = args.sd
         else:
             sd = str(write_sd21_dir(workdir / "sd21-base-random", "cuda", torch.bfloat16))
             torch.cuda.empty_cache()
@@ -613,11 +624,33 @@ def main(argv: list[str] | None = None) -> int:
         peak_tflops = matmul_peak_tflops(device, dtype, args.matmul_n, clock)
         figures = measure(args, models, cfg, clock)
         figures["static_gb"] = aspl_static_memory_gb(models, cfg)
+        with attempt(figures, "lean scoring"):
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import lean_scoring
+
+            height, width = (480, 640) if args.tiny else (3000, 4000)
+            figures["lean_scoring"] = lean_scoring.measure(models, cfg, args.n, height, width)
         protect = None
         if not args.skip_protect:
             with attempt(figures, "protect_group check"):
                 protect = protect_check(args, models, sd, workdir)
     return report(args, cfg, name, setup_s, peak_tflops, figures, protect)
+
+
+def lambda_diagnostics(cfg: Any, figures: dict[str, Any], protect: dict[str, Any] | None) -> str:
+    """Does λ still choose on this model? Distinct candidates per searched step, out of R + 1 (issue 20:
+    with sign(), only ‖∇L_cons‖/‖∇L_re‖ decides, and it depends on the model, the weights and the size)."""
+    from capray.attack.engine import lambda_stopped_choosing
+
+    distinct = list(protect["distinct"]) if protect else []
+    if "cap_step_distinct" in figures:
+        distinct.append(figures["cap_step_distinct"])
+    if not distinct:
+        return "λ diagnostics: no CAP step was searched"
+    collapsed = lambda_stopped_choosing(distinct, cfg.cap.ratio_max)
+    return (f"λ diagnostics ({cfg.model.sd if cfg.model.is_tiny else 'full-size'} model, style weights "
+            f"{cfg.model.style_weights}, {cfg.model.resolution} px): distinct candidates per searched step "
+            f"{distinct} of {cfg.cap.ratio_max + 1}; λ stopped choosing: {collapsed}")
 
 
 def aspl_static_memory_gb(models: Any, cfg: Any) -> dict[str, float]:
@@ -712,7 +745,16 @@ def report(args: argparse.Namespace, cfg: Any, name: str, setup_s: float, peak_t
     if det:
         print(f"model.deterministic: PGD step {det['pgd_step_ms']:.2f} → {det['pgd_step_deterministic_ms']:.2f} ms "
               f"(×{det['slowdown']:.2f}); two identical runs give identical pixels: {det['identical_pixels']}")
+    lean = figures.get("lean_scoring")
+    if lean:
+        import lean_scoring
+
+        print("\n".join(lean_scoring.describe(lean)))
+    print(lambda_diagnostics(cfg, figures, protect))
     failed = False
+    if lean and not lean["same"]:
+        print("lean scoring: before and after chose different λ or pixels", file=sys.stderr)
+        failed = True
     if det and not det["identical_pixels"]:
         print("model.deterministic: two identical runs gave different pixels", file=sys.stderr)
         failed = True

@@ -56,7 +56,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--ratio-max", type=int, default=100)
     parser.add_argument("--photos", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=8, help="candidates per batched forward")
+    parser.add_argument("--batch", type=int, default=0, help="cap.candidate_batch_size: candidates per scoring "
+                        "call (0: all of a step's)")
     parser.add_argument("--gram", choices=["elements", "none"], default="elements")
     parser.add_argument("--dtype", choices=["fp32", "fp64"], default="fp32",
                         help="fp64 removes rounding near-ties between the two searches")

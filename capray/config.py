@@ -100,8 +100,11 @@ class SimACConfig(_Strict):
     keep_timesteps: int = 100
     feature_weight: float = 1.0
     feature_detach: bool = Field(
-        False, description="True reproduces the public code: the feature loss contributes no gradient"
-    )
+        True, description="True (the public code): the feature loss is added as a constant and gives no gradient, "
+        "so it is not computed at all; False: its gradient flows (the paper's text)")
+    feature_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="how the MSEs of the decoder block's three ResNets combine: 'mean' (the public code, "
+        "one MSE over the stacked features) or 'sum' (capray before 0.x)")
 
 
 class CAPConfig(_Strict):
@@ -113,6 +116,9 @@ class CAPConfig(_Strict):
     ratio_mode: Literal["dynamic", "static"] = "dynamic"
     static_ratio: float = 40.0
     loss: Literal["style", "content"] = "style"
+    consistency_sign: Literal["descend", "ascend"] = Field(
+        "descend", description="'descend': x + α·sign(∇L_re − r·∇L_cons), pulling styles together (the paper's "
+        "text and Figure 2); 'ascend': x + α·sign(∇(L_re + r·L_cons)), Algorithm 1's lines 11–12 and 17–18 as printed")
     gram_normalization: Literal["elements", "none"] = Field(
         "elements", description="'elements' divides G by C·H·W (style-transfer convention); 'none' is Eq. 12 as printed"
     )
@@ -123,7 +129,8 @@ class CAPConfig(_Strict):
         "'independent' = new draws per candidate (Algorithm 1 taken literally; noisy)")
     score_draws: int = Field(1, ge=1, description="draws each candidate's score is averaged over")
     candidate_batch_size: int = Field(
-        8, ge=1, description="λ candidates built (at original resolution) and scored together")
+        0, ge=0, description="λ candidates per scoring call; 0: all of a step's distinct candidates in one call "
+        "(memory is bounded by score_image_batch_size either way; never changes λ)")
     score_image_batch_size: int = Field(
         32, ge=1, description="images per no-grad scoring forward (candidates × photos, cut into chunks)")
 
@@ -346,6 +353,42 @@ class ShardingConfig(_Strict):
 # The sections that decide a group's pixels: what a stored job keeps (never storage options or keys).
 ENGINE_SECTIONS = ("seed", "model", "attack", "cap")
 
+# The config hash changes when pixels can, and only then, so an upgrade keeps every OUTPUT resumable.
+# Settings added later are left out at the value that reproduces what ran before they existed.
+HASH_NEUTRAL_WHEN_ADDED: dict[tuple[str, ...], Any] = {
+    ("cap", "consistency_sign"): "descend",
+    ("attack", "simac", "feature_reduction"): "sum",
+}
+# Settings that cannot change this config's pixels are hashed at the value they had when the hash was
+# introduced: cap.candidate_batch_size only groups scoring calls. Only SimAC reads the SimAC settings
+# whose default changed since (feature_detach, feature_reduction): other methods hash them as before.
+HASHED_AS_BEFORE: dict[tuple[str, ...], Any] = {("cap", "candidate_batch_size"): 8}
+SIMAC_CHANGED_DEFAULTS = {"feature_detach": False, "feature_reduction": "sum"}
+
+
+def _hash_view(engine: dict[str, Any]) -> dict[str, Any]:
+    """`engine_dict()` as the config hash sees it (HASH_NEUTRAL_WHEN_ADDED, HASHED_AS_BEFORE)."""
+    view = json.loads(json.dumps(engine, default=str))
+    if view["attack"]["method"] != "simac":
+        view["attack"]["simac"].update(SIMAC_CHANGED_DEFAULTS)
+    for path, value in HASH_NEUTRAL_WHEN_ADDED.items():
+        *parents, leaf = path
+        section = _section(view, parents)
+        if section is not None and section.get(leaf) == value:
+            section.pop(leaf)
+    for path, value in HASHED_AS_BEFORE.items():
+        *parents, leaf = path
+        section = _section(view, parents)
+        if section is not None and leaf in section:
+            section[leaf] = value
+    return view
+
+
+def _section(tree: dict[str, Any], path: list[str]) -> dict[str, Any] | None:
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree if isinstance(tree, dict) else None
+
 
 class CaprayConfig(_Strict):
     seed: int = 0
@@ -378,7 +421,7 @@ class CaprayConfig(_Strict):
         return CaprayConfig.model_validate({**self.model_dump(), **{k: engine[k] for k in ENGINE_SECTIONS}})
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.engine_dict(), sort_keys=True, default=str).encode()
+        blob = json.dumps(_hash_view(self.engine_dict()), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

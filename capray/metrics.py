@@ -50,10 +50,13 @@ PGD_STEPS_RATE = MetricDef("capray_pgd_steps_per_second", "PGD steps per engine 
 CHOSEN_LAMBDA = MetricDef("capray_chosen_lambda",  # Ray takes ASCII descriptions only: "lambda", not the letter
                           "lambda chosen by CAP's dynamic ratio search, per PGD step", "histogram",
                           buckets=LAMBDA_BUCKETS)
+LAMBDA_COLLAPSED = MetricDef("capray_lambda_collapsed_total", "protected groups whose lambda search stopped "
+                             "choosing (most searched steps had at most 2 distinct candidates)", "counter")
 SERVE_GROUPS = MetricDef("capray_serve_groups_total", "protection requests finished, by outcome (ok, failed, busy)",
                          "counter", ("outcome",))
 
-ALL = (IDENTITIES, IDENTITIES_REMAINING, IDENTITY_DURATION, PGD_STEPS_RATE, CHOSEN_LAMBDA, SERVE_GROUPS)
+ALL = (IDENTITIES, IDENTITIES_REMAINING, IDENTITY_DURATION, PGD_STEPS_RATE, CHOSEN_LAMBDA, LAMBDA_COLLAPSED,
+       SERVE_GROUPS)
 
 
 class Metric:
@@ -127,6 +130,8 @@ class JobMetrics:
         self.seconds = Metric(IDENTITY_DURATION, self.registry)
         self.steps_rate = Metric(PGD_STEPS_RATE, self.registry)
         self.lambdas = Metric(CHOSEN_LAMBDA, self.registry)
+        self.collapsed = Metric(LAMBDA_COLLAPSED, self.registry)
+        self.collapsed.declare()
         for status in ("ok", "failed"):
             self.identities.declare(status=status)
         if port:
@@ -142,6 +147,8 @@ class JobMetrics:
             self.steps_rate.observe(steps / engine_s)
         for lam in summary.get("lambdas") or []:
             self.lambdas.observe(lam)
+        if summary.get("lambda_collapsed"):
+            self.collapsed.inc()
 
     def text(self) -> bytes:
         """The snapshot in the Prometheus text format (`OUT/metrics.prom`)."""

@@ -86,8 +86,16 @@ def test_sharded_equals_local(pool, one_thread, method):
     cfg = _exact_config(method)
     models = load_models(cfg.model)
     factory = Recording(evaluator_factory_for(cfg.sharding, pool))
+    peers = ray.get(pool.handle.borrow.remote(9))[1]
+    fetched = sum(ray.get(peer.fetch_counts.remote())["vectors"] for _, peer in peers)
     sharded = protect_group(_images(), cfg, identity="shard", models=models, evaluator_factory=factory)
     local = protect_group(_images(), cfg, identity="shard", models=models)
+    # the four vectors went into the object store once per step (not once per call: candidate_batch_size
+    # 6 of 13 candidates makes 3 calls a step), and each peer fetched them at most once per step
+    steps = len(sharded.distinct_counts)
+    assert 1 <= sum(e.vector_puts for e in factory.built) <= steps
+    fetched = sum(ray.get(peer.fetch_counts.remote())["vectors"] for _, peer in peers) - fetched
+    assert 1 <= fetched <= len(peers) * steps
     assert all(r is not None for r in local.lambda_schedule)
     assert sharded.lambda_schedule == local.lambda_schedule
     assert all(torch.equal(a, b) for a, b in zip(sharded.images, local.images))

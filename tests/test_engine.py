@@ -99,13 +99,21 @@ def test_static_ratio_content_loss_and_separate_references(tiny_models, smoke_co
     assert_within_budget(images, result.images, cfg.attack.eps)
 
 
-def test_simac_feature_loss_detach_option_changes_the_gradient(tiny_models, smoke_config):
+def test_simac_feature_loss_options_change_the_gradient(tiny_models, smoke_config):
+    """Detached (the default, as SimAC's public code): no feature gradient; flowing, its reduction matters."""
     images = group(8)
-    common = {"method": "simac", "simac": {"feature_weight": 1000.0}}
-    detached = {**common, "simac": {"feature_weight": 1000.0, "feature_detach": True}}
-    a = protect_group(images, smoke_config(attack=detached, cap={"enabled": False}), identity="f", models=tiny_models)
-    b = protect_group(images, smoke_config(attack=common, cap={"enabled": False}), identity="f", models=tiny_models)
-    assert any(not torch.equal(x, y) for x, y in zip(a.images, b.images))
+    off = {"enabled": False}
+
+    def run(**simac):
+        cfg = smoke_config(attack={"method": "simac", "simac": {"feature_weight": 1000.0, **simac}}, cap=off)
+        return protect_group(images, cfg, identity="f", models=tiny_models).images
+
+    detached, flowing_mean, flowing_sum = run(), run(feature_detach=False), run(feature_detach=False,
+                                                                                  feature_reduction="sum")
+    weightless = run(feature_weight=0.0)  # detached: the weight cannot matter, the loss is not even computed
+    assert all(torch.equal(x, y) for x, y in zip(detached, weightless))
+    assert any(not torch.equal(x, y) for x, y in zip(detached, flowing_mean))
+    assert any(not torch.equal(x, y) for x, y in zip(flowing_mean, flowing_sum))
 
 
 def test_bad_groups_raise_clear_errors(tiny_models, smoke_config):

@@ -60,3 +60,19 @@ def test_projection_keeps_eps_ball_and_range_over_many_steps():
         assert x.min() >= -1 and x.max() <= 1
     assert (x - x0).abs().max() > eps - alpha  # it really moved to the boundary
     assert torch.equal(project(x0, x0, eps), x0)
+
+
+def test_simac_feature_loss_is_the_public_codes_mse_over_the_stacked_resnets():
+    """SimAC's code: F.mse_loss(stack(perturbed features), stack(clean features)), i.e. the mean of the
+    three ResNets' MSEs; micro-batch shares add up to it; 'sum' is three times that for three ResNets."""
+    from capray.attack.losses import feature_interference
+
+    gen = torch.Generator().manual_seed(3)
+    perturbed = [torch.randn(4, 5, 6, 6, generator=gen) for _ in range(3)]
+    clean = [torch.randn(4, 5, 6, 6, generator=gen) for _ in range(3)]
+    public = torch.nn.functional.mse_loss(torch.stack(perturbed), torch.stack(clean))
+    assert torch.allclose(feature_interference(perturbed, clean), public)
+    shares = sum(feature_interference([p[a:b] for p in perturbed], [c[a:b] for c in clean], share=(b - a) / 4)
+                 for a, b in ((0, 1), (1, 4)))
+    assert torch.allclose(shares, public)
+    assert torch.allclose(feature_interference(perturbed, clean, reduction="sum"), 3 * public)

@@ -49,6 +49,11 @@ def test_tiny_run_prints_a_parseable_finite_result(capray_cache, tmp_path):
 
     report = json.loads(out_json.read_text())
     assert report["figures"]["errors"] == {}
+    # issue 20's leaner scoring, measured side by side: one call per step, less memory, the same λ and pixels
+    lean = report["figures"]["lean_scoring"]
+    assert (lean["before"]["calls"], lean["after"]["calls"]) == (13, 1) and lean["same"] is True
+    assert lean["after"]["peak_mb"] < lean["before"]["peak_mb"]
+    assert "λ diagnostics" in proc.stdout and "λ stopped choosing: False" in proc.stdout
     mfu, step_ms, cand_per_s, identity_s, peak_gb = values
     def printed(value: float, decimals: int):  # the RESULT line rounds
         return pytest.approx(value, abs=0.51 * 10**-decimals)

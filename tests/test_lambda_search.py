@@ -162,6 +162,11 @@ def test_the_search_hands_the_evaluator_ratios_not_pixels():
     assert seen and all(isinstance(c, CandidateSet) and 1 <= c.m <= 4 for c in seen)
     assert all(c.x is x and c.grad_re is g_re and c.grad_cons is g_c for c in seen)  # shared, never copied
     assert sum(c.m for c in seen) == fast.distinct
+    # the default (0): every distinct candidate in one call, with the same λ and pixels
+    seen.clear()
+    whole = fast_search(x, x0, g_re, g_c, range(0, 51), 0.005, 0.05, scorer, batch_size=0)
+    assert len(seen) == 1 and seen[0].m == fast.distinct > 4
+    assert (whole.ratio, whole.distinct) == (fast.ratio, fast.distinct) and torch.equal(whole.next_x, fast.next_x)
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,7 @@ def test_overrides_may_tune_the_attack_but_not_what_the_server_owns_or_raise_its
         (server, {"attack": {"alpha": 0.5}}, "invalid config overrides"),  # alpha > eps
         (server, {"cap": {"ratio_max": 11}}, "cap.ratio_max = 11 > 10"),
         (server, {"cap": {"search": "reference"}}, "config.cap.search = 'reference' costs more"),
-        (server, {"cap": {"candidate_batch_size": 64}}, "cap.candidate_batch_size = 64 > 8"),
+        (server, {"cap": {"score_draws": 3}}, "cap.score_draws = 3 > 1"),
         (server, {"cap": {"start_fraction": 0.1}}, "cap.start_fraction = 0.1 < 0.5"),
         (server, {"attack": {"surrogate": {"batch_size": 4}}}, "surrogate.batch_size = 4 > 1"),
         # the smoke server trains 2 outer loops x 1 step: FSMG may not train longer than that

@@ -292,7 +292,7 @@ def test_bad_requests_are_refused_with_clear_4xx(client):
         (dict(json=_json_body([_photo(150, 150, 3)] * 2)), 413, "serve.max_request_pixels"),  # 45 000 > 40 000
         (dict(json=_json_body(config={"model": {"sd": "/etc"}})), 422, "not settable per request"),
         (dict(json=_json_body(config={"cap": {"search": "reference"}})), 422, "costs more"),
-        (_multipart(options={"config": {"cap": {"candidate_batch_size": 99}}}), 422, "candidate_batch_size"),
+        (_multipart(options={"config": {"cap": {"score_draws": 99}}}), 422, "score_draws"),
         (_multipart(options={"colour": "red"}), 422, "malformed request"),
         (dict(json=_json_body(config={"attack": {"eps": -1}})), 422, "invalid config overrides"),
         (dict(json={"photos": []}), 422, "no photos"),

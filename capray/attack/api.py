@@ -48,6 +48,8 @@ class ProtectionRecord(RunInfo):
     lambda_schedule: list[float | None] | None = Field(None, description="λ per PGD step (null before k̂)")
     loss_trajectory: list[float] | None = Field(None, description="L_re per PGD step")
     distinct_candidates: list[int] | None = Field(None, description="distinct λ candidates per searched step")
+    lambda_collapsed: bool | None = Field(None, description="λ stopped choosing: most searched steps had ≤ 2 "
+                                          "distinct candidates (null when no step searched λ)")
     pgd_steps: int | None = None
     linf_255: list[float] | None = Field(None, description="per photo L∞ of the perturbation, 0..255 units")
     linf_255_max: float | None = None
@@ -102,6 +104,7 @@ def protect_arrays(rgbs: list[Any], cfg: Any, identity: str, models: Any,
         lambda_schedule=[_finite_or_none(r) for r in result.lambda_schedule],
         loss_trajectory=[float(v) for v in result.loss_trajectory],
         distinct_candidates=[int(v) for v in result.distinct_counts],
+        lambda_collapsed=result.lambda_collapsed,
         pgd_steps=len(result.steps),
         linf_255=linf,
         linf_255_max=max(linf) if linf else None,

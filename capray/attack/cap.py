@@ -3,7 +3,9 @@
 Sign convention: CAP pulls each photo's Gram matrices toward the group mean, so the consistency loss is
 *descended* while the reconstruction loss is ascended: the update for ratio r is
 x + α·sign(∇L_re − r·∇L_cons). (Algorithm 1 prints `L_re + r·L_cons` with an ascent step, which would
-push the styles apart and contradicts the paper's text and Figure 2; we follow the text.)
+push the styles apart and contradicts the paper's text and Figure 2; the default follows the text, and
+`cap.consistency_sign: ascend` runs Algorithm 1 as printed. The engine hands this module the signed
+consistency gradient, so the searches below read the same under both.)
 
 Two searches choose the same λ given the same randomness:
 
@@ -19,7 +21,9 @@ Memory is set by the scoring chunk, not by N or by `cap.candidate_batch_size`: a
 four group vectors (x, x0, ∇L_re, ∇L_cons) and a list of ratios, and a candidate's pixels are built on
 demand, one photo (or one span of the flat group) at a time, only where they are needed: the evaluator
 builds each scoring chunk's photos, the run detection compares consecutive candidates span by span, and
-the winner's next x is built once at the end. `sign_step` is elementwise, so a span built alone has the
+the winner's next x is built once at the end. So one call carries all of a step's scored candidates
+(`cap.candidate_batch_size: 0`): fewer calls cost nothing in memory, and a sharded call ships the
+four vectors once. `sign_step` is elementwise, so a span built alone has the
 very values of the whole candidate: same λ, same pixels as building whole candidates.
 
 Which randomness a candidate is scored on (`cap.score_draw`, built into a `CandidateScorer`) matters
@@ -235,15 +239,17 @@ def fast_search(
 
     With shared draws each run of identical candidates is scored once; with per-candidate draws
     (`independent`) every r is scored, because identical candidates then get different scores.
-    Candidates stay lazy (`CandidateSet`): only ratios travel, the evaluator builds each chunk's photos.
+    Candidates stay lazy (`CandidateSet`): only ratios travel, the evaluator builds each chunk's photos,
+    so all of them go in one evaluator call by default (`batch_size` 0) and memory is still the chunk's.
     """
     every = CandidateSet(x, x0, grad_re, grad_cons, tuple(ratios), alpha, eps)
     repeat = repeats(every)
     scored = [j for j in range(every.m) if not (repeat[j] and scorer.shared)]
     best_j, best_ratio, best_loss = None, 0, 0.0
     losses: dict[int, float] = {}
-    for i in range(0, len(scored), batch_size):
-        batch = scored[i: i + batch_size]
+    per_call = batch_size or len(scored) or 1  # 0: every scored candidate in one evaluator call
+    for i in range(0, len(scored), per_call):
+        batch = scored[i: i + per_call]
         scores = scorer(replace(every, ratios=tuple(every.ratios[j] for j in batch))).tolist()
         for j, score in zip(batch, scores):
             r = every.ratios[j]

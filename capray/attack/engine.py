@@ -7,6 +7,8 @@ dynamic ratio from PGD step k̂ on. Everything random is drawn from generators s
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from capray.attack import cap as cap_search
+from capray.attack import guard
 from capray.attack.group import GroupLayout
 from capray.attack.losses import FeatureTap, consistency_part, feature_interference, reconstruction_loss, style_stats
 from capray.attack.metrics import image_metrics
@@ -27,6 +30,8 @@ from capray.models.class_images import ensure_class_images
 from capray.models.sd import DiffusionParts, encode_prompt, load_diffusion
 from capray.models.style import StyleFeatures, load_style_network
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Models:
@@ -35,10 +40,36 @@ class Models:
     parts: DiffusionParts
     style: StyleFeatures
     config: ModelConfig
+    _compute: Surrogate | None = field(default=None, init=False, repr=False)  # the copy PGD phases borrow
+    _compute_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
         return self.parts.device
+
+    def borrow_compute_copy(self, net: Surrogate) -> tuple[Surrogate, Callable[[], None]]:
+        """`net`'s weights in the compute dtype for one PGD phase, and how to give them back.
+
+        Under autocast, fp32 weights are re-cast on every forward; one cast per phase is cheaper. The
+        copy is allocated once per `Models` (per actor) and refreshed in place every phase, instead of
+        a fresh deep copy each time (50 per ASPL group, ~5 GB transient for SD 2.1). A second group in
+        the same process at the same time gets its own copy rather than waiting.
+        """
+        dtype = self.parts.dtype
+        if dtype == next(net.unet.parameters()).dtype:
+            return net, lambda: None
+        if not self._compute_lock.acquire(blocking=False):
+            return net.compute_copy(dtype), lambda: None
+        try:
+            if self._compute is None or not self._compute.same_layout(net):
+                self._compute = None  # an FSMG model of another architecture: its own copy
+                self._compute = net.compute_copy(dtype)
+            else:
+                self._compute.load_from(net)
+        except BaseException:
+            self._compute_lock.release()
+            raise
+        return self._compute, self._compute_lock.release
 
 
 def load_models(cfg: ModelConfig) -> Models:
@@ -71,6 +102,7 @@ class GroupResult:
     surrogate_mode: str
     notes: list[str] = field(default_factory=list)
     fixed_members: int = 0  # published photos that entered the style mean without being updated
+    ratio_max: int = 0  # R of the λ search (for `lambda_collapsed`)
 
     @property
     def lambda_schedule(self) -> list[int | float | None]:
@@ -83,6 +115,26 @@ class GroupResult:
     @property
     def distinct_counts(self) -> list[int]:
         return [s.distinct for s in self.steps if s.distinct is not None]
+
+    @property
+    def lambda_collapsed(self) -> bool | None:
+        """λ stopped choosing (`lambda_stopped_choosing`); None when no step searched λ."""
+        return lambda_stopped_choosing(self.distinct_counts, self.ratio_max) if self.distinct_counts else None
+
+
+COLLAPSED_DISTINCT = 2  # at most this many distinct candidates: the search only decides "λ = 0 or not"
+
+
+def lambda_stopped_choosing(distinct: list[int], ratio_max: int) -> bool:
+    """Most searched steps had ≤ 2 distinct λ candidates out of R + 1.
+
+    With sign(), only the ratio ‖∇L_cons‖ / ‖∇L_re‖ decides how many r give different updates; when it
+    is far from 1/R..1 (Gram scale, layer sum, resolution), every r ≥ 1 gives one update and the
+    dynamic ratio degenerates to "consistency on or off". Nothing fails then, so it must be said.
+    """
+    if ratio_max + 1 <= COLLAPSED_DISTINCT or not distinct:
+        return False
+    return sum(d <= COLLAPSED_DISTINCT for d in distinct) * 2 > len(distinct)
 
 
 def _as_list(images: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
@@ -112,6 +164,7 @@ class Phase:
     evaluator: cap_search.CandidateEvaluator
     tap: FeatureTap | None = None  # SimAC: decoder features of the perturbed vs the phase's starting photos
     start: torch.Tensor | None = None
+    release: Callable[[], None] = lambda: None  # gives a borrowed compute copy back when the phase ends
 
 
 @dataclass
@@ -164,6 +217,7 @@ class GroupAttack:
         a, c = config.attack, config.cap
         self.k_hat = int(round(c.start_fraction * a.total_pgd_steps))
         self.cap_on = c.enabled and self.group_size >= 2
+        self.cons_sign = 1.0 if c.consistency_sign == "descend" else -1.0
         self.steps: list[StepRecord] = []
         self.notes: list[str] = []
         self.timings = {"surrogate_s": 0.0, "pgd_s": 0.0, "search_s": 0.0, "select_s": 0.0}
@@ -247,8 +301,9 @@ class GroupAttack:
             phase.tap.capture()
             l_re = reconstruction_loss(self.parts, phase.net.unet, phase.cond, model_in, draw).sum()
             s = self.cfg.attack.simac
-            feat = feature_interference(phase.tap.release(), clean, share=(batch.stop - batch.start) / self.layout.n)
-            return l_re, l_re + s.feature_weight * (feat.detach() if s.feature_detach else feat)
+            feat = feature_interference(phase.tap.release(), clean, share=(batch.stop - batch.start) / self.layout.n,
+                                        reduction=s.feature_reduction)
+            return l_re, l_re + s.feature_weight * feat
 
     def gradients(self, phase: Phase, x: torch.Tensor, draw: NoiseDraw, *, consistency: bool,
                   combined_ratio: float | None = None) -> Gradients:
@@ -256,7 +311,9 @@ class GroupAttack:
 
         Each micro-batch's graph is freed by its own backward, so only gradients and scalars outlive
         it. With `combined_ratio` r, one backward of (attack − r·L_cons) per micro-batch instead
-        (Algorithm 1's combined loss, for the reference search).
+        (Algorithm 1's combined loss, for the reference search). `consistency` is the gradient of
+        s·L_cons with s = +1 for `cap.consistency_sign: descend` and −1 for `ascend`, so every update
+        is x + α·sign(∇attack − r·consistency) under either reading.
         """
         grad_attack = torch.zeros_like(x)
         grad_cons = torch.zeros_like(x) if consistency and combined_ratio is None else None
@@ -270,23 +327,30 @@ class GroupAttack:
             if combined_ratio is not None:
                 l_cons = consistency_part(self.style_stats(model_in), means, self.group_size)
                 loss_cons += l_cons.item()
-                (grad_attack[batch.flat],) = torch.autograd.grad(attack - combined_ratio * l_cons, xs)
+                (grad_attack[batch.flat],) = torch.autograd.grad(attack - combined_ratio * self.cons_sign * l_cons, xs)
                 continue
             (grad_attack[batch.flat],) = torch.autograd.grad(attack, xs)
             if grad_cons is not None:
                 model_in = batch.layout.to_model(xs, self.resolution)
                 l_cons = consistency_part(self.style_stats(model_in), means, self.group_size)
                 loss_cons += l_cons.item()
-                (grad_cons[batch.flat],) = torch.autograd.grad(l_cons, xs)
+                (grad_cons[batch.flat],) = torch.autograd.grad(self.cons_sign * l_cons, xs)
         return Gradients(grad_attack, grad_cons, loss_re, loss_cons if consistency else None)
 
     # -- one PGD phase ----------------------------------------------------------------------------
     def start_phase(self, net: Surrogate, simac_features: bool = False) -> Phase:
-        a = self.cfg.attack
+        release: Callable[[], None] = lambda: None  # noqa: E731
         if self.parts.device.type == "cuda" and not self.cfg.model.gradient_checkpointing:
-            net = net.compute_copy(self.parts.dtype)  # speed; the memory-saving profile skips the extra copy
+            net, release = self.models.borrow_compute_copy(net)  # speed; the memory-saving profile skips it
+        try:
+            return self._phase_on(net, simac_features, release)
+        except BaseException:
+            release()
+            raise
+
+    def _phase_on(self, net: Surrogate, simac_features: bool, release: Callable[[], None]) -> Phase:
         with torch.no_grad():
-            cond = encode_prompt(self.parts, a.instance_prompt, text_encoder=net.text_encoder)
+            cond = encode_prompt(self.parts, self.cfg.attack.instance_prompt, text_encoder=net.text_encoder)
 
         def image_loss(images: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
             with autocast_for(self.parts):
@@ -296,7 +360,7 @@ class GroupAttack:
         evaluator = cap_search.make_evaluator(image_loss, context, self.cfg.cap.score_image_batch_size,
                                               self.evaluator_factory)
         tap = FeatureTap(net.unet) if simac_features else None
-        return Phase(net, cond, evaluator, tap, self.x.detach().clone() if tap else None)
+        return Phase(net, cond, evaluator, tap, self.x.detach().clone() if tap else None, release)
 
     def pgd_phase(self, net: Surrogate, steps: int, simac_features: bool = False) -> None:
         t0 = time.perf_counter()
@@ -312,6 +376,7 @@ class GroupAttack:
             close = getattr(phase.evaluator, "close", None)
             if close is not None:  # e.g. scoring peers drop this phase's weights
                 close()
+            phase.release()
         self.timings["pgd_s"] += time.perf_counter() - t0
 
     def pgd_step(self, phase: Phase) -> None:
@@ -322,6 +387,7 @@ class GroupAttack:
         with_cap = self.cap_on and k >= self.k_hat
         grads = self.gradients(phase, self.x, draw, consistency=with_cap)
         record = StepRecord(step=k, loss_re=grads.loss_re, loss_cons=grads.loss_cons)
+        scores: list[float] = []
         if not with_cap:
             self.x = sign_step(self.x, self.x0, grads.attack, a.alpha, a.eps)
         elif c.ratio_mode == "static":
@@ -333,8 +399,18 @@ class GroupAttack:
             self.timings["search_s"] += time.perf_counter() - t0
             self.x = result.next_x
             record.ratio, record.distinct = result.ratio, result.distinct
+            scores = list(result.losses.values())
         self.x = self.x.detach()
+        self.check_finite(k, grads, scores)
         self.steps.append(record)
+
+    def check_finite(self, k: int, grads: Gradients, scores: list[float]) -> None:
+        """The non-finite guard (`capray.attack.guard`): losses, gradients, λ scores and the new x of step
+        k, in that order, so the error names the first place a NaN appeared."""
+        guard.check(k, self.parts.dtype, [
+            ("the reconstruction loss", grads.loss_re), ("the consistency loss", grads.loss_cons),
+            ("the attack loss's gradient", grads.attack), ("the consistency loss's gradient", grads.consistency),
+            ("the λ candidates' scores", scores), ("the updated photos", self.x)])
 
     def search_ratio(self, phase: Phase, k: int, draw: NoiseDraw, grads: Gradients) -> cap_search.SearchResult:
         a, c = self.cfg.attack, self.cfg.cap
@@ -407,7 +483,9 @@ class GroupAttack:
         for i in range(a.outer_loops):
             work.load_from(main)  # f_sur = copy(f)
             self.train(work, self.references, class_images, a.surrogate_steps, ("clean", i))
-            self.pgd_phase(work, a.adv_steps, simac_features=a.method == "simac")
+            # SimAC's public code adds its feature loss detached (`simac.feature_detach`): a constant, which
+            # changes no gradient, so it is not computed at all then
+            self.pgd_phase(work, a.adv_steps, simac_features=a.method == "simac" and not a.simac.feature_detach)
             if offload:  # f trains on the device copy, then goes back to host memory
                 self.train(work.load_from(main), self.model_view(), class_images, a.surrogate_steps, ("perturbed", i))
                 main.load_from(work)
@@ -484,9 +562,17 @@ def protect_group(
     attack.timings["total_s"] = time.perf_counter() - start
     protected = [img.detach().float().cpu() for img in attack.layout.unflatten(attack.x)]
     metrics = [image_metrics(clean, prot) for clean, prot in zip(photos, protected)]
-    return GroupResult(
+    result = GroupResult(
         images=protected, steps=attack.steps, metrics=metrics, timings=attack.timings,
         method=config.attack.method, cap_enabled=attack.cap_on, consistency_before=before,
         consistency_after=after, surrogate_mode=attack.surrogate_mode(), notes=attack.notes,
-        fixed_members=len(fixed_photos),
+        fixed_members=len(fixed_photos), ratio_max=config.cap.ratio_max,
     )
+    if result.lambda_collapsed:
+        counts = result.distinct_counts
+        note = (f"λ stopped choosing: {sum(d <= COLLAPSED_DISTINCT for d in counts)} of {len(counts)} searched steps "
+                f"had ≤ {COLLAPSED_DISTINCT} distinct candidates of {config.cap.ratio_max + 1}, so the dynamic ratio "
+                "only chose between the baseline and full consistency (see docs/engine.md#gram-normalization)")
+        result.notes.append(note)
+        log.warning("identity %r: %s", identity, note)
+    return result

@@ -124,10 +124,14 @@ class FeatureTap:
             handle.remove()
 
 
-def feature_interference(perturbed: list[torch.Tensor], clean: list[torch.Tensor], share: float = 1.0) -> torch.Tensor:
-    """SimAC's feature loss: MSE between perturbed and clean decoder features, summed over ResNets.
+def feature_interference(perturbed: list[torch.Tensor], clean: list[torch.Tensor], share: float = 1.0,
+                         reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """SimAC's feature loss: MSE between perturbed and clean decoder features of the block's ResNets.
 
-    `share` = micro-batch size / group size, so that micro-batch losses add up to the group's MSE.
+    `reduction` "mean": their mean, which is the public code's one MSE over the stacked features (the
+    ResNets' outputs have one shape); "sum": their sum. `share` = micro-batch size / group size, so
+    that micro-batch losses add up to the group's.
     """
-    return sum(torch.nn.functional.mse_loss(_at_least_fp32(p), _at_least_fp32(c).detach()) * share
-               for p, c in zip(perturbed, clean))
+    total = sum(torch.nn.functional.mse_loss(_at_least_fp32(p), _at_least_fp32(c).detach()) * share
+                for p, c in zip(perturbed, clean))
+    return total / len(perturbed) if reduction == "mean" else total

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from capray.attack.guard import check
 from capray.attack.losses import reconstruction_loss
 from capray.attack.randomness import cpu_generator, draw_noise
 from capray.config import SurrogateConfig
@@ -37,7 +38,16 @@ class Surrogate:
         else:
             source, dtype = parts.master or (parts.unet, parts.text_encoder), parts.master_dtype
         unet, text = (copy.deepcopy(m).to(parts.device, dtype).requires_grad_(False) for m in source)
+        if parts.device.type == "cuda":  # as load_diffusion lays out the compute UNet: the host master is not
+            unet.to(memory_format=torch.channels_last)
         return cls(unet, text)
+
+    def same_layout(self, other: Surrogate) -> bool:
+        """Same parameter names and shapes: `load_from` can copy `other` into these weights."""
+        def shapes(s: Surrogate) -> list[tuple[str, tuple[int, ...]]]:
+            return [(k, tuple(v.shape)) for m in (s.unet, s.text_encoder) for k, v in m.state_dict().items()]
+
+        return shapes(self) == shapes(other)
 
     def copy(self) -> Surrogate:
         return Surrogate(copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder))
@@ -131,7 +141,8 @@ def train_surrogate(
                 loss = loss + cfg.prior_loss_weight * prior.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, error_if_nonfinite=True)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        check(None, parts.dtype, [("the surrogate's training loss", loss), ("the surrogate's weight gradients", norm)])
         optimizer.step()
     for p in params:
         p.requires_grad_(False)

@@ -49,7 +49,8 @@ WRITTEN_SCHEMA = pa.schema([
 ])
 SUMMARY_SCHEMA = pa.schema([
     *(manifest.SCHEMA.field(name) for name in
-      ("identity", "status", "failure_class", "error", "output_uris", "seconds", "engine_seconds", "pgd_steps")),
+      ("identity", "status", "failure_class", "error", "output_uris", "seconds", "engine_seconds", "pgd_steps",
+       "lambda_collapsed")),
     ("lambdas", manifest.STEPS_SCHEMA.field("lambda_schedule").type),  # the chosen λ only (no nulls before k̂)
     ("committed", pa.bool_()),  # False: the row or state could not be committed; the driver names it
     ("deferred", pa.bool_()),  # given back unstarted by a stopping run (not committed, not a failure)

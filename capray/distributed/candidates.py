@@ -4,13 +4,15 @@ The search (capray.attack.cap) only sees the `CandidateEvaluator` interface, so 
 candidates are scored, not which λ wins. `PooledEvaluator` (one per PGD phase) cuts each scoring call
 into contiguous shards in r order, cut only between the local evaluator's image chunks: the runner
 scores the first shard itself, borrowed `CandidateWorker`s score the rest under the same common random
-draw. What travels is the call's lazy `CandidateSet` (the four flat group vectors and the ratios, put in
-the object store once per call) and each peer's (start, stop), not M built candidates: a peer builds
-its chunks' photos itself. Every image is scored by the same code (`InProcessEvaluator`), on the same
-weights, in the same chunk as local scoring would put it, so sharded == local bit for bit. (On a CPU, kernels' last bits
-also depend on the thread setup: give the runner and the scoring actors the same one, as Ray does for
-equal `num_cpus`, or pin `sharding.torch_threads`. On a GPU only the device model matters.) A call that is one chunk
-(M·N ≤ `cap.score_image_batch_size`) is not split: raise `cap.candidate_batch_size` to give peers work.
+draw. What travels is the step's lazy `CandidateSet` (the four flat group vectors, put in the object
+store once per step and fetched by a peer once per step, whatever the number of calls), each call's
+ratios and each peer's (start, stop), not M built candidates: a peer builds its chunks' photos itself.
+Every image is scored by the same code (`InProcessEvaluator`), on the same weights, in the same chunk
+as local scoring would put it, so sharded == local bit for bit. (On a CPU, kernels' last bits also
+depend on the thread setup: give the runner and the scoring actors the same one, as Ray does for equal
+`num_cpus`, or pin `sharding.torch_threads`. On a GPU only the device model matters.) A call that is
+one chunk (M·N ≤ `cap.score_image_batch_size`) is not split (by default a call holds all of a step's
+candidates).
 
 Peer state: the phase's UNet weights and prompt embedding go into the object store once per phase,
 the first time a peer is used; a peer fetches them only on a cache miss, keyed by (group, phase),
@@ -28,14 +30,14 @@ import math
 import os
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
-from capray.attack.cap import Candidates, EvaluationContext, InProcessEvaluator, as_candidates
+from capray.attack.cap import Candidates, CandidateSet, EvaluationContext, InProcessEvaluator, as_candidates
 from capray.attack.randomness import NoiseDraw
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,11 @@ class ScoringActor:
         self.cache_phases = cache_phases
         self.phases: OrderedDict[str, tuple[Any, torch.Tensor, Any, int]] = OrderedDict()
         self.fetches = 0  # phase states fetched from the object store (cache misses)
+        self.vectors: tuple[str, Candidates] | None = None  # (step token, the step's candidate vectors)
+        self.vector_fetches = 0
+
+    def fetch_counts(self) -> dict[str, int]:
+        return {"phases": self.fetches, "vectors": self.vector_fetches}
 
     def ready(self) -> int:
         return os.getpid()
@@ -101,21 +108,32 @@ class ScoringActor:
         self.phases[key] = entry
         return entry
 
-    def score(self, key: str, box: list[Any], candidates: Candidates, start: int, stop: int, draw: NoiseDraw,
-              image_batch_size: int) -> np.ndarray:
-        """Scores candidates start..stop-1 of the call's `candidates` (each built here, chunk by chunk)."""
+    def _vectors(self, token: str, box: list[Any]) -> Candidates:
+        """The step's candidate vectors on this device, fetched once per step (boxed: only a miss fetches)."""
+        if self.vectors is None or self.vectors[0] != token:
+            self.vectors = None  # the previous step's, freed before the next arrives
+            self.vectors = (token, ray.get(box[0]).to(self.models.parts.device))
+            self.vector_fetches += 1
+        return self.vectors[1]
+
+    def score(self, key: str, box: list[Any], token: str, vectors_box: list[Any], ratios: tuple[int, ...] | None,
+              start: int, stop: int, draw: NoiseDraw, image_batch_size: int) -> np.ndarray:
+        """Scores candidates start..stop-1 of the call's candidates (each built here, chunk by chunk): the
+        step's vectors (`token`) with this call's `ratios` (None: the vectors are whole rows)."""
         from capray.attack.losses import reconstruction_loss
         from capray.attack.surrogate import autocast_for
 
         unet, cond, layout, resolution = self._phase(key, box)
         parts = self.models.parts
+        vectors = self._vectors(token, vectors_box)
+        candidates = vectors if ratios is None else replace(vectors, ratios=tuple(ratios))
 
         def image_loss(images: torch.Tensor, rows: NoiseDraw) -> torch.Tensor:
             with autocast_for(parts):
                 return reconstruction_loss(parts, unet, cond, images, rows)
 
         evaluator = InProcessEvaluator(image_loss, layout, resolution, image_batch_size)
-        return evaluator(candidates.shard(start, stop).to(parts.device), draw).cpu().numpy()
+        return evaluator(candidates.shard(start, stop), draw).cpu().numpy()
 
 
 CandidateWorker = ray.remote(max_restarts=0, max_task_retries=0)(ScoringActor)
@@ -147,6 +165,8 @@ class PooledEvaluator:
         self.used: dict[int, Any] = {}  # peers that may hold this phase's state
         self.remote_candidates = 0
         self.rescored = 0  # shards re-scored here after their actor failed
+        self._shipped: tuple[tuple[Any, ...], str, list[Any]] | None = None  # (the step's vectors, token, ref)
+        self.vector_puts = 0  # steps whose vectors went into the object store
 
     def _state_box(self) -> list[Any]:
         if self.state_ref is None:  # once per phase, and only if a peer is ever used
@@ -154,6 +174,21 @@ class PooledEvaluator:
             self.state_bytes = state.nbytes
             self.state_ref = ray.put(state)
         return [self.state_ref]
+
+    def _vectors_box(self, candidates: Candidates) -> tuple[str, list[Any], tuple[int, ...] | None]:
+        """(token, boxed ref, ratios) of a call's candidates: the four vectors go into the object store
+        once per step (every call of a step, e.g. `cap.score_draws` draws or `independent` scoring, shares
+        them); a call adds only its ratios. Whole rows (`StackedCandidates`) travel with every call."""
+        if not isinstance(candidates, CandidateSet):
+            return uuid.uuid4().hex, [ray.put(candidates.to("cpu"))], None
+        tensors = (candidates.x, candidates.x0, candidates.grad_re, candidates.grad_cons)
+        if self._shipped is None or any(a is not b for a, b in zip(self._shipped[0], tensors)):
+            self._shipped = None  # the previous step's vectors may go
+            vectors = replace(candidates, ratios=()).to("cpu")
+            self._shipped = (tensors, uuid.uuid4().hex, [ray.put(vectors)])
+            self.vector_puts += 1
+        _, token, box = self._shipped
+        return token, box, candidates.ratios
 
     @property
     def unit(self) -> int:
@@ -184,9 +219,10 @@ class PooledEvaluator:
             cuts = self.shards(m, len(peers) + 1)
             shards = [candidates.shard(a, b) for a, b in cuts]
             box, cpu_draw = self._state_box(), _cpu(draw)
-            shipped = ray.put(candidates.to("cpu"))  # once per call, whatever the number of peers
+            token, vectors_box, ratios = self._vectors_box(candidates)
             for (pid, peer), shard, (a, b) in zip(peers, shards[1:], cuts[1:]):
-                ref = peer.score.remote(self.key, box, shipped, a, b, cpu_draw, self.image_batch_size)
+                ref = peer.score.remote(self.key, box, token, vectors_box, ratios, a, b, cpu_draw,
+                                        self.image_batch_size)
                 pending.append((pid, shard, ref))
                 outstanding.add(ref)
             self.used.update(peers)
@@ -223,6 +259,7 @@ class PooledEvaluator:
             peer.drop.remote(self.key)
         self.used.clear()
         self.state_ref = None
+        self._shipped = None
 
 
 def pooled_evaluator_factory(pool: Any, sharding: Any):

@@ -45,7 +45,7 @@ from ray.serve.handle import DeploymentHandle
 from capray.attack.api import ProtectionRecord
 from capray.config import CaprayConfig, ServeConfig, ShardingConfig, load_config
 from capray.distributed.pool import ScoringPool
-from capray.metrics import SERVE_GROUPS, Metric
+from capray.metrics import LAMBDA_COLLAPSED, SERVE_GROUPS, Metric
 from capray.serve import errors
 from capray.serve.auth import AuthError, KeyRing, check_exposure
 from capray.serve.body_limit import missing_guard
@@ -227,6 +227,7 @@ class Ingress:
         self.uploads = UploadSlots(s.max_uploads_in_flight)
         self.key_limits = KeyLimits(s)
         self.finished = Metric(SERVE_GROUPS, serve=True)
+        self.collapsed = Metric(LAMBDA_COLLAPSED, serve=True)
         self.sweeper = asyncio.get_running_loop().create_task(self.runner.sweep_forever())
 
     async def _protect(self, rgbs, cfg, identity, on_progress, fixed=()):
@@ -236,6 +237,8 @@ class Ingress:
             self.finished.inc(outcome="busy" if errors.is_busy(exc) else "failed")
             raise
         self.finished.inc(outcome="ok")
+        if out[1].lambda_collapsed:
+            self.collapsed.inc()
         return out
 
     def _caller(self, request: Request) -> str:

@@ -2,7 +2,8 @@
 
 A Ray exception carries node IPs, PIDs and tracebacks; those go to the server log (with the job id),
 and the client gets one of the messages below. Input errors the engine raises (`ValueError`) are the
-exception: their text is about the request, so the client sees it (first line, bounded).
+exception: their text is about the request, so the client sees it (first line, bounded); so is a
+non-finite value's (`NonFiniteError`), which names the step and what a rerun needs.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def public_error(exc: BaseException, job_id: str | None = None) -> str:
     if is_busy(exc):
         return BUSY
     cause = _cause(exc)
+    from capray.attack.guard import NonFiniteError
+
+    if isinstance(cause, NonFiniteError):  # about the numbers, not the server: the client may act on it
+        log.warning("job %s: %s", job_id, cause)
+        return str(cause)[:300]
     if isinstance(cause, ValueError):
         first = (str(cause).strip().splitlines() or [""])[0]
         return f"invalid input: {first[:200]}"

@@ -201,8 +201,10 @@ TUNABLE = {
     "attack.surrogate.prior_loss_weight",
     "attack.simac.max_select_iters", "attack.simac.samples_per_iter", "attack.simac.delta_t",
     "attack.simac.keep_timesteps", "attack.simac.feature_weight", "attack.simac.feature_detach",
+    "attack.simac.feature_reduction",
     "cap.enabled", "cap.start_fraction", "cap.ratio_max", "cap.ratio_mode", "cap.static_ratio", "cap.loss",
-    "cap.gram_normalization", "cap.search", "cap.candidate_batch_size", "cap.score_draw", "cap.score_draws",
+    "cap.gram_normalization", "cap.consistency_sign", "cap.search", "cap.candidate_batch_size", "cap.score_draw",
+    "cap.score_draws",
     "attack.fsmg_batch_size",
 }
 SERVER_ONLY = {  # server paths, memory layout, and the class-image cache (changing it means generating images)
@@ -213,7 +215,7 @@ SERVER_ONLY = {  # server paths, memory layout, and the class-image cache (chang
 }
 CEILINGS = (  # cost (time or memory) grows with the value: a request may lower it, not raise it
     "attack.fsmg_train_steps", "attack.surrogate_steps", "attack.surrogate.batch_size",
-    "attack.simac.max_select_iters", "attack.simac.samples_per_iter", "cap.ratio_max", "cap.candidate_batch_size",
+    "attack.simac.max_select_iters", "attack.simac.samples_per_iter", "cap.ratio_max",
     "cap.score_draws", "attack.fsmg_batch_size",
 )
 FLOORS = ("cap.start_fraction",)  # CAP searches λ from k̂ = start_fraction·K on: lowering it searches more steps

@@ -77,6 +77,7 @@ class CommitStage(Stage):
         return [{"identity": r.identity, "status": r.status, "failure_class": r.failure_class,
                  "error": problem or r.error, "committed": problem is None, "output_uris": r.output_uris,
                  "seconds": r.seconds, "engine_seconds": r.engine_seconds, "pgd_steps": r.pgd_steps,
+                 "lambda_collapsed": r.lambda_collapsed,
                  "lambdas": [v for v in (r.lambda_schedule or []) if v is not None], "deferred": False}
                 for r, problem in zip(rows, problems)] + [
                 {"identity": w["identity"], "committed": False, "deferred": True} for w in deferred]

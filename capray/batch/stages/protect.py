@@ -11,7 +11,9 @@
   instead of failing every later group in milliseconds; the group is retried there.
 
 Every failure here is transient (engine or infrastructure), except the engine's own verdict on a
-group (`ValueError`), which no retry can change. Nothing here knows about storage.
+group (`ValueError`), which no retry can change. A non-finite value (`NonFiniteError`) is not retried
+within the run either (same config and seed, same NaN) but stays transient: the next run retries it.
+Nothing here knows about storage.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from capray.attack.guard import NonFiniteError
 from capray.batch.attempts import DEFERRED
 from capray.batch.rows import GROUP_SCHEMA
 from capray.batch.stages.base import Stage, short_error
@@ -120,6 +123,8 @@ class ProtectStage(Stage):
             try:
                 with _watchdog(b.group_timeout_s, lambda n=attempt: self._timed_out(identity, n)):
                     protected, record = self.run_engine(rgbs, identity, fixed)
+            except NonFiniteError as exc:  # deterministic: another attempt meets the same NaN (the next run retries)
+                return failed(str(exc), attempt, exc.failure_class)
             except ValueError as exc:  # the engine's verdict on the group itself: retrying cannot help
                 return failed(f"engine refused the group: {exc}", attempt, manifest.FAILURE_INPUT)
             except Exception as exc:  # transient: a device or runtime error
