@@ -166,6 +166,7 @@ def test_descend_pulls_the_faces_styles_together_ascend_pushes_them_apart(tiny_m
     assert down.consistency_after < down.consistency_before < up.consistency_after
 
 
+@pytest.mark.slow  # a reference search per r; the fast tier keeps the sign's effect test above
 def test_fast_equals_reference_under_the_ascend_reading(smoke_config):
     from capray.attack.engine import load_models
 

@@ -393,7 +393,7 @@ def test_every_record_field_is_declared_once_and_reaches_the_manifest_and_serve(
         assert record_fields <= set(extension.model_fields)
     assert record_fields <= set(manifest.SCHEMA.names) | set(manifest.STEPS_SCHEMA.names)
     shared = [n for n in SUMMARY_SCHEMA.names if n in manifest.SCHEMA.names]
-    assert all(SUMMARY_SCHEMA.field(n).type == manifest.SCHEMA.field(n).type for n in shared) and len(shared) == 8
+    assert all(SUMMARY_SCHEMA.field(n).type == manifest.SCHEMA.field(n).type for n in shared) and len(shared) == 9
 
 
 def test_a_record_round_trips_through_a_commit_file(tmp_path):
