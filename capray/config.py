@@ -104,7 +104,7 @@ class SimACConfig(_Strict):
         "so it is not computed at all; False: its gradient flows (the paper's text)")
     feature_reduction: Literal["mean", "sum"] = Field(
         "mean", description="how the MSEs of the decoder block's three ResNets combine: 'mean' (the public code, "
-        "one MSE over the stacked features) or 'sum' (capray before 0.x)")
+        "one MSE over the stacked features) or 'sum' (capray's default before it followed the public code)")
 
 
 class CAPConfig(_Strict):

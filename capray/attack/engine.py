@@ -134,7 +134,12 @@ def lambda_stopped_choosing(distinct: list[int], ratio_max: int) -> bool:
     """
     if ratio_max + 1 <= COLLAPSED_DISTINCT or not distinct:
         return False
-    return sum(d <= COLLAPSED_DISTINCT for d in distinct) * 2 > len(distinct)
+    return collapsed_steps(distinct) * 2 > len(distinct)
+
+
+def collapsed_steps(distinct: list[int]) -> int:
+    """Searched steps whose λ candidates gave at most COLLAPSED_DISTINCT different updates."""
+    return sum(d <= COLLAPSED_DISTINCT for d in distinct)
 
 
 def _as_list(images: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
@@ -570,9 +575,9 @@ def protect_group(
     )
     if result.lambda_collapsed:
         counts = result.distinct_counts
-        note = (f"λ stopped choosing: {sum(d <= COLLAPSED_DISTINCT for d in counts)} of {len(counts)} searched steps "
-                f"had ≤ {COLLAPSED_DISTINCT} distinct candidates of {config.cap.ratio_max + 1}, so the dynamic ratio "
-                "only chose between the baseline and full consistency (see docs/engine.md#gram-normalization)")
+        note = (f"λ stopped choosing: {collapsed_steps(counts)} of {len(counts)} searched steps had ≤ "
+                f"{COLLAPSED_DISTINCT} distinct candidates of {config.cap.ratio_max + 1}, so the dynamic ratio only "
+                "chose between the baseline and full consistency (see docs/engine.md#when-λ-stops-choosing)")
         result.notes.append(note)
         log.warning("identity %r: %s", identity, note)
     return result
