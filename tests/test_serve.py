@@ -61,8 +61,8 @@ def test_overrides_may_tune_the_attack_but_not_what_the_server_owns_or_raise_its
     server = load_config(preset="smoke")
     cfg = effective_config(server, {"seed": 7, "attack": {"eps": 0.03, "alpha": 0.003}, "cap": {"ratio_max": 5}})
     assert (cfg.seed, cfg.attack.eps, cfg.cap.ratio_max, cfg.model) == (7, 0.03, 5, server.model)
-    cheaper = effective_config(server, {"cap": {"search": "fast", "candidate_batch_size": 2, "start_fraction": 0.9}})
-    assert (cheaper.cap.candidate_batch_size, cheaper.cap.start_fraction) == (2, 0.9)
+    cheaper = effective_config(server, {"cap": {"search": "fast", "score_draws": 1, "start_fraction": 0.9}})
+    assert (cheaper.cap.score_draws, cheaper.cap.start_fraction) == (1, 0.9)
     no_prior = load_config(preset="smoke", overrides={"attack": {"surrogate": {"prior_preservation": False}}})
     refused = [
         (server, {"model": {"sd": "/etc"}}, "config.model.sd"),
@@ -76,6 +76,7 @@ def test_overrides_may_tune_the_attack_but_not_what_the_server_owns_or_raise_its
         (server, {"cap": {"ratio_max": 11}}, "cap.ratio_max = 11 > 10"),
         (server, {"cap": {"search": "reference"}}, "config.cap.search = 'reference' costs more"),
         (server, {"cap": {"score_draws": 3}}, "cap.score_draws = 3 > 1"),
+        (server, {"cap": {"candidate_batch_size": 1}}, "not settable per request"),
         (server, {"cap": {"start_fraction": 0.1}}, "cap.start_fraction = 0.1 < 0.5"),
         (server, {"attack": {"surrogate": {"batch_size": 4}}}, "surrogate.batch_size = 4 > 1"),
         # the smoke server trains 2 outer loops x 1 step: FSMG may not train longer than that

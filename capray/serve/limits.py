@@ -203,7 +203,7 @@ TUNABLE = {
     "attack.simac.keep_timesteps", "attack.simac.feature_weight", "attack.simac.feature_detach",
     "attack.simac.feature_reduction",
     "cap.enabled", "cap.start_fraction", "cap.ratio_max", "cap.ratio_mode", "cap.static_ratio", "cap.loss",
-    "cap.gram_normalization", "cap.consistency_sign", "cap.search", "cap.candidate_batch_size", "cap.score_draw",
+    "cap.gram_normalization", "cap.consistency_sign", "cap.search", "cap.score_draw",
     "cap.score_draws",
     "attack.fsmg_batch_size",
 }
@@ -212,6 +212,7 @@ SERVER_ONLY = {  # server paths, memory layout, and the class-image cache (chang
     "attack.surrogate.num_class_images", "attack.surrogate.class_sample_steps",
     "attack.surrogate.class_guidance_scale", "attack.surrogate.class_images_dir", "attack.surrogate.offload_main",
     "attack.image_batch_size", "cap.score_image_batch_size",  # device memory per forward: the replica's to size
+    "cap.candidate_batch_size",  # fewer candidates per call only means more, smaller forwards: slower, never cheaper
 }
 CEILINGS = (  # cost (time or memory) grows with the value: a request may lower it, not raise it
     "attack.fsmg_train_steps", "attack.surrogate_steps", "attack.surrogate.batch_size",
