@@ -330,6 +330,18 @@ class EvaluateConfig(_Strict):
     cpus_per_identity: float = Field(1.0, gt=0)
 
 
+class OutputConfig(_Strict):
+    """How protected photos are written: the same pixels in any choice, so none of it is in the config hash
+    (a change applies to the photos protected from then on; published ones keep their files)."""
+
+    format: Literal["png", "webp"] = Field(
+        "png", description="'png', or 'webp' (lossless: the same pixels in fewer bytes; a photo over 16383 px a "
+        "side is written as PNG)")
+    keep_capture_time: bool = Field(True, description="keep the photo's EXIF date and time tags (capture and "
+                                    "change time, time zone)")
+    keep_location: bool = Field(False, description="keep the photo's GPS location (stripped by default)")
+
+
 class ShardingConfig(_Strict):
     """Scoring one group's λ candidates on a pool of scoring actors as well as where the group runs.
 
@@ -352,6 +364,8 @@ class ShardingConfig(_Strict):
 
 # The sections that decide a group's pixels: what a stored job keeps (never storage options or keys).
 ENGINE_SECTIONS = ("seed", "model", "attack", "cap")
+# What a stored Serve job keeps: those, and how its photos are written (jobs stored before it hold none).
+JOB_SECTIONS = (*ENGINE_SECTIONS, "output")
 
 # The config hash changes when pixels can, and only then, so an upgrade keeps every OUTPUT resumable.
 # Settings added later are left out at the value that reproduces what ran before they existed.
@@ -399,6 +413,7 @@ class CaprayConfig(_Strict):
     serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     sharding: ShardingConfig = ShardingConfig()
+    output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
     def _check(self) -> CaprayConfig:
@@ -417,8 +432,10 @@ class CaprayConfig(_Strict):
         return engine
 
     def with_engine(self, engine: dict[str, Any]) -> CaprayConfig:
-        """This config with ENGINE_SECTIONS taken from `engine` (e.g. a stored job's settings)."""
-        return CaprayConfig.model_validate({**self.model_dump(), **{k: engine[k] for k in ENGINE_SECTIONS}})
+        """This config with ENGINE_SECTIONS (and `output`, where held) taken from `engine`, a stored job's
+        settings (JOB_SECTIONS)."""
+        taken = {k: engine[k] for k in ENGINE_SECTIONS} | {k: engine[k] for k in JOB_SECTIONS if k in engine}
+        return CaprayConfig.model_validate({**self.model_dump(), **taken})
 
     def config_hash(self) -> str:
         blob = json.dumps(_hash_view(self.engine_dict()), sort_keys=True, default=str).encode()

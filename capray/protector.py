@@ -2,7 +2,7 @@
 
     protector = Protector.from_pretrained("stabilityai/stable-diffusion-2-1-base")
     result = protector(["me/1.jpg", "me/2.jpg"], identity="me")
-    result.images[0].save("1.protected.png")
+    result.images[0].save("1.protected.png")          # or: result.file(0).data, as `capray protect` writes it
 
 It is the diffusers-style face of the engine (`capray.attack.api.protect_arrays`) and the one way every
 front door reaches it: the batch job's actors, Serve's `Protector` deployment, `capray evaluate` and the
@@ -10,6 +10,8 @@ benchmarks all hold a `Protector`, so a group protected through any of them with
 seed gets the same pixels. Photos may be PIL images, (H, W, 3) uint8 arrays or local file paths; they
 are protected as they are displayed (EXIF orientation applied) and come back at their own sizes. An
 alpha channel is not protected (an attacker's `convert("RGB")` drops it) and is re-attached unchanged.
+A photo's colour profile comes back with it (the values are protected in the photo's own colour space),
+and `file(i)` encodes it as the batch job writes it: `output.format`, profile and kept metadata included.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from capray.attack.api import ProtectionRecord, protect_arrays
 from capray.config import CaprayConfig, deep_merge, load_config
-from capray.io.images import BadImage, DecodedImage, decode_image, decoded_from_pil
+from capray.io.images import BadImage, DecodedImage, EncodedPhoto, decode_image, decoded_from_pil, encode_photo
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -44,14 +46,32 @@ class ProtectedPhotos:
     arrays: list[np.ndarray]  # (H, W, 3) uint8, the protected RGB pixels
     record: ProtectionRecord
     alphas: list[np.ndarray | None] = field(default_factory=list)  # per photo, re-attached unchanged
+    profiles: list[bytes | None] = field(default_factory=list)  # per photo, its RGB ICC profile (None: sRGB)
+    exifs: list[bytes | None] = field(default_factory=list)  # per photo, the EXIF the metadata policy keeps
+    format: str = "png"  # output.format: what `file` encodes
+
+    def _per_photo(self, values: list[Any]) -> list[Any]:
+        return values or [None] * len(self.arrays)
 
     @property
     def images(self) -> list[Image.Image]:
-        """PIL images (RGBA where the input had transparency); save them losslessly (PNG/WebP lossless)."""
+        """PIL images (RGBA where the input had transparency), each with its colour profile in
+        `info["icc_profile"]` (PNG keeps it on `save`); save them losslessly (PNG/WebP lossless)."""
         from PIL import Image
 
-        alphas = self.alphas or [None] * len(self.arrays)
-        return [Image.fromarray(np.dstack([rgb, a]) if a is not None else rgb) for rgb, a in zip(self.arrays, alphas)]
+        images = []
+        for rgb, a, icc in zip(self.arrays, self._per_photo(self.alphas), self._per_photo(self.profiles)):
+            img = Image.fromarray(np.dstack([rgb, a]) if a is not None else rgb)
+            if icc:
+                img.info["icc_profile"] = icc
+            images.append(img)
+        return images
+
+    def file(self, index: int) -> EncodedPhoto:
+        """Photo `index` as `capray protect` writes it (`.data`, `.format`): lossless `output.format`, with
+        its colour profile and the metadata `output.keep_*` keeps."""
+        return encode_photo(self.arrays[index], self._per_photo(self.alphas)[index], fmt=self.format,
+                            icc=self._per_photo(self.profiles)[index], exif=self._per_photo(self.exifs)[index])
 
     def __iter__(self) -> Iterator[Any]:
         yield self.images
@@ -120,7 +140,8 @@ class Protector:
                                            evaluator_factory, fixed=held)
         for d in decoded:
             record.notes.extend(d.notes)
-        return ProtectedPhotos(protected, record, [d.alpha for d in decoded])
+        return ProtectedPhotos(protected, record, [d.alpha for d in decoded], [d.icc for d in decoded],
+                               [d.exif for d in decoded], cfg.output.format)
 
     @staticmethod
     def _decode(photo: Photo, cfg: CaprayConfig) -> DecodedImage:
@@ -129,7 +150,8 @@ class Protector:
             if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[2] != 3:
                 raise BadImage(f"expected an (H, W, 3) uint8 array, got {photo.shape} {photo.dtype}")
             return DecodedImage(np.ascontiguousarray(photo), None, [])
-        limits = {"max_pixels": cfg.batch.max_image_pixels, "min_side": cfg.batch.min_image_side}
+        limits = {"max_pixels": cfg.batch.max_image_pixels, "min_side": cfg.batch.min_image_side,
+                  "keep_capture_time": cfg.output.keep_capture_time, "keep_location": cfg.output.keep_location}
         if isinstance(photo, (str, os.PathLike)):
             path = Path(photo)
             if path.stat().st_size > cfg.batch.max_file_bytes:

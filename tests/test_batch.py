@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from photo_helpers import display_p3_icc, p3_heic, p3_jpeg, saturated_photo
+
 from capray.batch.demo import SAMPLES
 from capray.config import load_config
 from capray.io.images import decode_image, encode_png
@@ -43,8 +45,9 @@ def noise(h=40, w=48) -> np.ndarray:
     return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def build_corpus(root: Path) -> dict[str, str]:
-    """Identity folder → expected status."""
+def build_corpus(root: Path, elsewhere: Path | None = None) -> dict[str, str]:
+    """Identity folder → expected status. `elsewhere`: a folder outside ROOT holding `allowed/` (in
+    batch.allowed_input_prefixes) and `private/` (not), where some photos of ROOT are symbolic links to."""
     for ident in ("astronaut", "chelsea"):
         shutil.copytree(SAMPLES / ident, root / ident)
     save(root / "bob smith" / "1.png", noise())
@@ -73,8 +76,26 @@ def build_corpus(root: Path) -> dict[str, str]:
     exif = rotated.getexif()
     exif[0x0112] = 6
     rotated.save(root / "formats" / "rotated.jpg", format="JPEG", exif=exif.tobytes(), quality=95)
-    return {"astronaut": "ok", "chelsea": "ok", "bob smith": "ok", "Zoë": "ok", "solo": "ok", "formats": "ok",
-            "crowd": "failed", "broken": "failed", "empty": "failed", "text": "failed", "nophotos": "failed"}
+    expected = {"astronaut": "ok", "chelsea": "ok", "bob smith": "ok", "Zoë": "ok", "solo": "ok", "formats": "ok",
+                "crowd": "failed", "broken": "failed", "empty": "failed", "text": "failed", "nophotos": "failed"}
+    if elsewhere is None:
+        return expected
+    # an iPhone's photos: a Display-P3 JPEG (GPS, rotated) and a HEIC, both with a P3 profile
+    (root / "iphone").mkdir()
+    (root / "iphone" / "IMG_1.jpg").write_bytes(p3_jpeg(saturated_photo(40, 48), orientation=6))
+    (root / "iphone" / "IMG_2.heic").write_bytes(p3_heic(saturated_photo(44, 40, seed=1)))
+    # a library of symbolic links: to photos in an allowed folder outside ROOT, and to one inside ROOT
+    for name, arr in (("a.png", noise()), ("b.png", noise(36, 40))):
+        save(elsewhere / "allowed" / name, arr)
+        (root / "linked").mkdir(exist_ok=True)
+        os.symlink(elsewhere / "allowed" / name, root / "linked" / name)
+    os.symlink(f"../astronaut/{sorted(os.listdir(root / 'astronaut'))[0]}", root / "linked" / "c.png")
+    save(elsewhere / "private" / "secret.png", noise())
+    save(root / "escaping" / "ok.png", noise())
+    os.symlink(elsewhere / "private" / "secret.png", root / "escaping" / "secret.png")  # out of the allowed roots
+    save(root / "dangling" / "ok.png", noise())
+    os.symlink("gone.png", root / "dangling" / "gone-link.png")  # a broken link
+    return expected | {"iphone": "ok", "linked": "ok", "escaping": "failed", "dangling": "failed"}
 
 
 def buf_png(arr):
@@ -92,12 +113,13 @@ def tree_digest(root: Path) -> dict[str, str]:
 def corpus_run(ray_cluster, tmp_path_factory):
     from capray.batch.command import protect
 
-    base = tmp_path_factory.mktemp("batch")
+    base, elsewhere = tmp_path_factory.mktemp("batch"), tmp_path_factory.mktemp("elsewhere")
     src, out = base / "in", base / "out"
-    expected = build_corpus(src)
+    expected = build_corpus(src, elsewhere)
     before = tree_digest(src)
-    summary = protect(str(src), str(out), cheap_config())
-    return {"src": src, "out": out, "expected": expected, "before": before, "summary": summary, "base": base}
+    summary = protect(str(src), str(out), cheap_config(batch={"allowed_input_prefixes": [str(elsewhere / "allowed")]}))
+    return {"src": src, "out": out, "expected": expected, "before": before, "summary": summary, "base": base,
+            "elsewhere": elsewhere}
 
 
 def rows_by_identity(out: Path) -> dict[str, dict]:
@@ -111,13 +133,15 @@ def test_every_identity_has_exactly_one_row_with_expected_status(corpus_run):
     rows = rows_by_identity(corpus_run["out"])
     assert {i: r["status"] for i, r in rows.items()} == corpus_run["expected"]
     s = corpus_run["summary"]
-    assert (s.ok, s.failed, s.failed_input, s.unfinished, s.exit_code) == (6, 5, 5, 0, 0)  # input failures only
+    assert (s.ok, s.failed, s.failed_input, s.unfinished, s.exit_code) == (8, 7, 7, 0, 0)  # input failures only
     assert all(r["failure_class"] == ("input" if r["status"] == "failed" else None) for r in rows.values())
     assert "cut.png" in rows["broken"]["error"] and "good.png" not in rows["broken"]["error"]
     assert "zero.png: empty file" in rows["empty"]["error"]
     assert "notes.png: not a recognised image" in rows["text"]["error"]
     assert "max_photos_per_identity=4" in rows["crowd"]["error"] and "no photos" in rows["nophotos"]["error"]
-    for ident in ("broken", "empty", "text", "crowd", "nophotos"):
+    assert "secret.png' is a symbolic link to" in rows["escaping"]["error"]
+    assert "gone-link.png: broken symbolic link" in rows["dangling"]["error"]
+    for ident in ("broken", "empty", "text", "crowd", "nophotos", "escaping", "dangling"):
         assert rows[ident]["output_uris"] == []
         assert not (corpus_run["out"] / rows[ident]["safe_name"]).exists(), "a failed identity wrote photos"
 
@@ -150,13 +174,34 @@ def test_outputs_keep_size_orientation_alpha_and_budget(corpus_run):
     assert Image.open(rotated).size == (30, 60)  # EXIF orientation 6 applied: 60x30 stored, 30x60 displayed
 
 
+def test_iphone_photos_keep_their_colours_and_capture_time_and_linked_photos_are_protected(corpus_run):
+    """A Display-P3 JPEG and a HEIC come out with their P3 profile (rendered colours within the budget of the
+    input's), capture time kept and location stripped; photos reached through symbolic links are protected."""
+    from test_photo_fidelity import EPS_255, rendered
+
+    rows = rows_by_identity(corpus_run["out"])
+    iphone = rows["iphone"]
+    assert [Path(u).name for u in iphone["output_uris"]] == ["IMG_1.png", "IMG_2.png"]
+    for uri_in, uri_out in zip(iphone["input_uris"], iphone["output_uris"]):
+        out = Path(uri_out).read_bytes()
+        assert Image.open(uri_out).info["icc_profile"] == display_p3_icc()
+        shift = np.abs(rendered(out) - rendered(Path(uri_in).read_bytes()))
+        assert shift.mean() <= EPS_255, (uri_in, shift.mean())
+    exif = Image.open(iphone["output_uris"][0]).getexif()
+    assert exif.get_ifd(0x8769)[0x9003] == "2024:05:01 10:00:00" and not exif.get_ifd(0x8825) and 0x0112 not in exif
+    assert Image.open(iphone["output_uris"][0]).size == (40, 48)  # the JPEG's orientation 6 applied once
+    linked = rows["linked"]
+    assert linked["status"] == "ok" and len(linked["output_uris"]) == 3 and all(
+        Path(u).is_file() and not Path(u).is_symlink() for u in linked["output_uris"])
+
+
 def test_inputs_untouched_and_nothing_outside_output(corpus_run):
     assert tree_digest(corpus_run["src"]) == corpus_run["before"]
     assert sorted(p.name for p in corpus_run["base"].iterdir()) == ["in", "out"]
     assert not list(corpus_run["out"].rglob(".capray-tmp-*"))
     run_json = (corpus_run["out"] / "run.json").read_text()
     assert cheap_config().config_hash() in run_json
-    assert "capray_identities_total{status=\"ok\"} 6.0" in (corpus_run["out"] / "metrics.prom").read_text()
+    assert "capray_identities_total{status=\"ok\"} 8.0" in (corpus_run["out"] / "metrics.prom").read_text()
 
 
 @pytest.mark.slow  # the fast tier's reruns: test_batch_incremental, test_batch_processor (engine stand-in)

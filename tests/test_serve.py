@@ -95,13 +95,13 @@ def test_overrides_may_tune_the_attack_but_not_what_the_server_owns_or_raise_its
         assert info.value.status == 422 and message in str(info.value.detail), (overrides, info.value.detail)
 
 
-def test_every_attack_and_cap_setting_is_either_tunable_or_server_owned():
+def test_every_attack_cap_and_output_setting_is_either_tunable_or_server_owned():
     """A new config knob must be classified: open to requests (and capped if it costs) or the server's."""
     from capray.config import CaprayConfig
     from capray.serve.limits import CEILINGS, FLOORS, ORDERED, SERVER_ONLY, TUNABLE, _leaves
 
     cfg = CaprayConfig().model_dump()
-    leaves = set(_leaves({"attack": cfg["attack"], "cap": cfg["cap"]})) | {"seed"}
+    leaves = set(_leaves({"attack": cfg["attack"], "cap": cfg["cap"], "output": cfg["output"]})) | {"seed"}
     assert not TUNABLE & SERVER_ONLY
     assert TUNABLE | SERVER_ONLY == leaves, (leaves - TUNABLE - SERVER_ONLY, (TUNABLE | SERVER_ONLY) - leaves)
     assert set(CEILINGS) | set(FLOORS) | set(ORDERED) <= TUNABLE

@@ -40,6 +40,8 @@ GROUP_SCHEMA = pa.schema(list(PLAN_SCHEMA) + [
     ("error", pa.string()), ("started_at", pa.float64()),
     ("pixels", pa.list_(pa.large_binary())), ("shapes", pa.list_(pa.list_(pa.int32()))),
     ("alphas", pa.list_(pa.large_binary())), ("photo_notes", pa.list_(pa.string())),
+    # per photo, written with its output: its RGB colour profile and its EXIF as the metadata policy keeps it
+    ("iccs", pa.list_(pa.large_binary())), ("exifs", pa.list_(pa.large_binary())),
     ("record", pa.string()), ("attempts", pa.int32()),
     ("deferred", pa.bool_()),  # not started: the run was stopping (time box, SIGTERM); the next run does it
 ])

@@ -21,7 +21,7 @@ from capray.evaluate.transforms import Transform
 from capray.io.naming import RESERVED, is_safe, output_stems, safe_name
 from capray.io.storage import join, normalize_uri, overlaps
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
 METHOD_NAMES = {"fsmg": "FSMG", "aspl": "ASPL", "simac": "SimAC"}
 
 
@@ -118,7 +118,7 @@ def load_photo_set(source: Source, identity: str, files: EvalFiles) -> tuple[dic
     photos, errors = {}, []
     for key, uri in found.items():
         try:
-            photos[key] = files.read_photo(uri)
+            photos[key] = files.read_photo(uri, source.root)
         except Exception as exc:  # noqa: BLE001 - one bad photo must not sink the identity
             errors.append(f"{posixpath.basename(uri)}: {exc}")
     return photos, errors

@@ -8,10 +8,15 @@ input itself; `batch.allowed_input_prefixes` adds more. Anything else fails its 
 input) with a message that says which URI and how to allow it: in the check stage, before the stat
 that fingerprints the photo (a request too), and again where photos are read. Prefixes match whole
 path segments.
+
+A local path is checked where it really leads (symbolic links resolved): a link inside an allowed
+folder is followed, a link out of them is refused naming its target — an upload holding a link to
+another user's photos or to a server file must not get it protected and published.
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 
 from capray.io.storage import normalize_uri
@@ -40,9 +45,18 @@ def uri_problem(uri: str, prefixes: list[str]) -> str | None:
             return f"URI {uri!r} contains '.' or '..' segments"
         if scheme == "file":
             return f"URI {uri!r}: file:// URLs are not allowed in a catalog (use a relative or absolute path)"
-    target = normalize_uri(uri)
+    target = normalize_uri(uri)  # a local path: where its symbolic links lead
     for prefix in prefixes:
         if target == prefix or target.startswith(prefix.rstrip("/") + "/"):
             return None
-    return (f"URI {uri!r} is outside the allowed input locations ({', '.join(prefixes)}); "
+    linked = "://" not in uri and target != os.path.abspath(os.path.expanduser(uri))
+    what = f"{uri!r} is a symbolic link to {target!r}, which is" if linked else f"URI {uri!r} is"
+    return (f"{what} outside the allowed input locations ({', '.join(prefixes)}); "
             "add its prefix to batch.allowed_input_prefixes to allow it")
+
+
+def broken_link(uri: str) -> str | None:
+    """'broken symbolic link …' for a local path whose link leads nowhere, else None."""
+    if "://" in uri or not os.path.islink(uri) or os.path.exists(uri):
+        return None
+    return f"broken symbolic link (to {os.readlink(uri)!r})"

@@ -257,11 +257,15 @@ def _local_entries(root: str, after: str | None) -> Iterator[tuple[str, int | No
         except FileNotFoundError:  # removed while listing
             continue
         for entry in children:
-            if entry.is_dir():
-                yield entry.path, None, None, True
-            else:
+            if entry.is_dir():  # a symbolic link is listed as what it points at (a link's target is checked
+                yield entry.path, None, None, True  # against the allowed roots where it is read)
+                continue
+            try:
                 st = entry.stat()
-                yield entry.path, st.st_size, str(st.st_mtime_ns), False
+            except OSError:  # a broken symbolic link: listed, so its identity fails naming it
+                yield entry.path, None, None, False
+                continue
+            yield entry.path, st.st_size, str(st.st_mtime_ns), False
 
 
 def _flat_entries(fs: Any, path: str, after: str | None) -> Iterator[tuple[str, int | None, str | None, bool]]:

@@ -16,9 +16,9 @@ API (`Authorization: Bearer <key>` on every route but healthz when keys are conf
                                         (fixed / fixed_jobs: the person's published protected photos,
                                         held fixed in CAP's group; only `photos` are protected)
   GET  /v1/jobs/{id}                    → {status: pending|ok|failed, progress, error?, result?}
-  GET  /v1/jobs/{id}/photos/{index}     → one protected PNG (image/png)
-  GET  /v1/jobs/{id}/result.zip         → every protected PNG + summary.json
-  POST /v1/protect:sync                 same bodies → 200 result with base64 PNGs (small requests)
+  GET  /v1/jobs/{id}/photos/{index}     → one protected photo (image/png, or image/webp: config.output.format)
+  GET  /v1/jobs/{id}/result.zip         → every protected photo + summary.json
+  POST /v1/protect:sync                 same bodies → 200 result with base64 photos (small requests)
   GET  /v1/healthz                      → {"status": "ok"}
 
 Autoscaling and limits come from `ServeConfig` (`serve:` in the capray config); `deploy_config`
@@ -45,6 +45,7 @@ from ray.serve.handle import DeploymentHandle
 from capray.attack.api import ProtectionRecord
 from capray.config import CaprayConfig, ServeConfig, ShardingConfig, load_config
 from capray.distributed.pool import ScoringPool
+from capray.io.images import MEDIA_TYPES
 from capray.metrics import LAMBDA_COLLAPSED, SERVE_GROUPS, Metric
 from capray.serve import errors
 from capray.serve.auth import AuthError, KeyRing, check_exposure
@@ -269,21 +270,22 @@ class Ingress:
                 sub.fixed_files = [*published, *sub.fixed_files]
                 check_counts(len(sub.files), self.config.serve, len(sub.fixed_files))
             await asyncio.to_thread(check_pixels, [*sub.files, *sub.fixed_files], self.config.serve)
-            decoded = await asyncio.to_thread(decode_photos, sub.files, sub.names, self.config.serve)
+            decoded = await asyncio.to_thread(decode_photos, sub.files, sub.names, self.config.serve, cfg.output)
             held = await asyncio.to_thread(decode_photos, sub.fixed_files, [], self.config.serve)
             yield sub, cfg, decoded, held
 
     async def _published_by(self, owner: str, job_id: str) -> list[bytes]:
-        """The protected PNGs of the caller's finished job `job_id` (404 for anyone else's)."""
+        """The protected photo files of the caller's finished job `job_id` (404 for anyone else's)."""
         state = await self._job_of(owner, job_id)
         if state.status != "ok":
             raise RequestError(409, f"fixed job is {state.status}: only a finished job's photos can be held fixed",
                                job_id=job_id)
         result = JobResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
-        pngs = [await asyncio.to_thread(self.store.photo, job_id, i) for i in range(len(result.photos))]
-        if any(png is None for png in pngs):
+        files = [await asyncio.to_thread(self.store.photo, job_id, i, photo.format)
+                 for i, photo in enumerate(result.photos)]
+        if any(data is None for data in files):
             raise _not_found(job_id)
-        return pngs
+        return files
 
     async def _owned(self, request: Request, job_id: str) -> JobState:
         return await self._job_of(self._caller(request), job_id)
@@ -327,13 +329,15 @@ class Ingress:
         return _job_status(state, result, str(request.url_for("job_status", job_id=job_id)))
 
     @api.get("/v1/jobs/{job_id}/photos/{index}", response_class=Response,
-             responses={200: {"content": {"image/png": {}}}})
+             responses={200: {"content": {"image/png": {}, "image/webp": {}}}})
     async def job_photo(self, job_id: str, index: int, request: Request) -> Response:
         await self._finished(request, job_id)
-        png = await asyncio.to_thread(self.store.photo, job_id, index) if index >= 0 else None
-        if png is None:
+        result = JobResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
+        photo = result.photos[index] if 0 <= index < len(result.photos) else None
+        data = await asyncio.to_thread(self.store.photo, job_id, index, photo.format) if photo else None
+        if data is None:
             raise RequestError(404, "no such photo in this job", job_id=job_id, photo=index)
-        return Response(png, media_type="image/png")
+        return Response(data, media_type=MEDIA_TYPES[photo.format])
 
     @api.get("/v1/jobs/{job_id}/result.zip", response_class=Response,
              responses={200: {"content": {"application/zip": {}}}})
@@ -341,7 +345,7 @@ class Ingress:
         await self._finished(request, job_id)
         result = JobResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
         # a sync iterator: Starlette runs it in a worker thread, store reads included, one photo at a time
-        return StreamingResponse(result_zip(result, lambda i: self.store.photo(job_id, i)),
+        return StreamingResponse(result_zip(result, lambda i, fmt: self.store.photo(job_id, i, fmt)),
                                  media_type="application/zip",
                                  headers={"Content-Disposition": f'attachment; filename="capray-{job_id}.zip"'})
 
@@ -365,9 +369,9 @@ class Ingress:
                                    headers={"Retry-After": "30"} if status == 503 else None) from None
             finally:
                 self.sync_in_flight -= 1
-        pngs, result = await asyncio.to_thread(build_result, sub.names, decoded, protected, record, cfg)
-        for photo, png in zip(result.photos, pngs):
-            photo.png = base64.b64encode(png).decode("ascii")
+        files, result = await asyncio.to_thread(build_result, sub.names, decoded, protected, record, cfg)
+        for photo, data in zip(result.photos, files):
+            photo.png = base64.b64encode(data).decode("ascii")
         return result
 
 

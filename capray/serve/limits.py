@@ -190,7 +190,7 @@ def check_pixels(files: list[bytes], limits: ServeConfig) -> None:
 
 # -- what a request may override -----------------------------------------------------------------
 
-# Every setting under seed/attack/cap is either tunable per request or owned by the server;
+# Every setting under seed/attack/cap/output is either tunable per request or owned by the server;
 # tests check the two lists cover the config, so a new knob needs a decision here.
 TUNABLE = {
     "seed",
@@ -206,6 +206,7 @@ TUNABLE = {
     "cap.gram_normalization", "cap.consistency_sign", "cap.search", "cap.score_draw",
     "cap.score_draws",
     "attack.fsmg_batch_size",
+    "output.format", "output.keep_capture_time", "output.keep_location",  # how the caller's own photos come back
 }
 SERVER_ONLY = {  # server paths, memory layout, and the class-image cache (changing it means generating images)
     "attack.fsmg_model", "attack.surrogate.master_weights", "attack.surrogate.class_prompt",

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from capray.config import ServeConfig
+from capray.config import OutputConfig, ServeConfig
 from capray.io.images import BadImage, DecodedImage, decode_image
 from capray.serve.limits import RequestError, check_declared_length, guarded_receive
 from capray.serve.schemas import ProtectOptions, ProtectRequest
@@ -140,13 +140,18 @@ async def read_submission(request: Any, limits: ServeConfig,
     return await asyncio.to_thread(from_json, await bounded.body(), limits)
 
 
-def decode_photos(files: list[bytes], names: list[str | None], limits: ServeConfig) -> list[DecodedImage]:
-    """Photo files → decoded RGB photos (EXIF-rotated, alpha kept aside), or `RequestError` naming the photo."""
+def decode_photos(files: list[bytes], names: list[str | None], limits: ServeConfig,
+                  output: OutputConfig | None = None) -> list[DecodedImage]:
+    """Photo files → decoded RGB photos (EXIF-rotated, alpha kept aside, with the profile and the metadata
+    `output` keeps), or `RequestError` naming the photo."""
+    output = output or OutputConfig()
     decoded = []
     for i, raw in enumerate(files):
         try:
             decoded.append(decode_image(raw, max_pixels=limits.max_image_pixels, min_side=limits.min_image_side,
-                                        max_pixels_key="serve.max_image_pixels"))
+                                        max_pixels_key="serve.max_image_pixels",
+                                        keep_capture_time=output.keep_capture_time,
+                                        keep_location=output.keep_location))
         except BadImage as exc:
             raise RequestError(422, f"cannot use this photo: {exc}", photo=i,
                                name=names[i] if i < len(names) else None) from None

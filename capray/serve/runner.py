@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from capray.config import ENGINE_SECTIONS, CaprayConfig
+from capray.config import JOB_SECTIONS, CaprayConfig
 from capray.io.lease import Lease, Seen
 from capray.serve import errors
 from capray.serve.limits import RequestError
@@ -76,7 +76,7 @@ class JobRunner:
         now = time.time()
         request = JobRequest(job_id=uuid.uuid4().hex, owner=owner, identity=sub.identity, names=sub.names,
                              fixed_count=len(sub.fixed_files), created_at=now,
-                             config=cfg.model_dump(mode="json", include=set(ENGINE_SECTIONS)))
+                             config=cfg.model_dump(mode="json", include=set(JOB_SECTIONS)))
         state = JobState(job_id=request.job_id, owner=owner, created_at=now, updated_at=now,
                          steps_total=cfg.attack.total_pgd_steps, holder=self.tag, attempts=1)
         claim = await self._io(self.store.create, request, [*sub.files, *sub.fixed_files], state,
@@ -111,8 +111,9 @@ class JobRunner:
                 return
             raise  # this runner is cancelled (replica stopping): the job stays pending
         if status == "ok":
-            pngs, result = detail
-            wrote = await self._io(self.store.finish, claim, state, pngs, result.model_dump_json().encode())
+            files, result = detail
+            photos = [(data, photo.format) for data, photo in zip(files, result.photos)]
+            wrote = await self._io(self.store.finish, claim, state, photos, result.model_dump_json().encode())
         else:
             wrote = await self._io(self.store.fail, claim, state, detail)
         if not wrote:
@@ -121,7 +122,7 @@ class JobRunner:
 
     async def _attempt(self, state: JobState, request: JobRequest,
                        decoded: tuple[list[Any], list[Any]] | None) -> tuple[str, Any]:
-        """One run: ("ok", (pngs, result)) or ("failed", a client-safe reason). `decoded`: the photos and
+        """One run: ("ok", (files, result)) or ("failed", a client-safe reason). `decoded`: the photos and
         the fixed photos, decoded (None on a rerun: read from the store)."""
         def on_progress(done: int, total: int) -> None:
             state.steps_done, state.steps_total = done, total
@@ -130,20 +131,20 @@ class JobRunner:
             cfg = self.config.with_engine(request.config)  # the server's plumbing, the job's engine settings
             if decoded is None:  # a rerun: the photos come from the store
                 files = await self._io(self.store.inputs, state.job_id, len(request.names) + request.fixed_count)
-                decoded = (await self._io(decode_photos, files[:len(request.names)], request.names, self.limits),
+                decoded = (await self._io(decode_photos, files[:len(request.names)], request.names, self.limits,
+                                          cfg.output),
                            await self._io(decode_photos, files[len(request.names):], [], self.limits))
             photos, held = decoded
             protected, record = await self._protect_in_time([d.rgb for d in photos], cfg, request.identity,
                                                             on_progress, [d.rgb for d in held])
-            pngs, result = await self._io(build_result, request.names, photos, protected,
-                                          record, cfg)
+            files, result = await self._io(build_result, request.names, photos, protected, record, cfg)
         except JobTimeout as exc:
             return "failed", str(exc)
         except RequestError as exc:  # a rerun's photo no longer decodes
             return "failed", f"invalid input: {exc.detail['error']}"
         except Exception as exc:  # noqa: BLE001 - the job records a client-safe reason; the replica goes on
             return "failed", errors.public_error(exc, state.job_id)
-        return "ok", (pngs, result)
+        return "ok", (files, result)
 
     async def _protect_in_time(self, rgbs: list[Any], cfg: CaprayConfig, identity: str,
                                on_progress: Callable[[int, int], None], fixed: list[Any]) -> tuple[list[Any], Any]:

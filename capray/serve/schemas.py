@@ -28,7 +28,8 @@ class ProtectOptions(BaseModel):
     identity: str = Field("user", min_length=1, max_length=256,
                           description="seeds the randomness: same photos + identity + config → same pixels")
     config: dict[str, Any] = Field(default_factory=dict,
-                                   description="overrides of the server's `seed`, `attack` and `cap` settings")
+                                   description="overrides of the server's `seed`, `attack`, `cap` and `output` "
+                                   "settings")
     fixed_jobs: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
         default_factory=list, max_length=16, description="finished jobs of yours whose protected photos are this "
         "person's published ones: they are held fixed in CAP's group and only the new photos are protected "
@@ -46,9 +47,11 @@ class ProtectRequest(ProtectOptions):
 
 class PhotoOut(BaseModel):
     name: str | None
-    png: str | None = Field(None, description="protected photo, base64 PNG (lossless; same size as the input); "
-                            "in the sync response only")
-    url: str | None = Field(None, description="where to GET this protected PNG (jobs only)")
+    format: Literal["png", "webp"] = Field("png", description="the protected photo's file format (the request's "
+                                            "`output.format`; lossless either way)")
+    png: str | None = Field(None, description="protected photo, base64, in `format` (lossless; same size as the "
+                            "input; the input's colour profile); in the sync response only")
+    url: str | None = Field(None, description="where to GET this protected photo (jobs only)")
     width: int
     height: int
     linf_255: float

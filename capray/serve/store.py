@@ -7,7 +7,7 @@ cluster that accepted it (a RayService upgrade starts a new cluster on the same 
     STORE/jobs/<id>/input/<i>          the uploaded photo files, as sent (deleted when the job ends)
     STORE/jobs/<id>/status.json        pending|ok|failed, progress, attempts, error: the runner's lease
     STORE/jobs/<id>/result.json        the JobResult without pixel data
-    STORE/jobs/<id>/photos/<i>.png     the protected photos
+    STORE/jobs/<id>/photos/<i>.<fmt>   the protected photos (png or webp)
     STORE/pending/<id>.<owner>         one marker per unfinished job (capacity, per-key limits, sweeps)
     STORE/finished/<t>-<id>            one marker per finished job, t = finish time (expiry sweep)
 
@@ -164,15 +164,15 @@ class JobStore:
         raw = self._read(self._job(job_id, "status.json"))
         return JobState.model_validate_json(raw) if raw is not None else None
 
-    def finish(self, held: lease.Lease, state: JobState, pngs: list[bytes], summary: bytes) -> bool:
+    def finish(self, held: lease.Lease, state: JobState, photos: list[tuple[bytes, str]], summary: bytes) -> bool:
         """Results before the status that points at them, and only while `held` (checked first, then the
         status written on the lease's condition); False when the job is no longer this holder's."""
         try:
             held.check()
         except lease.LeaseLost:
             return False
-        for i, png in enumerate(pngs):
-            write_bytes_atomic(self.fs, self._job(state.job_id, "photos", f"{i}.png"), png)
+        for i, (data, fmt) in enumerate(photos):  # (file bytes, format) per photo
+            write_bytes_atomic(self.fs, self._job(state.job_id, "photos", f"{i}.{fmt}"), data)
         write_bytes_atomic(self.fs, self._job(state.job_id, "result.json"), summary)
         return self._close(held, state, "ok", None)
 
@@ -208,8 +208,8 @@ class JobStore:
     def result(self, job_id: str) -> bytes | None:
         return self._read(self._job(job_id, "result.json"))
 
-    def photo(self, job_id: str, index: int) -> bytes | None:
-        return self._read(self._job(job_id, "photos", f"{index}.png"))
+    def photo(self, job_id: str, index: int, fmt: str = "png") -> bytes | None:
+        return self._read(self._job(job_id, "photos", f"{index}.{fmt}"))
 
     def delete(self, job_id: str, owner: str | None) -> None:
         """The job's folder and its pending marker (`owner`'s, and the owner-less name older versions wrote;

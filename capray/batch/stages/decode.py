@@ -13,7 +13,7 @@ from typing import Any
 from capray.batch.rows import GROUP_SCHEMA
 from capray.batch.stages.base import Stage, short_error
 from capray.io import manifest
-from capray.io.allowlist import uri_problem
+from capray.io.allowlist import broken_link, uri_problem
 from capray.io.images import BadImage, decode_image
 from capray.io.storage import TransientStorageError, get_fs, inside, is_transient, read_bytes
 
@@ -49,16 +49,17 @@ class DecodeStage(Stage):
 
     def fetch(self, uri: str, max_bytes: int | None = None):
         """One file's bytes through fsspec, decoded with the job's limits (raises BadImage/OSError)."""
-        b = self.cfg.batch
+        b, o = self.cfg.batch, self.cfg.output
         fs, path = get_fs(uri, b.storage_options)
         return decode_image(read_bytes(fs, path, max_bytes or b.max_file_bytes), max_pixels=b.max_image_pixels,
-                            min_side=b.min_image_side)
+                            min_side=b.min_image_side, keep_capture_time=o.keep_capture_time,
+                            keep_location=o.keep_location)
 
     def read(self, uri: str):
         """An input photo, once its URI passes the allowlist."""
         if not uri:
             raise BadImage("empty URI in the input catalog")
-        refused = uri_problem(uri, self.allowed) if self.allowed is not None else None
+        refused = (uri_problem(uri, self.allowed) if self.allowed is not None else None) or broken_link(uri)
         if refused:
             raise BadImage(refused)
         return self.fetch(uri)
@@ -69,7 +70,7 @@ class DecodeStage(Stage):
         try:
             if self.output is None or not inside(uri, self.output):
                 raise BadImage(f"{uri} is not inside OUTPUT")
-            # our own lossless PNG of a photo that passed the limits: it may be larger than its JPEG was
+            # our own lossless output of a photo that passed the limits: it may be larger than its JPEG was
             return self.fetch(uri, max(self.cfg.batch.max_file_bytes, 5 * self.cfg.batch.max_image_pixels))
         except (BadImage, ValueError, OSError) as exc:
             if is_transient(exc):
@@ -87,10 +88,10 @@ class DecodeStage(Stage):
         if row.get("problem"):
             return dict(out, error=row["problem"], failure=row.get("failure") or manifest.FAILURE_INPUT)
         b = self.cfg.batch
-        pixels, shapes, alphas, notes, bad, transient = [], [], [], [], [], False
+        pixels, shapes, alphas, iccs, exifs, notes, bad, transient = [], [], [], [], [], [], [], False
         held = list(row.get("fixed_outputs") or [None] * len(row["uris"]))
         if all(held):  # only photos removed: nothing to protect, nothing to read
-            return dict(out, pixels=[], shapes=[], alphas=[], photo_notes=[])
+            return dict(out, pixels=[], shapes=[], alphas=[], iccs=[], exifs=[], photo_notes=[])
         total = 0
         for i, uri in enumerate(row["uris"]):
             name = posixpath.basename(uri) or uri
@@ -113,10 +114,12 @@ class DecodeStage(Stage):
             pixels.append(decoded.rgb.tobytes())
             shapes.append(list(decoded.rgb.shape[:2]))
             alphas.append(decoded.alpha.tobytes() if decoded.alpha is not None else None)
+            iccs.append(decoded.icc)
+            exifs.append(decoded.exif)
             notes.extend(f"{name}: {n}" for n in decoded.notes)
         if bad:
             return dict(out, error=f"{len(bad)} of {len(row['uris'])} photos unusable; nothing written for this "
                                    f"identity: " + "; ".join(bad),
                         failure=manifest.FAILURE_TRANSIENT if transient else manifest.FAILURE_INPUT)
-        return dict(out, pixels=pixels, shapes=shapes, alphas=alphas, photo_notes=notes,
+        return dict(out, pixels=pixels, shapes=shapes, alphas=alphas, iccs=iccs, exifs=exifs, photo_notes=notes,
                     fixed_outputs=held if any(held) else None)

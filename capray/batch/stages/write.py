@@ -1,4 +1,5 @@
-"""Stage 5, write (CPU tasks): encode the identity's PNGs, write them atomically, remove earlier outputs
+"""Stage 5, write (CPU tasks): encode the identity's photos (`output.format`, each with its colour profile
+and kept metadata), write them atomically, remove earlier outputs
 whose source is gone or changed (all of them for an identity removed from the input), and pass on
 the identity's (not yet committed) manifest row. Published outputs held fixed (append mode) are
 never rewritten."""
@@ -16,7 +17,7 @@ from capray.attack.api import ProtectionRecord
 from capray.batch.rows import WRITTEN_SCHEMA
 from capray.batch.stages.base import Stage, short_error
 from capray.io import manifest
-from capray.io.images import encode_png
+from capray.io.images import encode_photo, output_format
 from capray.io.storage import (
     TransientStorageError,
     get_fs,
@@ -85,7 +86,7 @@ def _collision(held: list[str | None], new_uris: dict[int, str]) -> str | None:
 
 
 def write_group(row: dict[str, Any], cfg, output: str, run_id: str | None = None) -> dict[str, Any]:
-    """Write the identity's PNGs and remove outputs whose source is gone; returns its uncommitted row.
+    """Write the identity's photos and remove outputs whose source is gone; returns its uncommitted row.
 
     In append mode (`fixed_outputs`) only the photos to protect now are written; the others keep their
     published outputs untouched."""
@@ -101,20 +102,25 @@ def write_group(row: dict[str, Any], cfg, output: str, run_id: str | None = None
     held = list(row.get("fixed_outputs") or [None] * len(row.get("uris") or []))
     todo = [i for i, h in enumerate(held) if h is None]  # the photos protected now, in input order
     new_uris: dict[int, str] = {}
+    encode_notes: list[str] = []
     if not error and not deleted:
         folder = join(output, row["safe"])
-        new_uris = {i: join(folder, f"{row['stems'][i]}.png") for i in todo}
+        formats = {i: output_format(cfg.output.format, row["shapes"][i]) for i in todo}
+        new_uris = {i: join(folder, f"{row['stems'][i]}.{fmt}") for i, (fmt, _) in formats.items()}
+        encode_notes = [f"{row['stems'][i]}: {note}" for i, (_, note) in formats.items() if note]
         error = _collision(held, new_uris)
         failure = manifest.FAILURE_INPUT if error else failure
     if not error and not deleted:
         try:
             fs, folder_path = get_fs(folder, so)
             remove_stale_temps(fs, folder_path)
+            iccs, exifs = row.get("iccs") or [None] * len(held), row.get("exifs") or [None] * len(held)
             for i, pix in zip(todo, row["pixels"]):
                 (h, w), alpha = row["shapes"][i], row["alphas"][i]
                 rgb = np.frombuffer(pix, dtype=np.uint8).reshape(h, w, 3)
                 a = np.frombuffer(alpha, dtype=np.uint8).reshape(h, w) if alpha is not None else None
-                write_bytes_atomic(fs, get_fs(new_uris[i], so)[1], encode_png(rgb, a))
+                encoded = encode_photo(rgb, a, fmt=formats[i][0], icc=iccs[i], exif=exifs[i])
+                write_bytes_atomic(fs, get_fs(new_uris[i], so)[1], encoded.data)
         except Exception as exc:
             if is_transient(exc):  # the store, not the group: Ray Data retries the task (writes are idempotent)
                 raise TransientStorageError(f"writing outputs of {row['identity']!r}: {short_error(exc)}") from exc
@@ -132,7 +138,7 @@ def write_group(row: dict[str, Any], cfg, output: str, run_id: str | None = None
     mode = (manifest.MODE_KEPT if not todo else manifest.MODE_APPEND if fixed else manifest.MODE_GROUP) if ok else None
     out = manifest.ManifestRow(
         **record.model_dump(exclude={"notes"}),
-        notes=list(record.notes) + list(row.get("photo_notes") or []),
+        notes=list(record.notes) + list(row.get("photo_notes") or []) + encode_notes,
         safe_name=row["safe"], input_uris=row["uris"] or [],
         num_photos=len(row["uris"] or []), attempts=row.get("attempts"),
         status=status, error=error, output_uris=outputs, failure_class=failure_class,
