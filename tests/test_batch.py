@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from photo_helpers import display_p3_icc, p3_heic, p3_jpeg, saturated_photo
+from PIL import Image
 
 from capray.batch.demo import SAMPLES
 from capray.config import load_config

@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 from conftest import FACES
+from photo_helpers import display_p3_icc, encode, gray_icc, p3_heic, p3_jpeg, saturated_photo
 from PIL import Image, ImageCms, ImageOps
-from photo_helpers import display_p3_icc, encode, exif_block, gray_icc, p3_heic, p3_jpeg, saturated_photo
 
 from capray.io.images import WEBP_MAX_SIDE, decode_image, encode_photo
 
@@ -127,10 +127,10 @@ def test_webp_holds_the_same_pixels_as_png_in_fewer_bytes_and_always_the_same_by
 
 def test_the_write_stage_writes_the_format_asked_for_with_each_photos_profile(tmp_path):
     """Stage 5 on its own: output.format, the photo's profile and kept EXIF, and the suffix in the record."""
-    from batch_helpers import config
-
     from capray.batch.stages.write import write_group
     from capray.io import manifest
+
+    from batch_helpers import config
 
     photo = decode(p3_jpeg(saturated_photo()))
     h, w = photo.rgb.shape[:2]
