@@ -520,6 +520,18 @@ def test_other_image_formats_are_refused_with_415_before_decoding_and_json_is_pa
     assert parsed_on == [False], "the JSON body was parsed on the event loop's thread"
 
 
+def test_a_stored_job_keeps_how_its_photos_are_written_and_older_jobs_get_the_servers():
+    """A rerun (another replica, after a restart) writes the format and metadata the request asked for."""
+    from capray.config import JOB_SECTIONS, OutputConfig, load_config
+
+    server = load_config(preset="smoke")
+    asked = server.model_copy(update={"output": OutputConfig(format="webp", keep_location=True)})
+    stored = asked.model_dump(mode="json", include=set(JOB_SECTIONS))
+    assert server.with_engine(stored).output == asked.output != server.output
+    older = {k: v for k, v in stored.items() if k != "output"}  # stored before `output` existed
+    assert server.with_engine(older).output == server.output
+
+
 def test_result_zip_is_streamed_one_photo_at_a_time():
     """Each PNG is read just before its entry is sent; the chunks make the same archive a client unzips."""
     import zipfile
@@ -533,8 +545,9 @@ def test_result_zip_is_streamed_one_photo_at_a_time():
                                for i in range(3)])
     events = []
 
-    def read_png(i):
+    def read_png(i, fmt):
         events.append(f"read {i}")
+        assert fmt == "png"
         return bytes([i]) * 1000
 
     chunks = []
@@ -761,10 +774,10 @@ def test_a_job_has_one_holder_and_a_finished_job_is_never_rewritten(job_store):
     assert theirs is not None and theirs.generation == 2
     assert store.take_over(seen, _as(state, "r3", attempts=2), 60) is None  # the same version: r2 won it
     assert not claim.renew() and "taken over" in claim.lost
-    assert not store.finish(claim, state.model_copy(), [b"png"], b"{}") and store.photo(job_id, 0) is None
+    assert not store.finish(claim, state.model_copy(), [(b"png", "png")], b"{}") and store.photo(job_id, 0) is None
     assert not store.fail(claim, state.model_copy(), "late") and store.state(job_id).status == "pending"
     assert theirs.renew() and store.state(job_id).holder == "r2"
-    assert store.finish(theirs, _as(state, "r2", attempts=2), [b"png"], b"{}")
+    assert store.finish(theirs, _as(state, "r2", attempts=2), [(b"png", "png")], b"{}")
     done = store.state(job_id)
     assert (done.status, done.holder, done.attempts, done.generation) == ("ok", "r2", 2, 2)
     assert store.take_over(seen, _as(state, "r3"), 60) is None and store.state(job_id).status == "ok"
@@ -779,7 +792,7 @@ def test_a_store_written_before_job_leases_still_reads(tmp_path):
 
     job_id = "b" * 32
     store, state, claim = _stored_job(tmp_path, job_id)
-    assert store.finish(claim, state.model_copy(), [b"png"], b"{}")
+    assert store.finish(claim, state.model_copy(), [(b"png", "png")], b"{}")
     status_file = tmp_path / "store" / "jobs" / job_id / "status.json"
     old = json.loads(status_file.read_text())
     assert old["status"] == "ok"
@@ -975,7 +988,7 @@ def test_the_sweep_repairs_a_finish_cut_short_and_deletes_uploads_nobody_will_ru
     job_id, orphan_id = "d" * 32, "e" * 32
     store, state, claim = _stored_job(job_store, job_id)
     monkeypatch.setattr(type(store), "settle", lambda self, state: None)  # the replica dies right after the status
-    assert store.finish(claim, state.model_copy(), [b"png"], b"{}")
+    assert store.finish(claim, state.model_copy(), [(b"png", "png")], b"{}")
     monkeypatch.undo()
     assert _pending_ids(store) == [job_id] and store.inputs(job_id, 1) == [b"photo"] and store.expired(0) == []
 

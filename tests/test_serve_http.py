@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PROXY_MAX_REQUEST_BYTES
+from PIL import Image
 from test_serve import PHOTOS, _photo, _png, _png_array
 
 pytestmark = pytest.mark.ray
@@ -274,6 +275,34 @@ def test_a_job_whose_runner_vanished_is_rerun_with_the_same_pixels(client, serve
 
 
 # -- limits before work ---------------------------------------------------------------------------------
+
+def test_iphone_photos_round_trip_as_webp_with_their_colours_and_without_their_location(client):
+    """A Display-P3 JPEG and a HEIC, `output.format: webp` asked per request: WebP files with the P3 profile
+    whose rendered colours are the input's within the budget, capture time kept, GPS gone."""
+    from photo_helpers import display_p3_icc, p3_heic, p3_jpeg, saturated_photo
+    from test_photo_fidelity import EPS_255, rendered
+
+    sources = {"IMG_1.jpg": p3_jpeg(saturated_photo(40, 48), orientation=6),
+               "IMG_2.heic": p3_heic(saturated_photo(44, 40, seed=1))}
+    files = [("photo", (name, data, "application/octet-stream")) for name, data in sources.items()]
+    files.append(("options", (None, json.dumps({"identity": "iphone", "config": {"output": {"format": "webp"}}}),
+                              "application/json")))
+    job = client.post("/v1/protect", files=files, headers=_auth())
+    assert job.status_code == 202, job.text
+    status = _wait(client, job.json()["job_id"])
+    assert status["status"] == "ok", status.get("error")
+    assert [p["format"] for p in status["result"]["photos"]] == ["webp", "webp"]
+    for i, source in enumerate(sources.values()):
+        resp = client.get(f"/v1/jobs/{job.json()['job_id']}/photos/{i}", headers=_auth())
+        assert resp.status_code == 200 and resp.headers["content-type"] == "image/webp"
+        out = Image.open(io.BytesIO(resp.content))
+        assert out.format == "WEBP" and out.info["icc_profile"] == display_p3_icc()
+        assert np.abs(rendered(resp.content) - rendered(source)).mean() <= EPS_255
+        assert not out.getexif().get_ifd(0x8825) and out.getexif().get_ifd(0x8769)[0x9003] == "2024:05:01 10:00:00"
+    archive = client.get(f"/v1/jobs/{job.json()['job_id']}/result.zip", headers=_auth())
+    with zipfile.ZipFile(io.BytesIO(archive.content)) as zf:
+        assert zf.namelist() == ["00_IMG_1.webp", "01_IMG_2.webp", "summary.json"]
+
 
 def test_bad_requests_are_refused_with_clear_4xx(client):
     bad_image = _json_body()
