@@ -116,9 +116,10 @@ def corpus_run(ray_cluster, tmp_path_factory):
     src, out = base / "in", base / "out"
     expected = build_corpus(src, elsewhere)
     before = tree_digest(src)
-    summary = protect(str(src), str(out), cheap_config(batch={"allowed_input_prefixes": [str(elsewhere / "allowed")]}))
+    cfg = cheap_config(batch={"allowed_input_prefixes": [str(elsewhere / "allowed")]})
+    summary = protect(str(src), str(out), cfg)
     return {"src": src, "out": out, "expected": expected, "before": before, "summary": summary, "base": base,
-            "elsewhere": elsewhere}
+            "cfg": cfg}
 
 
 def rows_by_identity(out: Path) -> dict[str, dict]:
@@ -211,9 +212,9 @@ def test_rerun_skips_done_identities_and_keeps_one_row_each(corpus_run):
     out = corpus_run["out"]
     before = {str(p): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.json"
               and p.name != "metrics.prom"}
-    summary = protect(str(corpus_run["src"]), str(out), cheap_config(), show_progress=False)
-    assert (summary.skipped, summary.skipped_input, summary.ok, summary.failed, summary.exit_code) == (6, 5, 0, 0, 0)
-    assert len(rows_by_identity(out)) == 11
+    summary = protect(str(corpus_run["src"]), str(out), corpus_run["cfg"], show_progress=False)
+    assert (summary.skipped, summary.skipped_input, summary.ok, summary.failed, summary.exit_code) == (8, 7, 0, 0, 0)
+    assert len(rows_by_identity(out)) == 15
     after = {str(p): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "run.json"
              and p.name != "metrics.prom"}
     assert after == before  # PNGs, commit files and states untouched

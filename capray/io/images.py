@@ -6,7 +6,7 @@ so an exploit in a rarely used parser is not reachable from an upload. Decoding 
 size, the image header's pixel count (decompression bombs) and the minimum side *before* pixels are
 decoded, refuses truncated files (Pillow's default), applies the EXIF
 orientation (the photo is protected and written the way it is displayed), and maps every mode to
-8-bit RGB: grayscale is replicated to three channels, CMYK goes through Pillow's conversion, 16-bit
+8-bit RGB: grayscale is replicated to three channels, CMYK goes through its profile or Pillow's conversion, 16-bit
 images are scaled (not clipped) to 8 bits. An alpha channel is kept aside and re-attached unchanged
 to the output: the RGB channels are what an attacker's `convert("RGB")` sees, so they are what gets
 protected. The photo's colour profile and the metadata the policy keeps travel with it to the output
@@ -35,12 +35,13 @@ try:  # HEIC/HEIF: a maintained plugin (libheif); only the primary image is ever
 
     pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 except ImportError:  # pragma: no cover - a dependency; without it HEIF is simply not in photo_formats()
-    pillow_heif = None
+    pass
 
 PNG_COMPRESS_LEVEL = 6
-# libwebp lossless at its default effort: ~40% smaller than PNG on photos, at PNG's speed (method 6 is
-# ~30x slower for ~1% less). `exact` keeps the RGB values under transparent pixels.
-WEBP_OPTIONS = {"lossless": True, "quality": 80, "method": 4, "exact": True}
+# libwebp lossless, method 4 at quality (effort) 25: on protected 512 px faces ~20% smaller than PNG in
+# about twice PNG's time; method 0 is faster than PNG but saves ~15%, quality 80+ and method 6 cost 1.5-50x
+# the time for under 1% more (benchmarks/output_format.py). `exact` keeps RGB under transparent pixels.
+WEBP_OPTIONS = {"lossless": True, "quality": 25, "method": 4, "exact": True}
 WEBP_MAX_SIDE = 16383  # the WebP format's limit; a larger photo is written as PNG
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp"}
 
