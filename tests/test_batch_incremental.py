@@ -132,6 +132,7 @@ def test_input_failures_are_permanent_until_the_input_changes_transient_ones_ret
     assert rows(out)["corrupt"]["status"] == "ok"
 
 
+@pytest.mark.slow  # the fast tier reads multi-file catalogs in test_batch_nightly (an identity split over two)
 def test_manifest_split_over_files_and_an_unsorted_file_reported(ray_cluster, tmp_path):
     photos, out = tmp_path / "photos", tmp_path / "out"
     lines = {"part-0.csv": [], "part-1.csv": []}
@@ -156,6 +157,7 @@ def test_manifest_split_over_files_and_an_unsorted_file_reported(ray_cluster, tm
     assert "zed" not in rows(out) and "eve" not in rows(out)
 
 
+@pytest.mark.slow  # the fast tier compacts in test_batch_nightly (deltas, then a merge) and the fault tests below
 def test_compaction_is_idempotent_and_readable(ray_cluster, tmp_path):
     from capray.batch.compact import compact
 
