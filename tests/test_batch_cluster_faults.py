@@ -279,6 +279,7 @@ class DropOne:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a fault run on the real engine; the fast tier's stage tests give failed rows their reasons
 def test_an_unexpected_error_gets_a_row_and_an_uncommittable_identity_is_named(ray_cluster, tmp_path, capsys):
     from ray import cloudpickle
 
