@@ -434,7 +434,7 @@ class CaprayConfig(_Strict):
     def with_engine(self, engine: dict[str, Any]) -> CaprayConfig:
         """This config with ENGINE_SECTIONS (and `output`, where held) taken from `engine`, a stored job's
         settings (JOB_SECTIONS)."""
-        taken = {k: engine[k] for k in ENGINE_SECTIONS} | {k: engine[k] for k in JOB_SECTIONS if k in engine}
+        taken = {k: engine[k] for k in JOB_SECTIONS if k in ENGINE_SECTIONS or k in engine}
         return CaprayConfig.model_validate({**self.model_dump(), **taken})
 
     def config_hash(self) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from capray.config import BatchConfig, CaprayConfig
-from capray.io.allowlist import allowed_prefixes, broken_link, uri_problem
+from capray.io.allowlist import allowed_prefixes, read_problem
 from capray.io.discover import is_junk
 from capray.io.images import decode_image
 from capray.io.storage import get_fs, join, normalize_uri, read_bytes, write_bytes_atomic
@@ -81,8 +81,8 @@ class EvalFiles:
     def read_photo(self, uri: str, root: str | None = None) -> np.ndarray:
         """HxWx3 uint8 RGB, upright (EXIF orientation applied), or ValueError saying why not. `root`: the
         folder being evaluated, where (or under `allowed_input_prefixes`) a symbolic link must lead."""
-        refused = broken_link(uri) or (uri_problem(uri, allowed_prefixes(root, list(self.allowed_input_prefixes)))
-                                       if root is not None else None)
+        refused = read_problem(uri, allowed_prefixes(root, list(self.allowed_input_prefixes))
+                               if root is not None else None)
         if refused:
             raise ValueError(refused)
         return decode_image(self.read_bytes(uri), max_pixels=self.max_image_pixels,

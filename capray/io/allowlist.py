@@ -55,6 +55,12 @@ def uri_problem(uri: str, prefixes: list[str]) -> str | None:
             "add its prefix to batch.allowed_input_prefixes to allow it")
 
 
+def read_problem(uri: str, prefixes: list[str] | None) -> str | None:
+    """Why the photo at `uri` may not be read where it is about to be (`prefixes`: None, not restricted):
+    a broken symbolic link, or outside the allowed locations. Protect and evaluate ask it alike."""
+    return broken_link(uri) or (uri_problem(uri, prefixes) if prefixes is not None else None)
+
+
 def broken_link(uri: str) -> str | None:
     """'broken symbolic link …' for a local path whose link leads nowhere, else None."""
     if "://" in uri or not os.path.islink(uri) or os.path.exists(uri):

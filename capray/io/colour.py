@@ -24,7 +24,7 @@ from PIL import Image, ImageCms
 ICC_HEADER_BYTES = 128
 ICC_SIGNATURE = b"acsp"
 COLOUR_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "YCbCr")  # modes an RGB profile describes
-GRAY_MODES = ("L", "LA")
+TO_SRGB = {("CMYK", "CMYK"), ("GRAY", "L"), ("GRAY", "LA")}  # (profile space, mode) converted to sRGB
 
 
 def colour_space(icc: bytes) -> str | None:
@@ -57,7 +57,7 @@ def apply_profile(img: Image.Image, icc: bytes | None) -> tuple[Image.Image, byt
     space = colour_space(icc)
     if space == "RGB" and img.mode in COLOUR_MODES:
         return img, bytes(icc), None
-    if (space, img.mode) in (("CMYK", "CMYK"), ("GRAY", "L"), ("GRAY", "LA")):
+    if (space, img.mode) in TO_SRGB:
         try:
             alpha = img.getchannel("A") if img.mode == "LA" else None
             converted = _to_srgb(img.convert("L") if alpha is not None else img, icc)

@@ -13,7 +13,7 @@ from typing import Any
 from capray.batch.rows import GROUP_SCHEMA
 from capray.batch.stages.base import Stage, short_error
 from capray.io import manifest
-from capray.io.allowlist import broken_link, uri_problem
+from capray.io.allowlist import read_problem
 from capray.io.images import BadImage, decode_image
 from capray.io.storage import TransientStorageError, get_fs, inside, is_transient, read_bytes
 
@@ -59,7 +59,7 @@ class DecodeStage(Stage):
         """An input photo, once its URI passes the allowlist."""
         if not uri:
             raise BadImage("empty URI in the input catalog")
-        refused = (uri_problem(uri, self.allowed) if self.allowed is not None else None) or broken_link(uri)
+        refused = read_problem(uri, self.allowed)
         if refused:
             raise BadImage(refused)
         return self.fetch(uri)
