@@ -1,14 +1,16 @@
 """What the online endpoint adds to an engine call, and whether concurrent clients lose anything.
 
 1. Latency overhead. The same smoke-preset group (2 photos) is protected `--reps` times through
-   `POST /v1/protect:sync` over HTTP on 127.0.0.1 (API key, streamed body, decode, Protector call,
-   PNG encode, JSON) and, interleaved, by the same `capray.Protector` call in this process.
+   `POST /v1/protect:sync` over HTTP on 127.0.0.1 (`capray.client`: multipart upload, API key, streamed
+   body, decode, Protector call, PNG encode, JSON) and, interleaved, by the same `capray.Protector` call
+   in this process.
    Each HTTP request's overhead is its wall time minus the engine time the server measured for that
    very call (`engine_seconds`: the wall time of `protect_arrays` inside the Protector), so the
    engine's own run-to-run noise on a shared CPU does not enter the difference; the in-process direct
    call's median is printed beside it as a cross-check.
 2. Concurrency. `--clients` threads (at most the server's pending-job capacity, loopback only) each
-   submit `--jobs` jobs and poll them to the end, bounded by `--timeout` seconds. errors = refused
+   submit `--jobs` jobs and poll them to the end (`capray.client.Client`, no retries, polling at the
+   server's Retry-After), bounded by `--timeout` seconds. errors = refused
    submissions or failed jobs; lost = jobs that are unknown (404) or still pending at the deadline.
 
 Last line: RESULT serve_latency overhead_p50_ms=<m> overhead_p95_ms=<m> concurrent=<n> errors=<e> lost=<l>
@@ -18,7 +20,6 @@ Targets: p50 overhead ≤ 50 ms; zero errors and zero lost jobs below the queue 
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import os
 import socket
@@ -57,60 +58,58 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def latency(url: str, body: dict, rgbs: list[np.ndarray], cfg, reps: int) -> tuple[list[float], list[float]]:
+def latency(url: str, photos: list[tuple[str, bytes]], rgbs: list[np.ndarray], cfg,
+            reps: int) -> tuple[list[float], list[float]]:
     """(per-request overhead ms, direct in-process engine ms), interleaved."""
-    import httpx
     import torch
 
     from capray import Protector
+    from capray.client import Client
 
     torch.set_num_threads(1)  # as in the one-CPU Protector replica
     protector = Protector.from_config(cfg)
     overhead, direct = [], []
-    with httpx.Client(base_url=url, timeout=300, headers={"Authorization": f"Bearer {KEY}"}) as client:
-        client.post("/v1/protect:sync", json=body).raise_for_status()  # warm-up: first call paths
+    with Client(url, KEY, timeout=300, retries=0) as client:  # no retry may hide inside a timed request
+        client.protect_sync(photos, "alice")  # warm-up: first call paths
         protector(rgbs, "alice")
         for _ in range(reps):
             t0 = time.perf_counter()
-            resp = client.post("/v1/protect:sync", json=body)
+            result = client.protect_sync(photos, "alice")
             wall = time.perf_counter() - t0
-            resp.raise_for_status()
-            overhead.append((wall - resp.json()["engine_seconds"]) * 1000)
+            overhead.append((wall - result["engine_seconds"]) * 1000)
             t0 = time.perf_counter()
             protector(rgbs, "alice")
             direct.append((time.perf_counter() - t0) * 1000)
     return overhead, direct
 
 
-def concurrent(url: str, body: dict, clients: int, jobs: int, timeout: float) -> tuple[int, int, int]:
+def concurrent(url: str, photos: list[tuple[str, bytes]], clients: int, jobs: int,
+               timeout: float) -> tuple[int, int, int]:
     """(jobs ok, errors, lost) for `clients` threads each submitting and polling `jobs` jobs."""
-    import httpx
+    from capray.client import CaprayError, Client, JobFailed
 
     deadline = time.monotonic() + timeout
     counts = {"ok": 0, "errors": 0, "lost": 0}
     lock = threading.Lock()
 
     def client_loop() -> None:
-        with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        # retries=0: a refused submission counts as an error, not as a success after a retry
+        with Client(url, KEY, timeout=60, retries=0) as client:
             ids = []
             for _ in range(jobs):
-                resp = client.post("/v1/protect", json=body)
-                if resp.status_code == 202:
-                    ids.append(resp.json()["job_id"])
-                else:
+                try:
+                    ids.append(client.submit(photos, "alice").job_id)
+                except CaprayError:
                     with lock:
                         counts["errors"] += 1
             for job_id in ids:
-                outcome = "lost"
-                while time.monotonic() < deadline:
-                    resp = client.get(f"/v1/jobs/{job_id}")
-                    if resp.status_code != 200:
-                        break  # unknown: lost
-                    status = resp.json()["status"]
-                    if status != "pending":
-                        outcome = "ok" if status == "ok" else "errors"
-                        break
-                    time.sleep(0.25)
+                try:
+                    client.wait(job_id, timeout=max(0.0, deadline - time.monotonic()))
+                    outcome = "ok"
+                except JobFailed:
+                    outcome = "errors"
+                except CaprayError:  # unknown (404), unreachable, or still pending at the deadline
+                    outcome = "lost"
                 with lock:
                     counts[outcome] += 1
 
@@ -146,8 +145,7 @@ def main() -> None:
     if not 1 <= args.clients <= cfg.serve.capacity:
         parser.error(f"--clients must be 1..{cfg.serve.capacity} (the server's pending-job capacity)")
     rgbs = [photo(64, 64, 1), photo(64, 64, 2)]
-    body = {"identity": "alice", "photos": [{"name": f"p{i}.png", "data": base64.b64encode(png(a)).decode()}
-                                            for i, a in enumerate(rgbs)]}
+    photos = [(f"p{i}.png", png(a)) for i, a in enumerate(rgbs)]
     from capray.models.tiny import ensure_tiny_model
 
     ensure_tiny_model(os.environ["CAPRAY_CACHE"])
@@ -159,12 +157,12 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(app_from_config(cfg), name="capray-bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        overhead, direct = latency(url, body, rgbs, cfg, args.reps)
+        overhead, direct = latency(url, photos, rgbs, cfg, args.reps)
         print(f"sync over HTTP minus the server's engine time, {args.reps} requests: "
               f"p50 {percentile(overhead, 50):.1f} ms, p95 {percentile(overhead, 95):.1f} ms "
               f"(direct in-process engine call: median {statistics.median(direct):.0f} ms)", flush=True)
         t0 = time.perf_counter()
-        ok, errors, lost = concurrent(url, body, args.clients, args.jobs, args.timeout)
+        ok, errors, lost = concurrent(url, photos, args.clients, args.jobs, args.timeout)
         print(f"{args.clients} clients x {args.jobs} jobs: {ok} ok, {errors} errors, {lost} lost "
               f"in {time.perf_counter() - t0:.1f} s", flush=True)
     finally:

@@ -23,6 +23,7 @@ COMMANDS = {
                                         "build the tiny random SD model"),
     "manifest": ("capray.batch.manifest_command", "manifest maintenance: `capray manifest compact OUT`"),
     "demo": ("capray.batch.demo", "protect the bundled sample identities end to end and summarise"),
+    "submit": ("capray.client.command", "send one person's photos to a capray endpoint and save the protected ones"),
 }
 
 

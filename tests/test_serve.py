@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import time
 from pathlib import Path
 
@@ -137,20 +138,20 @@ def test_photo_errors_name_the_photo_and_the_pixel_budget_is_checked_on_headers(
     for photos, status, index, message in parse_cases:
         with pytest.raises(RequestError) as info:
             from_json(json_body(photos), limits)
-        assert info.value.status == status and message in info.value.detail["error"], info.value.detail
-        assert info.value.detail.get("photo") == index
+        assert info.value.status == status and message in info.value.detail, info.value.detail
+        assert info.value.context.get("photo") == index
     for files, index, message in [([_png(PHOTOS[0]), b"not an image"], 1, "not a recognised"),
                                   ([_png(np.zeros((300, 300, 3), np.uint8))], 0, "serve.max_image_pixels")]:
         with pytest.raises(RequestError) as info:
             decode_photos(files, [None] * len(files), limits)
         detail = info.value.detail
-        assert info.value.status == 422 and message in detail["error"] and detail["photo"] == index
+        assert info.value.status == 422 and message in detail and info.value.context["photo"] == index
     # 16 "40 MP" photos of a few bytes each: the budget refuses them from the headers alone
     bombs = [_forged_png(8000, 5000)] * 16
     assert header_size(bombs[0]) == (8000, 5000) and len(b"".join(bombs)) < 2000
     with pytest.raises(RequestError) as info:
         check_pixels(bombs, ServeConfig())
-    assert info.value.status == 413 and "640000000 pixels" in info.value.detail["error"]
+    assert info.value.status == 413 and "640000000 pixels" in info.value.detail
     check_pixels([_png(PHOTOS[0])] * 2, limits)  # 2 x 6912 px: within 100 000
 
 
@@ -171,11 +172,15 @@ def test_api_keys_from_env_and_a_file_that_is_re_read_when_it_changes(tmp_path):
     owners = {ring.authenticate(f"Bearer {k}") for k in ("env-key-1", "env-key-2", "file-key-1")}
     assert len(owners) == 3 and ANONYMOUS not in owners and not any("key" in o for o in owners)
     assert ring.authenticate("bearer env-key-1") == ring.authenticate("Bearer  env-key-1 ")
-    for header, status in [(None, 401), ("", 401), ("Basic abc", 401), ("Bearer ", 401), ("Bearer nope", 403),
-                           ("Bearer # rotated monthly", 403)]:
+    # RFC 6750: no usable credentials → 401 + a bare challenge; an unknown key → 401 + invalid_token
+    for header, slug in [(None, "unauthorized"), ("", "unauthorized"), ("Basic abc", "unauthorized"),
+                         ("Bearer ", "unauthorized"), ("Bearer nope", "invalid-key"),
+                         ("Bearer # rotated monthly", "invalid-key")]:
         with pytest.raises(AuthError) as info:
             ring.authenticate(header)
-        assert info.value.status == status, header
+        challenge = info.value.headers["WWW-Authenticate"]
+        assert info.value.status == 401 and info.value.slug == slug, header
+        assert challenge.startswith("Bearer") and ('error="invalid_token"' in challenge) == (slug == "invalid-key")
     keys_file.write_text("file-key-2\n")  # the Secret was rotated
     os.utime(keys_file, (1, 1))  # a distinct mtime even on a coarse clock
     with pytest.raises(AuthError):
@@ -221,7 +226,7 @@ def test_auth_fails_closed_when_the_keys_file_is_emptied_or_deleted(tmp_path):
     assert ring.authenticate("Bearer key-2")
     with pytest.raises(AuthError) as info:
         ring.authenticate("Bearer key-1")
-    assert info.value.status == 403
+    assert info.value.status == 401 and info.value.slug == "invalid-key"
     # env keys plus an emptied file: the env keys still work, anyone else still needs one
     mixed = KeyRing(str(keys_file), env="env-key", recheck_s=0)
     keys_file.write_text("")
@@ -232,16 +237,39 @@ def test_auth_fails_closed_when_the_keys_file_is_emptied_or_deleted(tmp_path):
     assert info.value.status == 401
 
 
-def test_the_api_serves_no_unauthenticated_openapi_or_docs_pages():
-    """FastAPI's /docs, /redoc and /openapi.json would answer without a key; they are turned off."""
-    from fastapi.testclient import TestClient
+def _refs(node) -> set[str]:
+    if isinstance(node, dict):
+        return {node["$ref"]} if "$ref" in node else set().union(*map(_refs, node.values()))
+    return set().union(*map(_refs, node)) if isinstance(node, list) else set()
 
-    from capray.serve.app import api
 
-    client = TestClient(api)
-    for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
-        assert client.get(path).status_code == 404, path
-    assert "/v1/protect" in api.openapi()["paths"]  # the schema is still there for in-process use
+def test_the_published_openapi_document_is_the_apps_and_complete(tmp_path):
+    """docs/openapi.json is what `capray serve --openapi` writes from the app (regenerate it when this fails):
+    a Bearer scheme on every route but healthz, every error response a Problem, every $ref resolvable."""
+    from capray.cli import main
+    from capray.serve.app import api, openapi_document
+    from capray.serve.problems import MEDIA_TYPE, PROBLEMS
+
+    written = tmp_path / "openapi.json"
+    assert main(["serve", "--openapi", str(written)]) == 0
+    published = ROOT / "docs" / "openapi.json"
+    assert written.read_text() == published.read_text(), \
+        "docs/openapi.json drifted from the app: run `capray serve --openapi docs/openapi.json`"
+    doc = json.loads(published.read_text())
+    assert api.openapi_url is None and api.docs_url is None and api.redoc_url is None  # FastAPI's keyless pages: off
+    assert doc == openapi_document() and doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    operations = {(method, path): op for path, ops in doc["paths"].items() for method, op in ops.items()}
+    assert {("post", "/v1/protect"), ("get", "/v1/jobs"), ("delete", "/v1/jobs/{job_id}"),
+            ("get", "/v1/jobs/{job_id}/result.zip"), ("post", "/v1/protect:sync")} <= set(operations)
+    for (method, path), op in operations.items():
+        assert ("security" in op) == (path != "/v1/healthz"), path
+        errors = {code: r for code, r in op["responses"].items() if int(code) >= 400}
+        assert all(list(r["content"]) == [MEDIA_TYPE] for r in errors.values()), (method, path)
+        if path != "/v1/healthz":
+            assert {"401", "403"} <= set(errors), (method, path)
+    assert {ref.rsplit("/", 1)[1] for ref in _refs(doc)} <= set(doc["components"]["schemas"])
+    described = json.dumps(doc["components"]["schemas"]["Problem"])
+    assert all(slug in described for slug in PROBLEMS)
 
 
 def _asgi_client(chunks: list[bytes]):
@@ -292,7 +320,10 @@ def test_the_proxy_body_limit_answers_413_as_the_bytes_pass_it_and_reads_no_furt
     assert log == ["http.request", "http.request", "http.disconnect"]  # the proxy cancels the replica call
     start, body = state["sent"]  # the proxy's own 499 reply to the disconnect is dropped
     assert start["status"] == 413 and (b"connection", b"close") in start["headers"]
-    assert json.loads(body["body"])["detail"]["error"] == (
+    assert (b"content-type", b"application/problem+json") in start["headers"]
+    problem = json.loads(body["body"])
+    assert problem["type"] == "urn:capray:problem:body-too-large" and problem["status"] == 413
+    assert problem["detail"] == (
         "request body larger than 2500 bytes (serve.max_request_bytes)")
 
     # at the limit: every byte passes through unchanged
@@ -385,7 +416,7 @@ def test_uploads_in_flight_are_bounded_per_replica_before_the_body_is_read(tmp_p
         with pytest.raises(RequestError) as info:  # its body never comes: it must not be waited for
             await asyncio.wait_for(admit(upload(good, asyncio.Event())), 2)
         assert info.value.status == 503 and info.value.headers["Retry-After"]
-        assert "serve.max_uploads_in_flight" in info.value.detail["error"]
+        assert "serve.max_uploads_in_flight" in info.value.detail
         gate.set()
         assert await asyncio.gather(*slow) == [1, 1] and replica.uploads.used == 0
         opened = asyncio.Event()
@@ -454,7 +485,7 @@ def test_a_trickled_body_is_refused_in_time_and_gives_its_slot_back(tmp_path):
     good = json_body([base64.b64encode(_png(PHOTOS[0])).decode()])
     t0 = time.monotonic()
     refused = _refusal(_admit(replica, _request([good[i:i + 1] for i in range(len(good))], delay_s=0.05)))
-    assert refused.status == 408 and "serve.min_body_bytes_per_s" in refused.detail["error"]
+    assert refused.status == 408 and "serve.min_body_bytes_per_s" in refused.detail
     assert time.monotonic() - t0 < 2 and replica.uploads.used == 0 and not replica.key_limits.active
     stalled = _refusal(_admit(replica, _request([good[:100]], then_stall=True)))  # a little, then nothing
     assert stalled.status == 408
@@ -472,12 +503,12 @@ def test_one_key_cannot_take_every_job_slot_or_the_bandwidth_and_others_still_ge
         replica.store.create(JobRequest(job_id=job_id, owner="k1", identity="x", names=[], config={}, created_at=0),
                              [], JobState(job_id=job_id, owner="k1", created_at=0, updated_at=0, holder="r"), 60)
     busy = _refusal(_admit(replica, _request([good]), owner="k1"))
-    assert busy.status == 429 and "serve.max_jobs_per_key" in busy.detail["error"] and busy.headers["Retry-After"]
+    assert busy.status == 429 and "serve.max_jobs_per_key" in busy.detail and busy.headers["Retry-After"]
     assert asyncio.run(_admit(replica, _request([good]), owner="k2")) == 1  # another key is not held up
     # bytes per minute: k2 has sent len(good); a declared body over what is left is refused before it is read
     left = 60_000 - len(good)
     over = _refusal(_admit(replica, _request([good], length=left + 1_000), owner="k2"))
-    assert over.status == 429 and "serve.max_bytes_per_key_per_min" in over.detail["error"]
+    assert over.status == 429 and "serve.max_bytes_per_key_per_min" in over.detail
     assert 0 < int(over.headers["Retry-After"]) <= 60
     # and one that does not say its length is cut off once its bytes pass the budget
     cut = _refusal(_admit(replica, _request([b" " * 10_000] * 6), owner="k2"))
@@ -507,7 +538,7 @@ def test_other_image_formats_are_refused_with_415_before_decoding_and_json_is_pa
     Image.fromarray(PHOTOS[0]).save(buf, format="GIF")
     gif = json_body([base64.b64encode(_png(PHOTOS[1])).decode(), base64.b64encode(buf.getvalue()).decode()])
     refused = _refusal(_admit(replica, _request([gif])))
-    assert refused.status == 415 and refused.detail["photo"] == 1 and "GIF" in refused.detail["error"]
+    assert refused.status == 415 and refused.context["photo"] == 1 and "GIF" in refused.detail
     parsed_on = []
     real = capray.serve.requests.from_json
 
@@ -880,6 +911,82 @@ def test_a_runner_whose_job_was_taken_over_writes_nothing_more(job_store):
     after, store = asyncio.run(scenario())
     assert cancelled == ["alice"], "the runner that lost the job let its Protector call run on"
     assert (after.status, after.holder, after.attempts) == ("pending", "r2", 2) and store.photo(after.job_id, 0) is None
+
+
+def _all_files(store) -> list[str]:
+    return sorted(p for p in store.fs.find(store.root) if not p.rstrip("/").endswith("/"))
+
+
+def test_a_job_deleted_on_another_replica_stops_its_runner_and_leaves_no_file(job_store):
+    """DELETE answered by a replica that is not running the job: the runner's next renewal finds the status
+    gone, it cancels its Protector call, and nothing of the job (markers, records, uploads) is left."""
+    from capray.serve.requests import decode_photos
+    from capray.serve.store import Idempotent, key_digest
+
+    cancelled = []
+
+    async def scenario():
+        runner, store, cfg = _runner(job_store, _long_protect(cancelled), job_lease_s=0.6)
+        sub = _submission()
+        digest = key_digest("retry-1")
+        record = Idempotent(job_id="c" * 32, request_digest="d", created_at=time.time())
+        assert store.reserve("k1", digest, record) is None
+        state = await runner.submit(sub, decode_photos(sub.files, sub.names, cfg.serve), cfg, owner="k1",
+                                    job_id=record.job_id, idempotency_key=digest)
+        await asyncio.sleep(0.3)
+        before = _all_files(store)
+        store.delete(state.job_id, "k1")  # as another replica's DELETE does: no access to this runner's task
+        await _until_stopped(runner, state.job_id)
+        return store, before
+
+    store, before = asyncio.run(scenario())
+    assert cancelled == ["alice"], "the runner of a deleted job let its Protector call run on"
+    assert any("idempotency" in f for f in before) and any("/owners/" in f for f in before)
+    assert any("/input/" in f for f in before) and any("/pending/" in f for f in before)
+    assert _all_files(store) == [] and store.idempotent("k1", key_digest("retry-1")) is None
+
+
+def test_a_job_deleted_while_its_results_are_written_leaves_none_of_them(tmp_path):
+    """The runner checked its lease, then the job was deleted, then it wrote photos: they are removed."""
+    store, state, claim = _stored_job(tmp_path, "e" * 32)
+    real_check = claim.check
+
+    def deleted_after_the_check():
+        real_check()
+        store.delete(state.job_id, "k1")
+
+    claim.check = deleted_after_the_check
+    finished = store.finish(claim, state.model_copy(), [(b"png", "png")], b"{}")
+    assert not finished and _all_files(store) == []
+
+
+def test_an_idempotency_key_has_one_record_and_an_owners_jobs_list_newest_first(tmp_path):
+    from capray.serve.store import NEVER, Idempotent, JobRequest, JobState, JobStore, key_digest
+
+    store = JobStore(str(tmp_path / "store"))
+    first, second = (Idempotent(job_id=c * 32, request_digest=c, created_at=time.time()) for c in "ab")
+    digest = key_digest("same-key")
+    assert store.reserve("k1", digest, first) is None  # two concurrent first submits: one record wins
+    assert store.reserve("k1", digest, second) == first
+    assert store.reserve("k2", digest, second) is None  # another caller's key is another key
+    stale = Idempotent(job_id="f" * 32, request_digest="x", created_at=time.time() - 3600)  # its submit died
+    assert store.reserve("k3", digest, stale) is None and store.reserve("k3", digest, first) is None
+    assert "same-key" not in " ".join(_all_files(store))  # the key itself is never stored
+    ids = [f"{i:032x}" for i in range(5)]
+    for i, job_id in enumerate(ids):  # created one second apart, in order
+        state = JobState(job_id=job_id, owner="k1", created_at=1000 + i, updated_at=0, holder="r1")
+        store.create(JobRequest(job_id=job_id, owner="k1", identity="x", names=[], config={}, created_at=1000 + i),
+                     [], state, 60)
+    pages, cursor = [], None
+    for _ in range(5):
+        page, cursor = store.jobs_of("k1", 2, cursor)
+        pages.append([st.job_id for st in page])
+        if cursor is None:
+            break
+    assert pages == [[ids[4], ids[3]], [ids[2], ids[1]], [ids[0]]]
+    assert store.jobs_of("k2", 10) == ([], None) and NEVER > 1e15
+    store.delete(ids[3], "k1")
+    assert [st.job_id for st in store.jobs_of("k1", 10)[0]] == [ids[4], ids[2], ids[1], ids[0]]
 
 
 def test_a_runner_that_cannot_renew_stops_in_time_and_the_job_is_run_elsewhere(job_store, monkeypatch):

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PROXY_MAX_REQUEST_BYTES
-from PIL import Image
 from test_serve import PHOTOS, _photo, _png, _png_array
 
 pytestmark = pytest.mark.ray
 
 APP = "capray-test"
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
-LOOP_LIMIT = 600  # every polling loop is bounded by count and time
+READER = "reader-key-5555555555"  # a known key with the read right only
+PROBLEM = "application/problem+json"
 
 
 def _free_port() -> int:
@@ -60,7 +60,7 @@ def served(ray_cluster, tiny_model_dir, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("serve")
     keys_file = base / "keys"
-    keys_file.write_text(f"{ALICE}\n{BOB}\n")
+    keys_file.write_text(f"{ALICE}\n{BOB}\n{READER} read\n")
     cfg = load_config(preset="smoke", overrides={"serve": {
         "min_replicas": 1, "max_replicas": 1, "gpus_per_replica": 0, "cpus_per_replica": 1, "ingress_cpus": 0,
         "ingress_replicas": 2, "max_queued_requests": 2, "max_photos": 4, "max_request_bytes": PROXY_MAX_REQUEST_BYTES,
@@ -84,33 +84,39 @@ def client(served):
         yield c
 
 
-def _wait(client, job_id: str, key: str = ALICE, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    for _ in range(LOOP_LIMIT):
-        status = client.get(f"/v1/jobs/{job_id}", headers=_auth(key)).json()
-        if status["status"] != "pending" or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert status["status"] != "pending", f"job {job_id} still pending"
-    return status
+def _api(client, key: str = ALICE):
+    """`capray.client` on the test server, as a platform would call it."""
+    from capray.client import Client
+
+    return Client(str(client.base_url), api_key=key, timeout=300, max_wait_s=300)
+
+
+def _wait(client, job_id: str, key: str = ALICE) -> dict:
+    """The job's final status (ok or failed), polled by the client (Retry-After, bounded)."""
+    from capray.client import JobFailed
+
+    with _api(client, key) as api:
+        try:
+            return api.wait(job_id)
+        except JobFailed as failed:
+            return failed.status
 
 
 def _pngs(client, job_id: str, n: int, key: str = ALICE) -> list[bytes]:
-    out = []
-    for i in range(n):
-        resp = client.get(f"/v1/jobs/{job_id}/photos/{i}", headers=_auth(key))
-        assert resp.status_code == 200 and resp.headers["content-type"] == "image/png", resp.text
-        out.append(resp.content)
-    return out
+    with _api(client, key) as api:
+        photos = api.download(job_id)
+    assert len(photos) == n and all(p.format == "png" and p.data.startswith(b"\x89PNG") for p in photos)
+    return [p.data for p in photos]
 
 
 @pytest.fixture(scope="module")
 def finished(client):
-    """One JSON job and one multipart job of the same photos, both finished."""
+    """One JSON job (raw HTTP) and one multipart job (`capray.client`) of the same photos, both finished."""
     json_job = client.post("/v1/protect", json=_json_body(), headers=_auth())
-    form_job = client.post("/v1/protect", **_multipart(options={"identity": "alice"}), headers=_auth())
-    assert [json_job.status_code, form_job.status_code] == [202, 202], (json_job.text, form_job.text)
-    ids = [json_job.json()["job_id"], form_job.json()["job_id"]]
+    assert json_job.status_code == 202, json_job.text
+    with _api(client) as api:
+        form_job = api.submit([(f"p{i}.png", _png(a)) for i, a in enumerate(PHOTOS)], identity="alice")
+    ids = [json_job.json()["job_id"], form_job.job_id]
     done = [_wait(client, i) for i in ids]
     assert [d["status"] for d in done] == ["ok", "ok"], [d.get("error") for d in done]
     return {"ids": ids, "status": done, "pngs": [_pngs(client, i, len(PHOTOS)) for i in ids]}
@@ -118,25 +124,120 @@ def finished(client):
 
 # -- authentication -------------------------------------------------------------------------------------
 
-def test_keys_guard_every_route_but_healthz(client, finished):
+def _problem(resp, status: int, slug: str) -> dict:
+    """The RFC 9457 body of a refusal, checked to be one: its media type, its stable type, its status."""
+    assert resp.status_code == status and resp.headers["content-type"] == PROBLEM, (slug, resp.status_code, resp.text)
+    body = resp.json()
+    assert body["type"] == f"urn:capray:problem:{slug}" and body["status"] == status and body["title"], body
+    return body
+
+
+def test_keys_guard_every_route_but_healthz_and_the_page(client, finished):
+    from capray.serve.app import openapi_document
+
     job = finished["ids"][0]
     assert client.get("/v1/healthz").json() == {"status": "ok"}
-    for path in ("/openapi.json", "/docs", "/redoc"):  # FastAPI's pages would answer without a key: off
-        assert client.get(path).status_code == 404, path
-    routes = [("post", "/v1/protect"), ("post", "/v1/protect:sync"), ("get", f"/v1/jobs/{job}"),
-              ("get", f"/v1/jobs/{job}/photos/0"), ("get", f"/v1/jobs/{job}/result.zip")]
-    for method, path in routes:
+    assert client.get("/").status_code == 200  # the page asks for the key itself
+    for path in ("/docs", "/redoc"):  # FastAPI's own pages would answer without a key: off
+        _problem(client.get(path), 404, "not-found")
+    routes = [("post", "/v1/protect"), ("post", "/v1/protect:sync"), ("get", "/v1/jobs"), ("get", f"/v1/jobs/{job}"),
+              ("get", f"/v1/jobs/{job}/photos/0"), ("get", f"/v1/jobs/{job}/result.zip"),
+              ("delete", f"/v1/jobs/{job}"), ("get", "/openapi.json")]
+    for method, path in routes:  # RFC 6750: 401 for no key (a bare challenge) and for an unknown key (invalid_token)
         missing = client.request(method, path, content=b"x" * 100_000)  # refused before the body is read
-        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer", (path, missing.text)
+        _problem(missing, 401, "unauthorized")
+        assert missing.headers["www-authenticate"] == 'Bearer realm="capray"', path
         wrong = client.request(method, path, headers=_auth("not-a-key"))
-        assert wrong.status_code == 403 and "not accepted" in wrong.json()["detail"]["error"], path
+        assert "not accepted" in _problem(wrong, 401, "invalid-key")["detail"], path
+        assert 'error="invalid_token"' in wrong.headers["www-authenticate"], path
+    assert client.get("/openapi.json", headers=_auth(READER)).json() == openapi_document()
+    # 403 only where a known key lacks the right: the read-only key may list and read, not protect or delete
+    _problem(client.post("/v1/protect", json=_json_body(), headers=_auth(READER)), 403, "forbidden")
+    _problem(client.delete(f"/v1/jobs/{job}", headers=_auth(READER)), 403, "forbidden")
+    assert client.get("/v1/jobs", headers=_auth(READER)).json() == {"jobs": []}
     # a job belongs to the key that created it: another valid key cannot tell it from an unknown one
     for path in [f"/v1/jobs/{job}", f"/v1/jobs/{job}/photos/0", f"/v1/jobs/{job}/result.zip"]:
         theirs = client.get(path, headers=_auth(BOB))
         unknown = client.get(path.replace(job, "0" * 32), headers=_auth(BOB))
-        assert theirs.status_code == unknown.status_code == 404 and theirs.json()["detail"]["error"] == \
-            unknown.json()["detail"]["error"]
+        assert _problem(theirs, 404, "not-found")["detail"] == _problem(unknown, 404, "not-found")["detail"]
         assert client.get(path, headers=_auth(ALICE)).status_code == 200
+    _problem(client.delete(f"/v1/jobs/{job}", headers=_auth(BOB)), 404, "not-found")
+    assert client.get(f"/v1/jobs/{job}", headers=_auth(ALICE)).json()["status"] == "ok"  # still there for alice
+
+
+# -- REST conventions -----------------------------------------------------------------------------------
+
+def _store_files(served, job_id: str) -> list[str]:
+    """Every file in the job store that names `job_id` (its folder, markers, records)."""
+    root = Path(served["cfg"].serve.store)
+    return [str(p.relative_to(root)) for p in root.rglob("*")
+            if p.is_file() and (job_id in str(p) or job_id.encode() in p.read_bytes())]
+
+
+def test_a_retried_submit_gets_the_same_job_and_a_deleted_job_leaves_nothing(client, served):
+    """Idempotency-Key per caller; DELETE of a running and of a finished job: every file of it is gone at once."""
+    body, key = _json_body(config={"seed": 11}), {"Idempotency-Key": "upload-7f3a"}
+    first = client.post("/v1/protect", json=body, headers={**_auth(), **key})
+    assert first.status_code == 202, first.text
+    job = first.json()["job_id"]
+    assert first.headers["location"] == first.json()["status_url"] and first.headers["location"].endswith(job)
+    assert int(first.headers["retry-after"]) > 0
+    again = client.post("/v1/protect", json=body, headers={**_auth(), **key})
+    assert again.status_code == 202 and again.json()["job_id"] == job and again.headers["idempotent-replayed"] == "true"
+    as_form = client.post("/v1/protect", **_multipart(options={"identity": "alice", "config": {"seed": 11}}),
+                          headers={**_auth(), **key})  # the same request in the other body form: the same job
+    assert as_form.status_code == 202 and as_form.json()["job_id"] == job
+    other = client.post("/v1/protect", json=_json_body(config={"seed": 12}), headers={**_auth(), **key})
+    assert "another request" in _problem(other, 422, "idempotency-key-reused")["detail"]
+    bobs = client.post("/v1/protect", json=body, headers={**_auth(BOB), **key})  # keys are scoped to the caller
+    assert bobs.status_code == 202 and bobs.json()["job_id"] != job
+    status = client.get(f"/v1/jobs/{job}", headers=_auth())
+    assert ("retry-after" in status.headers) == (status.json()["status"] == "pending")
+    assert status.json()["created_at"].endswith("Z")
+    assert _store_files(served, job), "the job is not in the store"
+
+    deleted = client.delete(f"/v1/jobs/{job}", headers=_auth())  # running (or queued): cancelled, removed
+    assert deleted.status_code == 204 and not deleted.content
+    assert _store_files(served, job) == []
+    _problem(client.get(f"/v1/jobs/{job}", headers=_auth()), 404, "not-found")
+    _problem(client.delete(f"/v1/jobs/{job}", headers=_auth()), 404, "not-found")
+    bob_done = _wait(client, bobs.json()["job_id"], BOB)  # the one Protector was free for it: alice's run stopped
+    assert bob_done["status"] == "ok" and bob_done["finished_at"].endswith("Z")
+    assert _store_files(served, job) == [], "the deleted job's runner wrote after the delete"
+    finished = _store_files(served, bob_done["job_id"])
+    assert any(f.endswith("photos/0.png") for f in finished) and any(f.endswith("result.json") for f in finished)
+    assert client.delete(f"/v1/jobs/{bob_done['job_id']}", headers=_auth(BOB)).status_code == 204
+    assert _store_files(served, bob_done["job_id"]) == []
+    _problem(client.get(f"/v1/jobs/{bob_done['job_id']}/photos/0", headers=_auth(BOB)), 404, "not-found")
+    renewed = client.post("/v1/protect", json=body, headers={**_auth(), **key})  # the key's job is gone: a new one
+    assert renewed.status_code == 202 and renewed.json()["job_id"] != job
+    assert client.delete(f"/v1/jobs/{renewed.json()['job_id']}", headers=_auth()).status_code == 204
+
+
+def test_a_callers_jobs_are_listed_newest_first_page_by_page(client, finished):
+    seen, url, pages = [], "/v1/jobs?limit=1", 0
+    while url and pages < 50:
+        page = client.get(url, headers=_auth())
+        assert page.status_code == 200, page.text
+        seen += page.json()["jobs"]
+        cursor = page.json().get("next_cursor")
+        assert (cursor is None) == ("link" not in page.headers)
+        url = page.headers["link"].split(">")[0].lstrip("<") if cursor else None
+        pages += 1
+    ids = [j["job_id"] for j in seen]
+    assert len(ids) == len(set(ids)) == pages and set(finished["ids"]) <= set(ids)
+    json_job, form_job = finished["ids"]
+    assert ids.index(form_job) < ids.index(json_job)  # submitted after it: listed before it
+    assert [j["created_at"] for j in seen] == sorted((j["created_at"] for j in seen), reverse=True)
+    mine = next(j for j in seen if j["job_id"] == json_job)
+    assert mine["status"] == "ok" and mine["photos"] == len(PHOTOS) and mine["status_url"].endswith(json_job)
+    assert all(j["created_at"].endswith("Z") for j in seen)
+    whole = client.get("/v1/jobs?limit=100", headers=_auth()).json()
+    assert [j["job_id"] for j in whole["jobs"]] == ids and "next_cursor" not in whole
+    bobs = client.get("/v1/jobs?limit=100", headers=_auth(BOB)).json()["jobs"]
+    assert not set(ids) & {j["job_id"] for j in bobs}
+    _problem(client.get("/v1/jobs?cursor=bm90LWEtY3Vyc29y", headers=_auth()), 422, "malformed-request")
+    _problem(client.get("/v1/jobs?limit=0", headers=_auth()), 422, "malformed-request")
 
 
 # -- results --------------------------------------------------------------------------------------------
@@ -209,7 +310,7 @@ def test_a_job_holds_an_earlier_jobs_photos_fixed_and_protects_only_the_new_one(
     others = client.post("/v1/protect", json=_json_body([new], fixed_jobs=[earlier]), headers=_auth(BOB))
     assert others.status_code == 404  # another caller's job is not there for them
     too_many = client.post("/v1/protect", json=_json_body([new, new, new], fixed_jobs=[earlier]), headers=_auth())
-    assert too_many.status_code == 413 and "2 fixed" in too_many.json()["detail"]["error"]
+    assert too_many.status_code == 413 and "2 fixed" in too_many.json()["detail"]
 
 
 def _append_sync(client, new, published) -> bytes:
@@ -284,57 +385,82 @@ def test_iphone_photos_round_trip_as_webp_with_their_colours_and_without_their_l
 
     sources = {"IMG_1.jpg": p3_jpeg(saturated_photo(40, 48), orientation=6),
                "IMG_2.heic": p3_heic(saturated_photo(44, 40, seed=1))}
-    files = [("photo", (name, data, "application/octet-stream")) for name, data in sources.items()]
-    files.append(("options", (None, json.dumps({"identity": "iphone", "config": {"output": {"format": "webp"}}}),
-                              "application/json")))
-    job = client.post("/v1/protect", files=files, headers=_auth())
-    assert job.status_code == 202, job.text
-    status = _wait(client, job.json()["job_id"])
-    assert status["status"] == "ok", status.get("error")
-    assert [p["format"] for p in status["result"]["photos"]] == ["webp", "webp"]
-    for i, source in enumerate(sources.values()):
-        resp = client.get(f"/v1/jobs/{job.json()['job_id']}/photos/{i}", headers=_auth())
-        assert resp.status_code == 200 and resp.headers["content-type"] == "image/webp"
-        out = Image.open(io.BytesIO(resp.content))
+    with _api(client) as api:
+        result = api.protect(list(sources.items()), identity="iphone", options={"output": {"format": "webp"}})
+    assert [p.format for p in result.photos] == ["webp", "webp"]
+    for photo, source in zip(result.photos, sources.values()):
+        out = photo.image()
         assert out.format == "WEBP" and out.info["icc_profile"] == display_p3_icc()
-        assert np.abs(rendered(resp.content) - rendered(source)).mean() <= EPS_255
+        assert np.abs(rendered(photo.data) - rendered(source)).mean() <= EPS_255
         assert not out.getexif().get_ifd(0x8825) and out.getexif().get_ifd(0x8769)[0x9003] == "2024:05:01 10:00:00"
-    archive = client.get(f"/v1/jobs/{job.json()['job_id']}/result.zip", headers=_auth())
+    resp = client.get(f"/v1/jobs/{result.job_id}/photos/0", headers=_auth())
+    assert resp.headers["content-type"] == "image/webp" and resp.content == result.photos[0].data
+    archive = client.get(f"/v1/jobs/{result.job_id}/result.zip", headers=_auth())
     with zipfile.ZipFile(io.BytesIO(archive.content)) as zf:
         assert zf.namelist() == ["00_IMG_1.webp", "01_IMG_2.webp", "summary.json"]
+
+
+def test_capray_submit_saves_the_endpoints_pixels_and_deletes_the_job(client, served, finished, tmp_path,
+                                                                       monkeypatch, capsys):
+    """From the shell: a folder of one person's photos in, the protected files and summary.json out, the
+    server's copy deleted; the pixels are those of the same request made any other way."""
+    from capray.cli import main
+
+    photos, out = tmp_path / "alice", tmp_path / "protected"
+    photos.mkdir()
+    for i, arr in enumerate(PHOTOS):
+        (photos / f"p{i}.png").write_bytes(_png(arr))
+    monkeypatch.setenv("CAPRAY_API_KEY", ALICE)
+    assert main(["submit", "--url", served["url"], str(photos), str(out)]) == 0
+    result = capsys.readouterr().out.strip().splitlines()[-1]
+    assert result.startswith("RESULT submit job=") and "photos=2 ok=true" in result, result
+    assert [(out / f"p{i}.png").read_bytes() for i in range(len(PHOTOS))] == finished["pngs"][1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["identity"] == "alice" and summary["config_hash"] == served["cfg"].config_hash()
+    job_id = result.split("job=")[1].split()[0]
+    assert client.get(f"/v1/jobs/{job_id}", headers=_auth()).status_code == 404  # deleted from the server
+    assert _store_files(served, job_id) == []
+    monkeypatch.setenv("CAPRAY_API_KEY", "not-a-key")
+    assert main(["submit", "--url", served["url"], str(photos), str(tmp_path / "refused")]) == 2
+    assert "invalid-key" in capsys.readouterr().err
 
 
 def test_bad_requests_are_refused_with_clear_4xx(client):
     bad_image = _json_body()
     bad_image["photos"][1]["data"] = base64.b64encode(b"\x89PNG\r\n\x1a\n but not really").decode()
     resp = client.post("/v1/protect", json=bad_image, headers=_auth())
-    assert resp.status_code == 422 and resp.json()["detail"]["photo"] == 1, resp.text
+    assert _problem(resp, 422, "invalid-photo")["photo"] == 1 and resp.json()["instance"] == "/v1/protect"
     assert client.post("/v1/protect:sync", json=bad_image, headers=_auth()).status_code == 422
     other_format = _json_body()
     other_format["photos"][1]["data"] = base64.b64encode(b"8BPS\x00\x01" + bytes(40)).decode()  # Photoshop
     for route in ("/v1/protect", "/v1/protect:sync"):
         resp = client.post(route, json=other_format, headers=_auth())
-        assert resp.status_code == 415 and "PSD files are not accepted" in resp.json()["detail"]["error"], resp.text
-    cases = [
-        (dict(json=_json_body(PHOTOS * 3)), 413, "at most 4"),  # 6 photos > max_photos
-        (_multipart(PHOTOS * 3), 413, "at most 4"),
-        (dict(json=_json_body([_photo(150, 150, 3)] * 2)), 413, "serve.max_request_pixels"),  # 45 000 > 40 000
-        (dict(json=_json_body(config={"model": {"sd": "/etc"}})), 422, "not settable per request"),
-        (dict(json=_json_body(config={"cap": {"search": "reference"}})), 422, "costs more"),
-        (_multipart(options={"config": {"cap": {"score_draws": 99}}}), 422, "score_draws"),
-        (_multipart(options={"colour": "red"}), 422, "malformed request"),
-        (dict(json=_json_body(config={"attack": {"eps": -1}})), 422, "invalid config overrides"),
-        (dict(json={"photos": []}), 422, "no photos"),
-        (dict(json={**_json_body(), "colour": "red"}), 422, "malformed request"),
-        (dict(content=b"{not json", headers={"content-type": "application/json"}), 422, "malformed request"),
-        (dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "multipart/form-data"),
+        assert "PSD files are not accepted" in _problem(resp, 415, "unsupported-format")["detail"]
+    cases = [  # every refusal: problem+json with its stable type
+        (dict(json=_json_body(PHOTOS * 3)), 413, "too-many-photos", "at most 4"),  # 6 photos > max_photos
+        (_multipart(PHOTOS * 3), 413, "too-many-photos", "at most 4"),
+        (dict(json=_json_body([_photo(150, 150, 3)] * 2)), 413, "too-many-pixels", "serve.max_request_pixels"),
+        (dict(json=_json_body(config={"model": {"sd": "/etc"}})), 422, "config-not-settable", "not settable"),
+        (dict(json=_json_body(config={"cap": {"search": "reference"}})), 422, "over-server-limits", "costs more"),
+        (_multipart(options={"config": {"cap": {"score_draws": 99}}}), 422, "over-server-limits", "score_draws"),
+        (_multipart(options={"colour": "red"}), 422, "malformed-request", "malformed request"),
+        (dict(json=_json_body(config={"attack": {"eps": -1}})), 422, "invalid-config", "invalid config overrides"),
+        (dict(json={"photos": []}), 422, "no-photos", "no photos"),
+        (dict(json={**_json_body(), "colour": "red"}), 422, "malformed-request", "malformed request"),
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 422, "malformed-request",
+         "malformed request"),
+        (dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "unsupported-media-type",
+         "multipart/form-data"),
+        (dict(json=_json_body(), headers={"Idempotency-Key": "x" * 300}), 422, "malformed-request", "Idempotency-Key"),
     ]
-    for kwargs, status, message in cases:
+    for kwargs, status, slug, message in cases:
         headers = {**kwargs.pop("headers", {}), **_auth()}
         resp = client.post("/v1/protect", **kwargs, headers=headers)
-        assert resp.status_code == status and message in resp.json()["detail"]["error"], (message, resp.text)
-    assert client.get("/v1/jobs/0123456789abcdef", headers=_auth()).status_code == 404
-    assert client.get("/v1/jobs/..%2F..%2Fkeys", headers=_auth()).status_code == 404
+        assert message in _problem(resp, status, slug)["detail"], (message, resp.text)
+    _problem(client.get("/v1/jobs/0123456789abcdef", headers=_auth()), 404, "not-found")
+    _problem(client.get("/v1/jobs/..%2F..%2Fkeys", headers=_auth()), 404, "not-found")
+    _problem(client.get(f"/v1/jobs/{'0' * 32}/photos/x", headers=_auth()), 422, "malformed-request")
+    _problem(client.put("/v1/jobs", headers=_auth()), 405, "method-not-allowed")
 
 
 def test_capacity_is_checked_before_the_body_is_read(client, served):
@@ -350,7 +476,7 @@ def test_capacity_is_checked_before_the_body_is_read(client, served):
                      JobState(job_id=job_id, owner="x", created_at=now, updated_at=now, holder="elsewhere"), 3600)
     try:
         resp = client.post("/v1/protect", content=b"{not json", headers={**_auth(), "content-type": "application/json"})
-        assert resp.status_code == 503 and resp.headers["retry-after"] == "30", resp.text
+        assert _problem(resp, 503, "server-busy") and resp.headers["retry-after"] == "30"
         assert client.post("/v1/protect:sync", json=_json_body(), headers=_auth()).status_code == 503
     finally:
         for job_id in fake:

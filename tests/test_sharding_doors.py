@@ -35,7 +35,7 @@ def test_sharding_is_server_owned_not_per_request():
 
     with pytest.raises(RequestError) as refused:
         effective_config(_config(mode="off"), {"sharding": {"mode": "always"}})
-    assert refused.value.status == 422 and "config.sharding.mode" in refused.value.detail["error"]
+    assert refused.value.status == 422 and "config.sharding.mode" in refused.value.detail
 
 
 def test_deploy_config_lists_the_scoring_pool_only_when_sharding_is_on():

@@ -64,6 +64,17 @@ def photo_formats() -> tuple[str, ...]:
     return tuple(f for f in PHOTO_FORMATS if f in Image.OPEN)
 
 
+# How a browser or an upload names each allowed format (an <input type=file accept=…>): MIME types, suffixes.
+FORMAT_NAMES = {"JPEG": ("image/jpeg", ".jpg", ".jpeg"), "PNG": ("image/png", ".png"), "WEBP": ("image/webp", ".webp"),
+                "TIFF": ("image/tiff", ".tif", ".tiff"), "BMP": ("image/bmp", ".bmp"),
+                "HEIF": ("image/heic", "image/heif", ".heic", ".heif")}
+
+
+def accepted_names() -> list[str]:
+    """The MIME types and suffixes of the formats this Pillow decodes (`photo_formats`)."""
+    return [name for fmt in photo_formats() for name in FORMAT_NAMES[fmt]]
+
+
 def sniff_format(data: bytes) -> str | None:
     """The format a file's first bytes announce, by Pillow's own prefix checks (no decoder runs), or None."""
     Image.init()

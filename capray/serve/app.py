@@ -8,18 +8,26 @@
   (`limits.py`, `requests.py`), keeps jobs in the durable store (`store.py`) and runs them
   (`runner.py`); any replica answers any job, so it scales like any stateless deployment.
 
-API (`Authorization: Bearer <key>` on every route but healthz when keys are configured):
+API (`Authorization: Bearer <key>` on every /v1 route but healthz when keys are configured; docs/endpoint.md,
+docs/openapi.json):
+  GET  /                                the web page (no key: it asks for one) and its /static/ assets
   POST /v1/protect                      JSON {photos: [{data: base64, name?}], identity?, config?, fixed?,
                                         fixed_jobs?} or multipart: photo=@a.jpg (repeated), fixed=@b.png
                                         (repeated), options={"identity", "config", "fixed_jobs"}
-                                        → 202 {job_id, status, status_url}
-                                        (fixed / fixed_jobs: the person's published protected photos,
+                                        → 202 {job_id, status, status_url} + Location, Retry-After
+                                        (Idempotency-Key: a retry gets the same job, never a second run;
+                                        fixed / fixed_jobs: the person's published protected photos,
                                         held fixed in CAP's group; only `photos` are protected)
-  GET  /v1/jobs/{id}                    → {status: pending|ok|failed, progress, error?, result?}
+  GET  /v1/jobs                         the caller's jobs, newest first (?limit, ?cursor → next_cursor)
+  GET  /v1/jobs/{id}                    → {status: pending|ok|failed, progress, error?, result?} (+ Retry-After
+                                        while pending)
   GET  /v1/jobs/{id}/photos/{index}     → one protected photo (image/png, or image/webp: config.output.format)
   GET  /v1/jobs/{id}/result.zip         → every protected photo + summary.json
+  DELETE /v1/jobs/{id}                  → 204: uploads, results and records removed now (a running job stops)
   POST /v1/protect:sync                 same bodies → 200 result with base64 photos (small requests)
   GET  /v1/healthz                      → {"status": "ok"}
+  GET  /openapi.json                    the OpenAPI document (with a key)
+Every refusal is RFC 9457 `application/problem+json` with a stable `type` (`problems.py`).
 
 Autoscaling and limits come from `ServeConfig` (`serve:` in the capray config); `deploy_config`
 renders the Serve YAML for `serve deploy` / a KubeRay RayService from the same settings.
@@ -36,59 +44,116 @@ import time
 import uuid
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from capray.attack.api import ProtectionRecord
 from capray.config import CaprayConfig, ServeConfig, ShardingConfig, load_config
 from capray.distributed.pool import ScoringPool
 from capray.io.images import MEDIA_TYPES
 from capray.metrics import LAMBDA_COLLAPSED, SERVE_GROUPS, Metric
-from capray.serve import errors
-from capray.serve.auth import AuthError, KeyRing, check_exposure
+from capray.serve import errors, problems
+from capray.serve.auth import KeyRing, check_exposure
 from capray.serve.body_limit import missing_guard
-from capray.serve.limits import KeyLimits, RequestError, UploadSlots, check_pixels, effective_config
-from capray.serve.requests import check_counts, decode_photos, read_submission
+from capray.serve.limits import KeyLimits, UploadSlots, check_pixels, effective_config
+from capray.serve.problems import RequestError
+from capray.serve.requests import check_counts, decode_photos, read_submission, submission_digest
 from capray.serve.results import build_result, result_zip
-from capray.serve.runner import JobRunner
-from capray.serve.schemas import JobAccepted, JobResult, JobStatus, Progress, ProtectRequest
-from capray.serve.store import JobState, JobStore
+from capray.serve.runner import JobRunner, new_job_id
+from capray.serve.schemas import JobAccepted, JobList, JobResult, JobStatus, JobSummary, Progress, ProtectRequest, utc
+from capray.serve.store import OWNER_MARKER, Idempotent, JobState, JobStore, key_digest
 
 APP_NAME = "capray"
 IMPORT_PATH = "capray.serve.app:build_app"
 CLUSTER_HOST = "0.0.0.0"  # what deploy_config binds: every node's proxy, reachable from the network
 REPLICA_HEADER = "x-capray-replica"  # which ingress replica answered (a random tag, no address)
+POLL_AFTER_S = 2  # Retry-After while a job is pending: a status read is one small store read
+MAX_IDEMPOTENCY_KEY = 200
 BODY_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": ProtectRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+    "application/json": {"schema": {"$ref": "#/components/schemas/ProtectRequest"}},
     "multipart/form-data": {"schema": {"type": "object", "required": ["photo"], "properties": {
         "photo": {"type": "array", "items": {"type": "string", "format": "binary"}},
         "options": {"type": "string", "description": 'JSON: {"identity": …, "config": {…}}'}}}}}}}
 
-# No /docs, /redoc or /openapi.json: FastAPI serves them without a key, and every route but healthz needs
-# one. The schema is still built in-process (`api.openapi()`), e.g. to publish it.
+# No /docs or /redoc, and FastAPI's own /openapi.json is off: FastAPI serves them without a key. The
+# document is served to authenticated callers by `Ingress.openapi_document`, and published (docs/openapi.json).
 api = FastAPI(title="capray", version="1", description="Protect a person's photos against DreamBooth "
-              "personalization (CAP: group-aware adversarial perturbations).",
+              "personalization (CAP: group-aware adversarial perturbations). Every refusal is RFC 9457 "
+              "`application/problem+json` with a stable `type` (`urn:capray:problem:<slug>`).",
               docs_url=None, redoc_url=None, openapi_url=None)
+PUBLIC = {"/v1/healthz"}  # API routes that need no key (the page and its assets are not in the document)
+AUTH_PROBLEMS = ("unauthorized", "invalid-key", "forbidden", "keys-unavailable")
+JOB_PROBLEMS = (*AUTH_PROBLEMS, "not-found", "malformed-request")
+SUBMIT_PROBLEMS = (*AUTH_PROBLEMS, "server-busy", "too-many-jobs", "rate-limited", "body-too-large", "body-too-slow",
+                   "too-many-photos", "photo-too-large", "too-many-pixels", "unsupported-format",
+                   "unsupported-media-type", "invalid-photo", "no-photos", "malformed-request", "config-not-settable",
+                   "invalid-config", "over-server-limits", "not-found", "not-finished")
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document of `api`: a Bearer security scheme on every route but the public ones, and
+    the Problem schema every error response refers to (`capray serve --openapi FILE` writes it)."""
+    if api.openapi_schema is None:
+        doc = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        components = doc.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        for model in (ProtectRequest, problems.Problem):  # bodies FastAPI does not see (read by hand, or errors)
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        components["securitySchemes"] = {"HTTPBearer": {"type": "http", "scheme": "bearer",
+                                                        "description": "an API key of this server"}}
+        for path, operations in doc["paths"].items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                if "422" in responses and problems.MEDIA_TYPE not in responses["422"].get("content", {}):
+                    responses["422"] = problems.responses("malformed-request")[422]  # ours, not FastAPI's shape
+                if path not in PUBLIC:
+                    operation["security"] = [{"HTTPBearer": []}]
+        for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's error shapes: no route gives them
+            schemas.pop(unused, None)
+        api.openapi_schema = doc
+    return api.openapi_schema
+
+
+api.openapi = openapi_document
 
 
 # Helpers come before the deployments: `@serve.deployment` serializes the class when the decorator runs,
 # so module globals defined after it would be missing in the replicas.
 
+def _problem(request: Request, refused: RequestError) -> JSONResponse:
+    return JSONResponse(refused.body(request.url.path), status_code=refused.status, headers=refused.headers,
+                        media_type=problems.MEDIA_TYPE)
+
+
 @api.exception_handler(RequestError)
 async def _refused(request: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+    return _problem(request, exc)
 
 
-@api.exception_handler(AuthError)
-async def _unauthorized(request: Request, exc: AuthError) -> JSONResponse:
-    return JSONResponse({"detail": {"error": str(exc)}}, status_code=exc.status, headers=exc.headers)
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    found = [{"loc": ".".join(map(str, e["loc"])), "msg": e["msg"]} for e in exc.errors()]
+    return _problem(request, RequestError("malformed-request", "malformed request", errors=found))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "malformed-request")
+    refused = RequestError(slug, str(exc.detail))
+    refused.status = exc.status_code  # Starlette's own status (e.g. 400), with the nearest problem type
+    return _problem(request, refused)
 
 
 def _not_found(job_id: str) -> RequestError:
-    return RequestError(404, "no such job (unknown, not yours, or its result has expired)", job_id=job_id)
+    return RequestError("not-found", "no such job (unknown, not yours, or its result has expired)", job_id=job_id)
 
 
 class Abandoned(RuntimeError):
@@ -203,10 +268,40 @@ def _job_status(state: JobState, result: JobResult | None, base: str) -> JobStat
     if result is not None:
         for i, photo in enumerate(result.photos):
             photo.url = f"{base}/photos/{i}"
-    return JobStatus(job_id=state.job_id, status=state.status, created_at=state.created_at,
-                     finished_at=state.finished_at, attempts=state.attempts, error=state.error,
+    return JobStatus(job_id=state.job_id, status=state.status, created_at=utc(state.created_at),
+                     finished_at=utc(state.finished_at), attempts=state.attempts, error=state.error,
                      progress=Progress(steps_done=state.steps_done, steps_total=state.steps_total),
                      result_zip_url=f"{base}/result.zip" if state.status == "ok" else None, result=result)
+
+
+def _pending_headers(status: str) -> dict[str, str]:
+    """A pending job's responses say when to look again (RFC 9110 Retry-After)."""
+    return {"Retry-After": str(POLL_AFTER_S)} if status == "pending" else {}
+
+
+def _cursor(marker: str | None) -> str | None:
+    return None if marker is None else base64.urlsafe_b64encode(marker.encode()).decode().rstrip("=")
+
+
+def _after(cursor: str | None) -> str | None:
+    """The owner marker a list cursor names, or 422 for anything else (a cursor is opaque to the client)."""
+    if cursor is None:
+        return None
+    try:
+        marker = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        marker = ""
+    if not OWNER_MARKER.fullmatch(marker):
+        raise RequestError("malformed-request", "cursor is not one this server gave", cursor=cursor[:100])
+    return marker
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isprintable() and key.isascii()):
+        raise RequestError("malformed-request", f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable "
+                                                "ASCII characters")
+    return key
 
 
 @serve.deployment(name="Ingress")
@@ -242,8 +337,8 @@ class Ingress:
             self.collapsed.inc()
         return out
 
-    def _caller(self, request: Request) -> str:
-        return self.keys.authenticate(request.headers.get("authorization"))
+    def _caller(self, request: Request, right: str | None = None) -> str:
+        return self.keys.authenticate(request.headers.get("authorization"), right)
 
     @contextlib.asynccontextmanager
     async def _admitted(self, request: Request, owner: str):
@@ -257,7 +352,8 @@ class Ingress:
         """
         jobs = await asyncio.to_thread(self.store.pending)
         if len(jobs) + self.sync_in_flight + self.uploads.used >= self.config.serve.capacity:
-            raise RequestError(503, "server busy: too many pending jobs, retry later", headers={"Retry-After": "30"})
+            raise RequestError("server-busy", "server busy: too many pending jobs, retry later",
+                               headers={"Retry-After": "30"})
         declared = request.headers.get("content-length", "")
         self.key_limits.check(owner, sum(1 for _, of in jobs if of == owner),
                               int(declared) if declared.isdigit() else None)
@@ -278,8 +374,8 @@ class Ingress:
         """The protected photo files of the caller's finished job `job_id` (404 for anyone else's)."""
         state = await self._job_of(owner, job_id)
         if state.status != "ok":
-            raise RequestError(409, f"fixed job is {state.status}: only a finished job's photos can be held fixed",
-                               job_id=job_id)
+            raise RequestError("not-finished", f"fixed job is {state.status}: only a finished job's photos can be "
+                                               "held fixed", job_id=job_id)
         result = JobResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
         files = [await asyncio.to_thread(self.store.photo, job_id, i, photo.format)
                  for i, photo in enumerate(result.photos)]
@@ -287,8 +383,8 @@ class Ingress:
             raise _not_found(job_id)
         return files
 
-    async def _owned(self, request: Request, job_id: str) -> JobState:
-        return await self._job_of(self._caller(request), job_id)
+    async def _owned(self, request: Request, job_id: str, right: str = "read") -> JobState:
+        return await self._job_of(self._caller(request, right), job_id)
 
     async def _job_of(self, owner: str, job_id: str) -> JobState:
         state = await asyncio.to_thread(self.store.state, job_id)
@@ -302,45 +398,145 @@ class Ingress:
     async def _finished(self, request: Request, job_id: str) -> JobState:
         state = await self._owned(request, job_id)
         if state.status != "ok":
-            raise RequestError(409, f"job is {state.status}, no result to download", job_id=job_id)
+            raise RequestError("not-finished", f"job is {state.status}, no result to download", job_id=job_id)
         return state
 
+    # -- the page and the document -----------------------------------------------------------------
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        from capray.serve import page
+
+        return HTMLResponse(page.render(self._page_info()), headers={
+            "Content-Security-Policy": page.CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-cache"})
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def page_asset(self, name: str) -> Response:
+        from capray.serve import page
+
+        if name not in page.ASSETS:
+            raise RequestError("not-found", "no such file")
+        return Response(page.asset(name), media_type=page.ASSETS[name],
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+
+    def _page_info(self) -> dict[str, Any]:
+        """What the page tells a person before they upload: the limits they will meet and the model's notes."""
+        from capray.io.images import accepted_names
+
+        s = self.config.serve
+        return {"tiny_model": self.config.model.is_tiny, "notes": list(self.config.model.notes),
+                "max_photos": s.max_photos, "max_photo_bytes": s.max_photo_bytes,
+                "max_request_bytes": s.max_request_bytes, "max_request_pixels": s.max_request_pixels,
+                "min_image_side": s.min_image_side, "accept": accepted_names()}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(self, request: Request) -> JSONResponse:
+        self._caller(request)
+        return JSONResponse(openapi_document())
+
+    # -- the API ----------------------------------------------------------------------------------
     @api.get("/v1/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.post("/v1/protect", status_code=202, response_model=JobAccepted, openapi_extra=BODY_DOC)
+    @api.post("/v1/protect", status_code=202, response_model=JobAccepted, openapi_extra={
+        **BODY_DOC, "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                    "schema": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY},
+                                    "description": "a retry with the same key and body gets the same job (never "
+                                    "a second run); the same key with another body is refused (422)"}]},
+        responses={202: {"headers": {"Location": {"schema": {"type": "string"}, "description": "the job's URL"},
+                                     "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
+                   **problems.responses(*SUBMIT_PROBLEMS, "idempotency-key-reused")})
     async def submit(self, request: Request, response: Response) -> JobAccepted:
-        owner = self._caller(request)
+        owner = self._caller(request, "protect")
+        key = _idempotency_key(request)
+        digest = key_digest(key) if key else None
+        if digest and await asyncio.to_thread(self.store.idempotent, owner, digest):  # a retry: no admission
+            sub = await read_submission(request, self.config.serve, lambda n: self.key_limits.charge(owner, n))
+            return await self._replay(request, response, owner, digest, submission_digest(sub))
         async with self._admitted(request, owner) as (sub, cfg, decoded, held):
-            state = await self.runner.submit(sub, decoded, cfg, owner, held)
-        response.headers[REPLICA_HEADER] = self.tag
-        return JobAccepted(job_id=state.job_id, status="pending",
-                           status_url=str(request.url_for("job_status", job_id=state.job_id)))
+            job_id = new_job_id()
+            if digest:
+                record = Idempotent(job_id=job_id, request_digest=submission_digest(sub), created_at=time.time())
+                if await asyncio.to_thread(self.store.reserve, owner, digest, record) is not None:
+                    return await self._replay(request, response, owner, digest, record.request_digest)
+            try:
+                state = await self.runner.submit(sub, decoded, cfg, owner, held, job_id=job_id, idempotency_key=digest)
+            except BaseException:
+                if digest:
+                    await asyncio.to_thread(self.store.release, owner, digest)
+                raise
+        return self._accepted(request, response, state.job_id, "pending")
 
-    @api.get("/v1/jobs/{job_id}", name="job_status", response_model=JobStatus, response_model_exclude_none=True)
+    async def _replay(self, request: Request, response: Response, owner: str, digest: str,
+                      request_digest: str) -> JobAccepted:
+        """The job an Idempotency-Key's first submit created, if this is the same request; 422 if not."""
+        record = await asyncio.to_thread(self.store.idempotent, owner, digest)
+        if record is None:  # deleted since: its job too
+            raise RequestError("not-found", "the job this Idempotency-Key created was deleted")
+        if record.request_digest != request_digest:
+            raise RequestError("idempotency-key-reused", "this Idempotency-Key was sent with another request "
+                                                         "(other photos or options); use a new key for it")
+        state = await asyncio.to_thread(self.store.state, record.job_id)
+        response.headers["Idempotent-Replayed"] = "true"
+        return self._accepted(request, response, record.job_id, state.status if state else "pending")
+
+    def _accepted(self, request: Request, response: Response, job_id: str, status: str) -> JobAccepted:
+        url = str(request.url_for("job_status", job_id=job_id))
+        response.headers.update({"Location": url, REPLICA_HEADER: self.tag, **_pending_headers(status)})
+        return JobAccepted(job_id=job_id, status=status, status_url=url)
+
+    @api.get("/v1/jobs", response_model=JobList, response_model_exclude_none=True,
+             responses=problems.responses(*AUTH_PROBLEMS, "malformed-request"))
+    async def list_jobs(self, request: Request, response: Response,
+                        limit: int = Query(20, ge=1, le=100, description="jobs per page"),
+                        cursor: str | None = Query(None, description="the previous page's next_cursor")) -> JobList:
+        owner = self._caller(request, "read")
+        states, last = await asyncio.to_thread(self.store.jobs_of, owner, limit, _after(cursor))
+        page = JobList(next_cursor=_cursor(last), jobs=[JobSummary(
+            job_id=st.job_id, status=st.status, created_at=utc(st.created_at), finished_at=utc(st.finished_at),
+            progress=Progress(steps_done=st.steps_done, steps_total=st.steps_total), photos=st.photos,
+            status_url=str(request.url_for("job_status", job_id=st.job_id))) for st in states])
+        if page.next_cursor:
+            response.headers["Link"] = f'<{request.url.include_query_params(cursor=page.next_cursor)}>; rel="next"'
+        return page
+
+    @api.get("/v1/jobs/{job_id}", name="job_status", response_model=JobStatus, response_model_exclude_none=True,
+             responses={200: {"headers": {"Retry-After": {"schema": {"type": "integer"},
+                                                          "description": "while pending: seconds until a new look"}}},
+                        **problems.responses(*JOB_PROBLEMS)})
     async def job_status(self, job_id: str, request: Request, response: Response) -> JobStatus:
         state = await self._owned(request, job_id)
         result = None
         if state.status == "ok":
             raw = await asyncio.to_thread(self.store.result, job_id)
             result = JobResult.model_validate_json(raw) if raw else None
-        response.headers[REPLICA_HEADER] = self.tag
+        response.headers.update({REPLICA_HEADER: self.tag, **_pending_headers(state.status)})
         return _job_status(state, result, str(request.url_for("job_status", job_id=job_id)))
 
+    @api.delete("/v1/jobs/{job_id}", status_code=204, response_class=Response,
+                responses=problems.responses(*JOB_PROBLEMS))
+    async def delete_job(self, job_id: str, request: Request) -> Response:
+        """The job's uploads, results and records are removed now; a running job stops at its next PGD step."""
+        state = await self._owned(request, job_id, "delete")
+        await asyncio.to_thread(self.store.delete, job_id, state.owner)
+        self.runner.cancel(job_id)  # here at once; a runner on another replica when its lease renewal fails
+        return Response(status_code=204)
+
     @api.get("/v1/jobs/{job_id}/photos/{index}", response_class=Response,
-             responses={200: {"content": {"image/png": {}, "image/webp": {}}}})
+             responses={200: {"content": {"image/png": {}, "image/webp": {}}},
+                        **problems.responses(*JOB_PROBLEMS, "not-finished")})
     async def job_photo(self, job_id: str, index: int, request: Request) -> Response:
         await self._finished(request, job_id)
         result = JobResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
         photo = result.photos[index] if 0 <= index < len(result.photos) else None
         data = await asyncio.to_thread(self.store.photo, job_id, index, photo.format) if photo else None
         if data is None:
-            raise RequestError(404, "no such photo in this job", job_id=job_id, photo=index)
+            raise RequestError("not-found", "no such photo in this job", job_id=job_id, photo=index)
         return Response(data, media_type=MEDIA_TYPES[photo.format])
 
     @api.get("/v1/jobs/{job_id}/result.zip", response_class=Response,
-             responses={200: {"content": {"application/zip": {}}}})
+             responses={200: {"content": {"application/zip": {}}}, **problems.responses(*JOB_PROBLEMS, "not-finished")})
     async def job_zip(self, job_id: str, request: Request) -> Response:
         await self._finished(request, job_id)
         result = JobResult.model_validate_json(await asyncio.to_thread(self.store.result, job_id))
@@ -349,9 +545,10 @@ class Ingress:
                                  media_type="application/zip",
                                  headers={"Content-Disposition": f'attachment; filename="capray-{job_id}.zip"'})
 
-    @api.post("/v1/protect:sync", response_model=JobResult, openapi_extra=BODY_DOC)
+    @api.post("/v1/protect:sync", response_model=JobResult, openapi_extra=BODY_DOC,
+              responses=problems.responses(*SUBMIT_PROBLEMS, "invalid-input", "timed-out", "internal"))
     async def protect_sync(self, request: Request) -> JobResult:
-        owner = self._caller(request)
+        owner = self._caller(request, "protect")
         with contextlib.ExitStack() as in_progress:
             async with self._admitted(request, owner) as (sub, cfg, decoded, held):
                 self.sync_in_flight += 1  # from here on it counts as a pending job, and as one of the caller's
@@ -361,12 +558,13 @@ class Ingress:
                     self._protect([d.rgb for d in decoded], cfg, sub.identity, None, [d.rgb for d in held]),
                     timeout=self.config.serve.job_timeout_s)
             except TimeoutError:
-                raise RequestError(504, errors.timed_out(self.config.serve.job_timeout_s)) from None
+                raise RequestError("timed-out", errors.timed_out(self.config.serve.job_timeout_s)) from None
             except Exception as exc:  # noqa: BLE001 - a short, stable message; the detail goes to the log
                 message = errors.public_error(exc)
-                status = 503 if message == errors.BUSY else 422 if message.startswith("invalid input") else 500
-                raise RequestError(status, message,
-                                   headers={"Retry-After": "30"} if status == 503 else None) from None
+                slug = "server-busy" if message == errors.BUSY else \
+                    "invalid-input" if message.startswith("invalid input") else "internal"
+                raise RequestError(slug, message,
+                                   headers={"Retry-After": "30"} if slug == "server-busy" else None) from None
             finally:
                 self.sync_in_flight -= 1
         files, result = await asyncio.to_thread(build_result, sub.names, decoded, protected, record, cfg)

@@ -15,7 +15,6 @@ replicas warn when their node lacks it (`missing_guard`).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +23,7 @@ from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 
 from capray.serve.limits import RequestError, check_declared_length, too_large
+from capray.serve.problems import MEDIA_TYPE
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 LIMIT_ENV = "CAPRAY_PROXY_MAX_REQUEST_BYTES"
@@ -94,9 +94,9 @@ class BodyLimit:
 
     @staticmethod
     async def refuse(send: Callable[[Message], Awaitable[None]], refused: RequestError) -> None:
-        """Answer with a `RequestError` in the JSON shape of every other refusal, and close the connection."""
-        body = json.dumps({"detail": refused.detail}).encode()
+        """Answer with a `RequestError` as the problem+json of every other refusal, and close the connection."""
+        body = refused.encoded()
         await send({"type": "http.response.start", "status": refused.status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"content-type", MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})

@@ -1,7 +1,7 @@
 """`capray serve`: run the online protection endpoint on Ray Serve (or print its Serve config).
 
-Exit codes: 0 served until interrupted (or deployed with --detach, or printed the config);
-2 usage or configuration error.
+Exit codes: 0 served until interrupted (or deployed with --detach, printed the config, or wrote the
+OpenAPI document); 2 usage or configuration error.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="deploy and return (the app keeps running on the cluster)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the Serve config YAML (serve deploy / RayService serveConfigV2) and exit")
+    parser.add_argument("--openapi", metavar="FILE",
+                        help="write the API's OpenAPI document to FILE ('-': stdout) and exit (docs/openapi.json)")
 
 
 def serve_args(args: argparse.Namespace):
@@ -39,9 +41,27 @@ def serve_args(args: argparse.Namespace):
     return ServeArgs(config_path=args.config, preset=args.preset, overrides=overrides)
 
 
+def write_openapi(path: str) -> None:
+    """The document the app serves at /openapi.json, as committed in docs/openapi.json (stable key order)."""
+    import json
+    import sys
+
+    from capray.serve.app import openapi_document
+
+    text = json.dumps(openapi_document(), indent=2, ensure_ascii=False) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+    else:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+
 def run(args: argparse.Namespace) -> int:
     from capray.errors import describe, expected_errors, report
 
+    if args.openapi:  # the document depends on the code alone, not on a config or a cluster
+        write_openapi(args.openapi)
+        return EXIT_OK
     try:
         sargs = serve_args(args)
         cfg = sargs.load()

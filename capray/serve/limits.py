@@ -19,16 +19,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from capray.config import CaprayConfig, ServeConfig, deep_merge
+from capray.serve.problems import RequestError
 
-
-class RequestError(Exception):
-    """A refused request: HTTP status plus a JSON-able detail naming what is wrong."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **context: Any):
-        super().__init__(message)
-        self.status = status
-        self.headers = headers
-        self.detail = {"error": message, **context}
+__all__ = ["RequestError"]  # re-exported: every refusal of a limit is one
 
 
 # -- uploads in flight --------------------------------------------------------------------------
@@ -44,8 +37,8 @@ class UploadSlots:
     @contextlib.contextmanager
     def take(self) -> Iterator[None]:
         if self.used >= self.limit:  # no await between the check and the count: one event loop, no race
-            raise RequestError(503, f"server busy: {self.limit} uploads in progress on this replica, retry later "
-                                    "(serve.max_uploads_in_flight)", headers={"Retry-After": "5"})
+            raise RequestError("server-busy", f"server busy: {self.limit} uploads in progress on this replica, "
+                                              "retry later (serve.max_uploads_in_flight)", headers={"Retry-After": "5"})
         self.used += 1
         try:
             yield
@@ -56,7 +49,7 @@ class UploadSlots:
 # -- bytes --------------------------------------------------------------------------------------
 
 def too_large(limit: int) -> RequestError:
-    return RequestError(413, f"request body larger than {limit} bytes (serve.max_request_bytes)")
+    return RequestError("body-too-large", f"request body larger than {limit} bytes (serve.max_request_bytes)")
 
 
 def check_declared_length(headers: Any, limit: int) -> None:
@@ -67,7 +60,7 @@ def check_declared_length(headers: Any, limit: int) -> None:
 
 
 def too_slow(seen: int, elapsed: float, limits: ServeConfig) -> RequestError:
-    return RequestError(408, f"request body too slow: {seen} bytes in {elapsed:.0f} s (at least "
+    return RequestError("body-too-slow", f"request body too slow: {seen} bytes in {elapsed:.0f} s (at least "
                              f"{limits.min_body_bytes_per_s} bytes/s after the first {limits.body_timeout_s:.0f} s; "
                              "serve.min_body_bytes_per_s, serve.body_timeout_s)", headers={"Connection": "close"})
 
@@ -122,16 +115,17 @@ class KeyLimits:
         return min(self.capacity, tokens + (self.clock() - when) * self.rate)
 
     def _over_rate(self, short: float) -> RequestError:
-        return RequestError(429, f"this API key sent more than {int(self.capacity)} bytes in the last minute "
-                                 "(serve.max_bytes_per_key_per_min), retry later",
+        return RequestError("rate-limited", f"this API key sent more than {int(self.capacity)} bytes in the last "
+                                            "minute (serve.max_bytes_per_key_per_min), retry later",
                             headers={"Retry-After": str(max(1, math.ceil(short / self.rate)))})
 
     def check(self, key: str, pending_jobs: int, declared_bytes: int | None) -> None:
         """Before a body is read: the key's jobs in flight, and room in its byte budget for what it declares."""
         in_flight = pending_jobs + self.active[key]
         if in_flight >= self.max_jobs:
-            raise RequestError(429, f"this API key has {in_flight} jobs in progress; at most {self.max_jobs} "
-                                    "(serve.max_jobs_per_key), retry when one finishes", headers={"Retry-After": "30"})
+            raise RequestError("too-many-jobs", f"this API key has {in_flight} jobs in progress; at most "
+                                                f"{self.max_jobs} (serve.max_jobs_per_key), retry when one finishes",
+                               headers={"Retry-After": "30"})
         tokens, needed = self._tokens(key), float(declared_bytes or 1)
         if tokens < needed:
             raise self._over_rate(needed - tokens)
@@ -180,11 +174,11 @@ def check_pixels(files: list[bytes], limits: ServeConfig) -> None:
         try:
             size = header_size(data)
         except UnsupportedFormat as exc:
-            raise RequestError(415, f"cannot use this photo: {exc}", photo=i) from None
+            raise RequestError("unsupported-format", f"cannot use this photo: {exc}", photo=i) from None
         if size:
             total += size[0] * size[1]
     if total > limits.max_request_pixels:
-        raise RequestError(413, f"{total} pixels in this request; at most {limits.max_request_pixels} "
+        raise RequestError("too-many-pixels", f"{total} pixels in this request; at most {limits.max_request_pixels} "
                                 "(serve.max_request_pixels)")
 
 
@@ -256,17 +250,17 @@ def effective_config(server: CaprayConfig, overrides: dict[str, Any]) -> CaprayC
     if not overrides:
         return server
     if not isinstance(overrides, dict):
-        raise RequestError(422, "config must be an object")
+        raise RequestError("invalid-config", "config must be an object")
     leaves = _leaves(overrides)
     fixed = sorted(p for p in leaves if p not in TUNABLE)
     if fixed:
-        raise RequestError(422, f"not settable per request (the server owns them): "
+        raise RequestError("config-not-settable", f"not settable per request (the server owns them): "
                                 f"{', '.join('config.' + p for p in fixed)}")
     try:
         cfg = CaprayConfig.model_validate(deep_merge(server.model_dump(), overrides))
     except ValidationError as exc:
         errors = [{"loc": "config." + ".".join(map(str, e["loc"])), "msg": e["msg"]} for e in exc.errors()]
-        raise RequestError(422, "invalid config overrides", errors=errors) from None
+        raise RequestError("invalid-config", "invalid config overrides", errors=errors) from None
     over = [f"config.{p} = {_get(cfg, p)} > {_get(server, p)}" for p in CEILINGS if _get(cfg, p) > _get(server, p)]
     over += [f"config.{p} = {_get(cfg, p)} < {_get(server, p)}" for p in FLOORS if _get(cfg, p) < _get(server, p)]
     over += [f"config.{p} = {_get(cfg, p)!r} costs more than this server's {_get(server, p)!r}"
@@ -274,8 +268,8 @@ def effective_config(server: CaprayConfig, overrides: dict[str, Any]) -> CaprayC
     if training_steps(cfg) > training_steps(server):
         over.append(f"{training_steps(cfg)} surrogate training steps > this server's {training_steps(server)}")
     if over:
-        raise RequestError(422, f"above this server's limits: {'; '.join(over)}")
+        raise RequestError("over-server-limits", f"above this server's limits: {'; '.join(over)}")
     if cfg.attack.total_pgd_steps > server.serve.max_pgd_steps:
-        raise RequestError(422, f"{cfg.attack.total_pgd_steps} PGD steps requested; this server allows at most "
-                                f"{server.serve.max_pgd_steps}")
+        raise RequestError("over-server-limits", f"{cfg.attack.total_pgd_steps} PGD steps requested; this server "
+                                                 f"allows at most {server.serve.max_pgd_steps}")
     return cfg

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,17 +39,29 @@ class Submission:
     fixed_jobs: list[str] = field(default_factory=list)  # earlier jobs of the caller whose photos are held fixed
 
 
+def submission_digest(sub: Submission) -> str:
+    """What makes two submits the same request (Idempotency-Key): the photos' bytes, names, identity,
+    overrides and fixed photos, whichever body form carried them (a retried multipart body has a new boundary)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([sub.identity, sub.config, sub.names, sub.fixed_jobs], sort_keys=True, default=str).encode())
+    for group in (sub.files, sub.fixed_files):
+        h.update(b"|%d|" % len(group))
+        for data in group:
+            h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
 def _validation_error(exc: ValidationError, where: str = "") -> RequestError:
     errors = [{"loc": where + ".".join(map(str, e["loc"])), "msg": e["msg"]} for e in exc.errors()]
-    return RequestError(422, "malformed request", errors=errors)
+    return RequestError("malformed-request", "malformed request", errors=errors)
 
 
 def check_counts(count: int, limits: ServeConfig, fixed: int = 0) -> None:
     if count == 0:
-        raise RequestError(422, "no photos: send at least one")
+        raise RequestError("no-photos", "no photos: send at least one")
     if count + fixed > limits.max_photos:
         held = f" and {fixed} fixed" if fixed else ""
-        raise RequestError(413, f"{count} photos{held}; at most {limits.max_photos} per request")
+        raise RequestError("too-many-photos", f"{count} photos{held}; at most {limits.max_photos} per request")
 
 
 def _b64_payload(data: str) -> str:
@@ -72,11 +85,13 @@ def _b64_files(photos: list, limits: ServeConfig, where: str = "photo") -> list[
     for i, photo in enumerate(photos):
         payload = _b64_payload(photo.data)
         if len(payload) * 3 // 4 > limits.max_photo_bytes:
-            raise RequestError(413, f"photo larger than {limits.max_photo_bytes} bytes", **{where: i}, name=photo.name)
+            raise RequestError("photo-too-large", f"photo larger than {limits.max_photo_bytes} bytes", **{where: i},
+                               name=photo.name)
         try:
             files.append(base64.b64decode(payload, validate=True))
         except (binascii.Error, ValueError):
-            raise RequestError(422, "photo data is not valid base64", **{where: i}, name=photo.name) from None
+            raise RequestError("invalid-photo", "photo data is not valid base64", **{where: i},
+                               name=photo.name) from None
     return files
 
 
@@ -89,9 +104,9 @@ async def from_multipart(request: Any, limits: ServeConfig) -> Submission:
         form = await request.form(max_files=limits.max_photos + 1, max_fields=8, max_part_size=1_000_000)
     except StarletteHTTPException as exc:  # python-multipart's own refusals (too many files, bad framing)
         if "Too many files" in str(exc.detail):
-            raise RequestError(
-                413, f"more than {limits.max_photos} photos; at most {limits.max_photos} per request") from None
-        raise RequestError(422, f"malformed multipart body: {exc.detail}") from None
+            raise RequestError("too-many-photos", f"more than {limits.max_photos} photos; at most "
+                                                  f"{limits.max_photos} per request") from None
+        raise RequestError("malformed-request", f"malformed multipart body: {exc.detail}") from None
     try:
         uploads = [v for k, v in form.multi_items() if k in PHOTO_FIELDS and isinstance(v, UploadFile)]
         held = [v for k, v in form.multi_items() if k == FIXED_FIELD and isinstance(v, UploadFile)]
@@ -102,7 +117,7 @@ async def from_multipart(request: Any, limits: ServeConfig) -> Submission:
         try:
             options = ProtectOptions.model_validate(json.loads(raw) if raw else {})
         except (json.JSONDecodeError, TypeError):
-            raise RequestError(422, "the options part is not valid JSON") from None
+            raise RequestError("malformed-request", "the options part is not valid JSON") from None
         except ValidationError as exc:
             raise _validation_error(exc, "options.") from None
         files, fixed = await _read_uploads(uploads, limits), await _read_uploads(held, limits, "fixed")
@@ -116,7 +131,7 @@ async def _read_uploads(uploads: list, limits: ServeConfig, where: str = "photo"
     files = []
     for i, upload in enumerate(uploads):
         if upload.size is not None and upload.size > limits.max_photo_bytes:
-            raise RequestError(413, f"photo larger than {limits.max_photo_bytes} bytes", **{where: i},
+            raise RequestError("photo-too-large", f"photo larger than {limits.max_photo_bytes} bytes", **{where: i},
                                name=upload.filename)
         files.append(await upload.read())
     return files
@@ -133,7 +148,7 @@ async def read_submission(request: Any, limits: ServeConfig,
     check_declared_length(request.headers, limits.max_request_bytes)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind not in ("multipart/form-data", "application/json", ""):
-        raise RequestError(415, "send application/json or multipart/form-data")
+        raise RequestError("unsupported-media-type", "send application/json or multipart/form-data")
     bounded = Request(request.scope, receive=guarded_receive(request.receive, limits, charge))
     if kind == "multipart/form-data":
         return await from_multipart(bounded, limits)
@@ -153,6 +168,6 @@ def decode_photos(files: list[bytes], names: list[str | None], limits: ServeConf
                                         keep_capture_time=output.keep_capture_time,
                                         keep_location=output.keep_location))
         except BadImage as exc:
-            raise RequestError(422, f"cannot use this photo: {exc}", photo=i,
+            raise RequestError("invalid-photo", f"cannot use this photo: {exc}", photo=i,
                                name=names[i] if i < len(names) else None) from None
     return decoded

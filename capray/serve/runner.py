@@ -40,6 +40,10 @@ ProtectCall = Callable[[list[Any], CaprayConfig, str, Callable[[int, int], None]
 BACKOFF_S, MAX_BACKOFF_S = 0.5, 15.0  # retrying a Protector call refused for backpressure
 
 
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
 class JobTimeout(Exception):
     """The job did not start, or did not finish, within `serve.job_timeout_s` (the message says which)."""
 
@@ -71,13 +75,14 @@ class JobRunner:
 
     # -- submitting and running -----------------------------------------------------------------
     async def submit(self, sub: Submission, decoded: list[Any], cfg: CaprayConfig, owner: str,
-                     held: list[Any] = ()) -> JobState:
-        """Store the job (request and photo files first, the fixed photos after them), then run it here."""
+                     held: list[Any] = (), job_id: str | None = None, idempotency_key: str | None = None) -> JobState:
+        """Store the job (request and photo files first, the fixed photos after them), then run it here.
+        `job_id`: the id an Idempotency-Key record already names; `idempotency_key`: that record's digest."""
         now = time.time()
-        request = JobRequest(job_id=uuid.uuid4().hex, owner=owner, identity=sub.identity, names=sub.names,
-                             fixed_count=len(sub.fixed_files), created_at=now,
+        request = JobRequest(job_id=job_id or new_job_id(), owner=owner, identity=sub.identity, names=sub.names,
+                             fixed_count=len(sub.fixed_files), created_at=now, idempotency_key=idempotency_key,
                              config=cfg.model_dump(mode="json", include=set(JOB_SECTIONS)))
-        state = JobState(job_id=request.job_id, owner=owner, created_at=now, updated_at=now,
+        state = JobState(job_id=request.job_id, owner=owner, created_at=now, updated_at=now, photos=len(sub.files),
                          steps_total=cfg.attack.total_pgd_steps, holder=self.tag, attempts=1)
         claim = await self._io(self.store.create, request, [*sub.files, *sub.fixed_files], state,
                                self.limits.job_lease_s)
@@ -141,7 +146,7 @@ class JobRunner:
         except JobTimeout as exc:
             return "failed", str(exc)
         except RequestError as exc:  # a rerun's photo no longer decodes
-            return "failed", f"invalid input: {exc.detail['error']}"
+            return "failed", f"invalid input: {exc.detail}"
         except Exception as exc:  # noqa: BLE001 - the job records a client-safe reason; the replica goes on
             return "failed", errors.public_error(exc, state.job_id)
         return "ok", (files, result)
@@ -179,6 +184,13 @@ class JobRunner:
             errors.log.info("Protector busy; retrying in %.1f s", delay)
             await asyncio.sleep(min(delay, max(start_by - time.monotonic(), 0.0)))  # the last try at start_by
             delay = min(delay * 2, MAX_BACKOFF_S)
+
+    def cancel(self, job_id: str) -> None:
+        """Stop running `job_id` here, if it runs here (a deleted job: its Protector call ends at its next
+        PGD step). A runner elsewhere stops when its lease renewal finds the status gone."""
+        task = self.running.get(job_id)
+        if task is not None:
+            task.cancel()
 
     # -- the sweep ------------------------------------------------------------------------------
     async def sweep(self) -> None:

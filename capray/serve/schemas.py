@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from capray.attack.api import ProtectionRecord
 
@@ -68,10 +69,16 @@ class JobResult(ProtectionRecord):
     eps_255: float = Field(..., description="the same budget in 0..255 units")
 
 
+def utc(timestamp: float | None) -> datetime | None:
+    """A stored epoch time as the API shows it: ISO 8601 in UTC (`2026-12-08T10:11:12.345678Z`), as in the manifest."""
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+
+
 class JobAccepted(BaseModel):
     job_id: str
-    status: Literal["pending"]
-    status_url: str
+    status: JobStatusWord = Field(description="pending for a new job; a replayed Idempotency-Key gives the job's "
+                                  "current status")
+    status_url: str = Field(description="the job's URL (also in the Location header)")
 
 
 class Progress(BaseModel):
@@ -79,11 +86,28 @@ class Progress(BaseModel):
     steps_total: int
 
 
+class JobSummary(BaseModel):
+    """A job in the caller's list."""
+
+    job_id: str
+    status: JobStatusWord
+    created_at: AwareDatetime
+    finished_at: AwareDatetime | None = None
+    progress: Progress
+    photos: int = Field(description="photos the job protects")
+    status_url: str
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary] = Field(description="the caller's jobs, newest first")
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page; null on the last page")
+
+
 class JobStatus(BaseModel):
     job_id: str
     status: JobStatusWord
-    created_at: float
-    finished_at: float | None = None
+    created_at: AwareDatetime
+    finished_at: AwareDatetime | None = None
     progress: Progress
     attempts: int = Field(description="runs started (a rerun follows a runner lost to a restart)")
     error: str | None = None

@@ -10,16 +10,24 @@ cluster that accepted it (a RayService upgrade starts a new cluster on the same 
     STORE/jobs/<id>/photos/<i>.<fmt>   the protected photos (png or webp)
     STORE/pending/<id>.<owner>         one marker per unfinished job (capacity, per-key limits, sweeps)
     STORE/finished/<t>-<id>            one marker per finished job, t = finish time (expiry sweep)
+    STORE/owners/<owner>/<n>-<id>      one marker per job of an owner, n = inverted creation time in µs
+                                       (the owner's job list, newest first in name order)
+    STORE/idempotency/<owner>/<key>    a submit's Idempotency-Key (its digest): the job it created and
+                                       the digest of the request, so a retry finds the job again
 
-The two marker folders keep every sweep proportional to the jobs in flight or within their TTL,
-never to the whole history. Writes are whole-object (atomic on S3, temp+rename locally). The status
-is the lease of the runner holding the job (`capray.io.lease`): created with `If-None-Match`, every
-later write conditional on the version its runner last wrote, its age judged by the store's clock.
+The marker folders keep every sweep and listing proportional to the jobs in flight or within their
+TTL, never to the whole history. Deleting a job (`delete`: on request, or past its TTL) removes its
+status first — its runner's next renewal fails and it stops — then its markers, records and files.
+Writes are whole-object (atomic on S3, temp+rename locally). The status is the lease of the runner
+holding the job (`capray.io.lease`): created with `If-None-Match`, every later write conditional on
+the version its runner last wrote, its age judged by the store's clock.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import time
 from typing import Any
 
@@ -38,6 +46,8 @@ class JobRequest(BaseModel):
     identity: str
     names: list[str | None]
     fixed_count: int = Field(0, description="published photos held fixed, stored after the photos in input/")
+    idempotency_key: str | None = Field(None, description="digest of the submit's Idempotency-Key (its record "
+                                        "is deleted with the job)")
     config: dict[str, Any] = Field(description="the engine settings the job was accepted with (config.ENGINE_SECTIONS "
                                    "of its effective config): never the server's storage options or keys")
     created_at: float
@@ -56,6 +66,7 @@ class JobState(BaseModel):
     error: str | None = None
     steps_done: int = 0
     steps_total: int = 0
+    photos: int = Field(0, description="photos protected (returned) by the job")
     holder: str | None = Field(None, description="the runner holding the job; None while nobody does")
     generation: int = Field(0, description="the lease's fencing generation: bumped by every take-over")
     attempts: int = 0
@@ -86,6 +97,23 @@ def default_store() -> str:
     return str(cache_root() / "serve-jobs")
 
 
+OWNER_MARKER = re.compile(r"\d{16}-[0-9a-f]{32}")  # what `_owner_marker` names; a list cursor is one
+NEVER = 10**16  # µs: owner markers count down from here, so name order is newest first
+
+
+def key_digest(idempotency_key: str) -> str:
+    """The stored name of an Idempotency-Key: never the key itself (a client may put anything in it)."""
+    return hashlib.sha256(b"capray-idempotency:" + idempotency_key.encode()).hexdigest()[:32]
+
+
+class Idempotent(BaseModel):
+    """An Idempotency-Key's record: the job its first submit created, and that request's digest."""
+
+    job_id: str
+    request_digest: str
+    created_at: float
+
+
 class JobStore:
     def __init__(self, uri: str | None, options: dict[str, Any] | None = None, clock=time.time):
         self.uri = uri or default_store()
@@ -95,6 +123,15 @@ class JobStore:
     # -- paths ----------------------------------------------------------------------------------
     def _job(self, job_id: str, *parts: str) -> str:
         return join(self.root, "jobs", job_id, *parts)
+
+    def _owner_marker(self, owner: str, job_id: str, created_at: float) -> str:
+        return join(self.root, "owners", owner, f"{NEVER - int(created_at * 1e6):016d}-{job_id}")
+
+    def _finished(self, state: JobState) -> str:
+        return join(self.root, "finished", f"{int(state.finished_at or 0)}-{state.job_id}")
+
+    def _idempotency(self, owner: str, digest: str) -> str:
+        return join(self.root, "idempotency", owner, digest)
 
     def _pending(self, job_id: str, owner: str | None) -> str:
         """The job's pending marker: its owner in the name, so one listing counts every key's jobs
@@ -126,12 +163,13 @@ class JobStore:
     def create(self, request: JobRequest, files: list[bytes], state: JobState, ttl_s: float,
                **lease_options: Any) -> lease.Lease:
         """The pending marker first (a crash from here on leaves something the sweep finds), then the input
-        files and the request, the status last: it is created as the lease of `state.holder`, generation 1.
-        The lease is not renewing yet: `start()` it."""
+        files, the request and the owner's marker (which `delete` finds from the request), the status last:
+        it is created as the lease of `state.holder`, generation 1. The lease is not renewing yet: `start()` it."""
         write_bytes_atomic(self.fs, self._pending(request.job_id, request.owner), b"")
         for i, data in enumerate(files):
             write_bytes_atomic(self.fs, self._job(request.job_id, "input", str(i)), data)
         write_bytes_atomic(self.fs, self._job(request.job_id, "job.json"), request.model_dump_json().encode())
+        write_bytes_atomic(self.fs, self._owner_marker(request.owner, request.job_id, request.created_at), b"")
         held = lease.create(self._status(request.job_id), ttl_s, uri=self._job(request.job_id, "status.json"),
                             holder=state.holder, extra=state.lease_fields(), **lease_options)
         if held is None:
@@ -174,7 +212,11 @@ class JobStore:
         for i, (data, fmt) in enumerate(photos):  # (file bytes, format) per photo
             write_bytes_atomic(self.fs, self._job(state.job_id, "photos", f"{i}.{fmt}"), data)
         write_bytes_atomic(self.fs, self._job(state.job_id, "result.json"), summary)
-        return self._close(held, state, "ok", None)
+        if self._close(held, state, "ok", None):
+            return True
+        if self.peek(state.job_id) is None:  # deleted while its results were written: they go too
+            self._remove(self._job(state.job_id), recursive=True)
+        return False
 
     def fail(self, held: lease.Lease, state: JobState, error: str) -> bool:
         return self._close(held, state, "failed", error)
@@ -191,7 +233,7 @@ class JobStore:
         """After a job's final status: its finished marker, its pending marker gone, its uploads deleted
         (users' photos are kept no longer than needed). Idempotent: the sweep repeats it for a replica
         that died half-way through."""
-        write_bytes_atomic(self.fs, join(self.root, "finished", f"{int(state.finished_at or 0)}-{state.job_id}"), b"")
+        write_bytes_atomic(self.fs, self._finished(state), b"")
         self._remove(self._job(state.job_id, "input"), recursive=True)
         self._drop_markers(state.job_id, state.owner)
 
@@ -212,10 +254,63 @@ class JobStore:
         return self._read(self._job(job_id, "photos", f"{index}.{fmt}"))
 
     def delete(self, job_id: str, owner: str | None) -> None:
-        """The job's folder and its pending marker (`owner`'s, and the owner-less name older versions wrote;
-        None for a finished job, whose marker is gone)."""
+        """Everything of the job, now: its status first (a runner holding it loses its lease at the next
+        renewal and stops), then its owner's marker and Idempotency-Key record (named in its request), its
+        finished marker, its folder (uploads, results, request) and its pending marker (`owner`'s, and the
+        owner-less name older versions wrote; None for a finished job, whose marker is gone)."""
+        request, state = self.request(job_id), self.state(job_id)
+        self._remove(self._job(job_id, "status.json"))
+        if state is not None and state.finished_at is not None:
+            self._remove(self._finished(state))
+        if request is not None:
+            self._remove(self._owner_marker(request.owner, job_id, request.created_at))
+            if request.idempotency_key:
+                self._remove(self._idempotency(request.owner, request.idempotency_key))
         self._remove(self._job(job_id), recursive=True)
         self._drop_markers(job_id, owner)
+
+    # -- an owner's jobs --------------------------------------------------------------------------
+    def jobs_of(self, owner: str, limit: int, after: str | None = None) -> tuple[list[JobState], str | None]:
+        """A page of `owner`'s jobs, newest first: up to `limit` states after the cursor `after`, and the
+        cursor of the next page (None: this is the last). A job being created or deleted (no status) is
+        skipped. Per owner the markers are bounded by the jobs within `serve.job_ttl_s`."""
+        names = [n for n in self._list(join("owners", owner))
+                 if OWNER_MARKER.fullmatch(n) and (after is None or n > after)]
+        page: list[JobState] = []
+        for i, name in enumerate(names):
+            state = self.state(name.partition("-")[2])
+            if state is not None and state.owner == owner:
+                page.append(state)
+            if len(page) == limit:
+                return page, (name if i + 1 < len(names) else None)
+        return page, None
+
+    # -- idempotency ------------------------------------------------------------------------------
+    def reserve(self, owner: str, digest: str, record: Idempotent) -> Idempotent | None:
+        """Record `record` for the caller's key `digest` unless one exists (a conditional create: of two
+        concurrent first submits exactly one wins); None when recorded, else the existing record."""
+        backend = lease.backend_on(self.fs, self._idempotency(owner, digest))
+        for _ in range(3):
+            if backend.create(record.model_dump_json().encode()) is not None:
+                return None
+            raw = self._read(self._idempotency(owner, digest))
+            if raw is None:
+                continue  # removed meanwhile (its job was deleted): try again
+            existing = Idempotent.model_validate_json(raw)
+            if self.state(existing.job_id) is None and self.request(existing.job_id) is None \
+                    and self.clock() - existing.created_at > 60:  # its submit died before storing the job
+                self._remove(self._idempotency(owner, digest))
+                continue
+            return existing
+        raise RuntimeError("could not record the Idempotency-Key: it keeps changing")
+
+    def idempotent(self, owner: str, digest: str) -> Idempotent | None:
+        raw = self._read(self._idempotency(owner, digest))
+        return Idempotent.model_validate_json(raw) if raw is not None else None
+
+    def release(self, owner: str, digest: str) -> None:
+        """Forget a reservation whose job was never stored (its submit was refused or failed)."""
+        self._remove(self._idempotency(owner, digest))
 
     # -- sweeps ---------------------------------------------------------------------------------
     def pending(self) -> list[tuple[str, str | None]]:
