@@ -269,7 +269,8 @@ def test_the_published_openapi_document_is_the_apps_and_complete(tmp_path):
             assert {"401", "403"} <= set(errors), (method, path)
     assert {ref.rsplit("/", 1)[1] for ref in _refs(doc)} <= set(doc["components"]["schemas"])
     described = json.dumps(doc["components"]["schemas"]["Problem"])
-    assert all(slug in described for slug in PROBLEMS)
+    catalogue = (ROOT / "docs" / "endpoint.md").read_text()
+    assert all(slug in described and f"| {status} | `{slug}` |" in catalogue for slug, (status, _) in PROBLEMS.items())
 
 
 def _asgi_client(chunks: list[bytes]):

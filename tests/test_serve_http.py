@@ -296,19 +296,16 @@ def test_a_job_holds_an_earlier_jobs_photos_fixed_and_protects_only_the_new_one(
     PNGs, by reference (`fixed_jobs`) or uploaded (`fixed`) — the same pixels either way."""
     earlier, published = finished["ids"][0], finished["pngs"][0]
     new = _photo(64, 72, 3)
-    by_reference = client.post("/v1/protect", json=_json_body([new], fixed_jobs=[earlier]), headers=_auth())
-    assert by_reference.status_code == 202, by_reference.text
     uploaded = _append_sync(client, new, published)
-    status = _wait(client, by_reference.json()["job_id"])
-    result = status["result"]
-    assert status["status"] == "ok" and result["fixed_members"] == 2 and result["cap_enabled"]
-    assert len(result["photos"]) == 1  # only the new photo comes back
-    (png,) = _pngs(client, by_reference.json()["job_id"], 1)
+    with _api(client) as api:  # by reference, through the client
+        by_reference = api.protect([("p2.png", new)], identity="alice", fixed_jobs=[earlier])
+    assert by_reference.record["fixed_members"] == 2 and by_reference.record["cap_enabled"]
+    (png,) = [p.data for p in by_reference.photos]  # only the new photo comes back
     assert uploaded == png
     linf = int(np.abs(_png_array(png).astype(int) - new.astype(int)).max())
     assert 0 < linf <= round(served["cfg"].attack.eps * 127.5)
     others = client.post("/v1/protect", json=_json_body([new], fixed_jobs=[earlier]), headers=_auth(BOB))
-    assert others.status_code == 404  # another caller's job is not there for them
+    _problem(others, 404, "not-found")  # another caller's job is not there for them
     too_many = client.post("/v1/protect", json=_json_body([new, new, new], fixed_jobs=[earlier]), headers=_auth())
     assert too_many.status_code == 413 and "2 fixed" in too_many.json()["detail"]
 

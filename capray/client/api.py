@@ -103,10 +103,10 @@ class Client:
     # -- submitting ---------------------------------------------------------------------------------------
 
     def submit(self, photos: Iterable[Any], identity: str = "user", options: dict | None = None,
-               idempotency_key: str | None = None) -> Job:
+               idempotency_key: str | None = None, fixed_jobs: Iterable[str] = ()) -> Job:
         """POST /v1/protect; retried with the same key on dropped connections, timeouts, 503 and 429."""
         key = idempotency_key or str(uuid.uuid4())
-        files, data, content_type = self._multipart(photos, identity, options)
+        files, data, content_type = self._multipart(photos, identity, options, fixed_jobs)
         response = self._send("POST", "/v1/protect", headers={"Idempotency-Key": key, "Content-Type": content_type},
                               files=files, data=data)
         body = _json(response)
@@ -128,11 +128,14 @@ class Client:
         return _json(response)
 
     @staticmethod
-    def _multipart(photos: Iterable[Any], identity: str, options: dict | None) -> tuple[list, dict, str]:
+    def _multipart(photos: Iterable[Any], identity: str, options: dict | None,
+                   fixed_jobs: Iterable[str] = ()) -> tuple[list, dict, str]:
         """(`photo` file parts, the `options` JSON part, the Content-Type): one boundary, so every retry of
-        a request is the same bytes."""
+        a request is the same bytes. `fixed_jobs`: finished jobs of this key whose protected photos are
+        the person's published ones, held fixed (append: only the new photos are protected)."""
         files = [("photo", photo_part(photo, i)) for i, photo in enumerate(photos)]
-        data = {"options": json.dumps({"identity": identity, "config": options or {}})}
+        fixed = {"fixed_jobs": list(fixed_jobs)} if fixed_jobs else {}
+        data = {"options": json.dumps({"identity": identity, "config": options or {}, **fixed})}
         return files, data, f"multipart/form-data; boundary={uuid.uuid4().hex}"
 
     # -- following a job ----------------------------------------------------------------------------------
@@ -244,11 +247,11 @@ class Client:
     # -- all in one ---------------------------------------------------------------------------------------
 
     def protect(self, photos: Iterable[Any], identity: str = "user", options: dict | None = None, *,
-                delete: bool = False, timeout: float | None = None,
-                on_progress: Callable[[dict], None] | None = None) -> ProtectResult:
+                delete: bool = False, timeout: float | None = None, on_progress: Callable[[dict], None] | None = None,
+                fixed_jobs: Iterable[str] = ()) -> ProtectResult:
         """Submit, wait, download; with `delete`, the server's copy goes once the photos are here (or the job
         failed). A `WaitTimeout` leaves the job running, so `wait(exc.job_id)` can pick it up."""
-        job = self.submit(photos, identity, options)
+        job = self.submit(photos, identity, options, fixed_jobs=fixed_jobs)
         try:
             status = self.wait(job.job_id, timeout=timeout, on_progress=on_progress)
             downloaded = self.download(job.job_id, status)

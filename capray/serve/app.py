@@ -47,7 +47,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -403,9 +403,11 @@ class Ingress:
 
     # -- the page and the document -----------------------------------------------------------------
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page(self) -> HTMLResponse:
+    async def page(self, request: Request) -> Response:
         from capray.serve import page
 
+        if not request.url.path.endswith("/"):  # under a route prefix: its relative asset URLs need the slash
+            return RedirectResponse(str(request.url.replace(path=request.url.path + "/")), status_code=308)
         return HTMLResponse(page.render(self._page_info()), headers={
             "Content-Security-Policy": page.CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
             "Cache-Control": "no-cache"})
