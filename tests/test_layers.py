@@ -28,8 +28,8 @@ FLOORS = {
     # 3: built on the engine: scoring across actors, the protector, and the manifest table, whose rows
     #    extend the engine's ProtectionRecord (so it sits above the rest of capray.io)
     "capray.distributed": 3, "capray.protector": 3, "capray.io.manifest": 3,
-    # 4: the front doors
-    "capray.batch": 4, "capray.serve": 4, "capray.evaluate": 4,
+    # 4: the front doors, and the endpoint's client (which knows the server only by its HTTP API)
+    "capray.batch": 4, "capray.serve": 4, "capray.evaluate": 4, "capray.client": 4,
     # 5: the command line that dispatches to them
     "capray.cli": 5,
 }
@@ -97,6 +97,16 @@ def test_the_engine_needs_no_cluster_storage_or_http():
                   and module.startswith("capray.attack")
                   for line, target in imports(module, path) if target.split(".")[0] in ENGINE_MUST_NOT_IMPORT]
     assert not violations, "capray.attack imports:\n  " + "\n  ".join(violations)
+
+
+def test_the_client_knows_the_server_only_by_its_http_api():
+    """capray.client runs where a platform calls the endpoint: no server code, no Ray, no torch."""
+    violations = [f"{path.relative_to(REPO)}:{line}: {module} imports {target}"
+                  for module, path in MODULES.items() if module.startswith("capray.client")
+                  for line, target in imports(module, path)
+                  if target.startswith(("capray.serve", "capray.batch", "capray.attack", "capray.protector"))
+                  or target.split(".")[0] in {"ray", "torch", "fastapi"}]
+    assert not violations, "capray.client imports:\n  " + "\n  ".join(violations)
 
 
 @pytest.mark.parametrize("source,expected", [
