@@ -33,7 +33,11 @@ import numpy as np
 from PIL import Image
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-KEY = "benchmark-key"
+KEY = "benchmark-key"  # the latency phase's; each concurrent client has its own key, as users do
+
+
+def client_key(i: int) -> str:
+    return f"{KEY}-{i}"
 
 
 def photo(h: int, w: int, seed: int) -> np.ndarray:
@@ -92,14 +96,15 @@ def concurrent(url: str, photos: list[tuple[str, bytes]], clients: int, jobs: in
     counts = {"ok": 0, "errors": 0, "lost": 0}
     lock = threading.Lock()
 
-    def client_loop() -> None:
+    def client_loop(i: int) -> None:
         # retries=0: a refused submission counts as an error, not as a success after a retry
-        with Client(url, KEY, timeout=60, retries=0) as client:
+        with Client(url, client_key(i), timeout=60, retries=0) as client:
             ids = []
             for _ in range(jobs):
                 try:
                     ids.append(client.submit(photos, "alice").job_id)
-                except CaprayError:
+                except CaprayError as refused:
+                    print(f"client {i}: submit refused: {refused}", flush=True)
                     with lock:
                         counts["errors"] += 1
             for job_id in ids:
@@ -113,7 +118,7 @@ def concurrent(url: str, photos: list[tuple[str, bytes]], clients: int, jobs: in
                 with lock:
                     counts[outcome] += 1
 
-    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -137,7 +142,7 @@ def main() -> None:
     from capray.serve.body_limit import proxy_env
 
     work = Path(tempfile.mkdtemp(prefix="capray-serve-bench-"))
-    (work / "keys").write_text(KEY + "\n")
+    (work / "keys").write_text("\n".join([KEY, *map(client_key, range(args.clients))]) + "\n")
     os.environ.setdefault("CAPRAY_CACHE", str(work / "cache"))
     cfg = load_config(preset="smoke", overrides={"model": {"sd": "tiny"}, "serve": {
         "min_replicas": 1, "max_replicas": 1, "gpus_per_replica": 0, "cpus_per_replica": 1, "ingress_cpus": 0,
