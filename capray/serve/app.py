@@ -264,13 +264,18 @@ async def _call_protector(handle: DeploymentHandle, rgbs: list[Any], cfg: Capray
     raise RuntimeError("the Protector ended without a result")
 
 
+def _job_fields(state: JobState) -> dict[str, Any]:
+    """What every view of a job (its status, its line in the list) shows of the stored state."""
+    return {"job_id": state.job_id, "status": state.status, "created_at": utc(state.created_at),
+            "finished_at": utc(state.finished_at),
+            "progress": Progress(steps_done=state.steps_done, steps_total=state.steps_total)}
+
+
 def _job_status(state: JobState, result: JobResult | None, base: str) -> JobStatus:
     if result is not None:
         for i, photo in enumerate(result.photos):
             photo.url = f"{base}/photos/{i}"
-    return JobStatus(job_id=state.job_id, status=state.status, created_at=utc(state.created_at),
-                     finished_at=utc(state.finished_at), attempts=state.attempts, error=state.error,
-                     progress=Progress(steps_done=state.steps_done, steps_total=state.steps_total),
+    return JobStatus(**_job_fields(state), attempts=state.attempts, error=state.error,
                      result_zip_url=f"{base}/result.zip" if state.status == "ok" else None, result=result)
 
 
@@ -453,15 +458,17 @@ class Ingress:
         owner = self._caller(request, "protect")
         key = _idempotency_key(request)
         digest = key_digest(key) if key else None
-        if digest and await asyncio.to_thread(self.store.idempotent, owner, digest):  # a retry: no admission
+        first = await asyncio.to_thread(self.store.idempotent, owner, digest) if digest else None
+        if first is not None:  # a retry: no admission (it must not be refused for the job it repeats)
             sub = await read_submission(request, self.config.serve, lambda n: self.key_limits.charge(owner, n))
-            return await self._replay(request, response, owner, digest, submission_digest(sub))
+            return await self._replay(request, response, first, submission_digest(sub))
         async with self._admitted(request, owner) as (sub, cfg, decoded, held):
             job_id = new_job_id()
             if digest:
                 record = Idempotent(job_id=job_id, request_digest=submission_digest(sub), created_at=time.time())
-                if await asyncio.to_thread(self.store.reserve, owner, digest, record) is not None:
-                    return await self._replay(request, response, owner, digest, record.request_digest)
+                first = await asyncio.to_thread(self.store.reserve, owner, digest, record)
+                if first is not None:  # a concurrent first submit with the same key recorded its job first
+                    return await self._replay(request, response, first, record.request_digest)
             try:
                 state = await self.runner.submit(sub, decoded, cfg, owner, held, job_id=job_id, idempotency_key=digest)
             except BaseException:
@@ -470,12 +477,9 @@ class Ingress:
                 raise
         return self._accepted(request, response, state.job_id, "pending")
 
-    async def _replay(self, request: Request, response: Response, owner: str, digest: str,
+    async def _replay(self, request: Request, response: Response, record: Idempotent,
                       request_digest: str) -> JobAccepted:
-        """The job an Idempotency-Key's first submit created, if this is the same request; 422 if not."""
-        record = await asyncio.to_thread(self.store.idempotent, owner, digest)
-        if record is None:  # deleted since: its job too
-            raise RequestError("not-found", "the job this Idempotency-Key created was deleted")
+        """The job an Idempotency-Key's first submit created (`record`), if this is the same request; 422 if not."""
         if record.request_digest != request_digest:
             raise RequestError("idempotency-key-reused", "this Idempotency-Key was sent with another request "
                                                          "(other photos or options); use a new key for it")
@@ -496,9 +500,8 @@ class Ingress:
         owner = self._caller(request, "read")
         states, last = await asyncio.to_thread(self.store.jobs_of, owner, limit, _after(cursor))
         page = JobList(next_cursor=_cursor(last), jobs=[JobSummary(
-            job_id=st.job_id, status=st.status, created_at=utc(st.created_at), finished_at=utc(st.finished_at),
-            progress=Progress(steps_done=st.steps_done, steps_total=st.steps_total), photos=st.photos,
-            status_url=str(request.url_for("job_status", job_id=st.job_id))) for st in states])
+            **_job_fields(st), photos=st.photos, status_url=str(request.url_for("job_status", job_id=st.job_id)))
+            for st in states])
         if page.next_cursor:
             response.headers["Link"] = f'<{request.url.include_query_params(cursor=page.next_cursor)}>; rel="next"'
         return page

@@ -86,14 +86,19 @@ class Progress(BaseModel):
     steps_total: int
 
 
-class JobSummary(BaseModel):
-    """A job in the caller's list."""
+class JobFields(BaseModel):
+    """What every view of a job shows: its status in the list and on its own."""
 
     job_id: str
     status: JobStatusWord
     created_at: AwareDatetime
     finished_at: AwareDatetime | None = None
     progress: Progress
+
+
+class JobSummary(JobFields):
+    """A job in the caller's list."""
+
     photos: int = Field(description="photos the job protects")
     status_url: str
 
@@ -103,12 +108,7 @@ class JobList(BaseModel):
     next_cursor: str | None = Field(None, description="pass as `cursor` for the next page; null on the last page")
 
 
-class JobStatus(BaseModel):
-    job_id: str
-    status: JobStatusWord
-    created_at: AwareDatetime
-    finished_at: AwareDatetime | None = None
-    progress: Progress
+class JobStatus(JobFields):
     attempts: int = Field(description="runs started (a rerun follows a runner lost to a restart)")
     error: str | None = None
     result_zip_url: str | None = None
