@@ -429,6 +429,21 @@ def test_uploads_in_flight_are_bounded_per_replica_before_the_body_is_read(tmp_p
 
     asyncio.run(scenario())
 
+    # a retried submit (its Idempotency-Key recorded) skips admission, but its body still needs a slot
+    from starlette.responses import Response
+
+    from capray.serve.store import Idempotent, key_digest
+
+    replica.store.reserve("k1", key_digest("retry-1"), Idempotent(job_id="a" * 32, request_digest="d",
+                                                                  created_at=time.time()))
+    replica._caller = lambda request, right=None: "k1"
+    retried = upload(good, asyncio.Event())  # its body never comes: the refusal must not wait for it
+    retried.scope["headers"].append((b"idempotency-key", b"retry-1"))
+    replica.uploads.used = replica.uploads.limit  # every slot taken by other uploads
+    with pytest.raises(RequestError) as info:
+        asyncio.run(Ingress.func_or_class.submit(replica, retried, Response()))
+    assert info.value.slug == "server-busy" and "serve.max_uploads_in_flight" in info.value.detail
+
 
 # -- the edge: slow bodies, per-key limits, formats, off-loop parsing, streamed downloads ----------------
 

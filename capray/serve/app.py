@@ -459,8 +459,9 @@ class Ingress:
         key = _idempotency_key(request)
         digest = key_digest(key) if key else None
         first = await asyncio.to_thread(self.store.idempotent, owner, digest) if digest else None
-        if first is not None:  # a retry: no admission (it must not be refused for the job it repeats)
-            sub = await read_submission(request, self.config.serve, lambda n: self.key_limits.charge(owner, n))
+        if first is not None:  # a retry: not refused for the job it repeats, but its body holds an upload slot
+            with self.uploads.take():
+                sub = await read_submission(request, self.config.serve, lambda n: self.key_limits.charge(owner, n))
             return await self._replay(request, response, first, submission_digest(sub))
         async with self._admitted(request, owner) as (sub, cfg, decoded, held):
             job_id = new_job_id()
