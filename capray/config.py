@@ -142,6 +142,58 @@ class CAPConfig(_Strict):
         return self
 
 
+class RobustConfig(_Strict):
+    """`attack.robust`: expectation over transformations (EOT) in the PGD objective.
+
+    A platform re-encodes what it publishes and an attacker may filter what they download, so the
+    attack loss is taken on T(x) with T drawn per photo and per PGD step: each transform below is
+    applied with `probability`, in this order: crop → flip → resize → blur → JPEG (at the photo's own
+    resolution, before the model's resize); crop and flip are off unless set. The published pixels x
+    stay in the ε-ball; CAP's style statistics are taken on x as written (docs/engine.md#robust-mode).
+    Off by default; the `robust` preset turns it on with these settings.
+    """
+
+    enabled: bool = False
+    samples: int = Field(1, ge=1, description="EOT samples per PGD step: the attack gradient is the mean over "
+                         "this many (noise, transform) draws (each one more forward + backward)")
+    probability: float = Field(0.5, ge=0.0, le=1.0, description="chance each listed transform is applied to a "
+                               "photo in a draw (independently; none of them: the photo as written)")
+    jpeg_quality: tuple[int, int] | None = Field((50, 90), description="JPEG quality range (differentiable "
+                                                 "approximation: DCT, quality-scaled tables, soft rounding); null: off")
+    resize_factor: tuple[float, float] | None = Field((0.5, 0.9), description="downscale by a factor in this "
+                                                      "range, then back up; null: off")
+    blur_sigma: tuple[float, float] | None = Field((0.5, 1.5), description="Gaussian blur σ range in pixels; "
+                                                   "null: off")
+    crop_scale: tuple[float, float] | None = Field(None, description="crop a random window of this fraction of "
+                                                   "each side, resized back, e.g. [0.85, 1.0]; off by default: "
+                                                   "misaligning the perturbation costs most of its effect")
+    flip: bool = Field(False, description="horizontal flip (an attacker's training augmentation); off by "
+                       "default, as crop")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> RobustConfig:
+        bounds = {"jpeg_quality": (1, 100), "resize_factor": (0.05, 1.0), "blur_sigma": (0.0, 10.0),
+                  "crop_scale": (0.3, 1.0)}
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value[0] <= value[1] <= high:
+                raise ValueError(f"attack.robust.{name} must be [lo, hi] with {low} <= lo <= hi <= {high}, "
+                                 f"got {list(value)}")
+        if self.blur_sigma is not None and self.blur_sigma[0] <= 0:
+            raise ValueError("attack.robust.blur_sigma must be > 0")
+        if self.enabled and not self.kinds:
+            raise ValueError("attack.robust.enabled needs at least one transform (jpeg_quality, resize_factor, "
+                             "blur_sigma, crop_scale or flip)")
+        return self
+
+    @property
+    def kinds(self) -> list[str]:
+        """The transforms in use, in the order they are applied."""
+        on = {"crop": self.crop_scale is not None, "flip": self.flip, "resize": self.resize_factor is not None,
+              "blur": self.blur_sigma is not None, "jpeg": self.jpeg_quality is not None}
+        return [k for k, v in on.items() if v]
+
+
 class AttackConfig(_Strict):
     method: Literal["fsmg", "aspl", "simac"] = "aspl"
     eps: float = Field(0.05, gt=0, description="L∞ budget in [-1,1] units (×127.5 for /255)")
@@ -161,6 +213,7 @@ class AttackConfig(_Strict):
         "micro-batches, so peak memory does not grow with the group size (results do not depend on it)")
     surrogate: SurrogateConfig = SurrogateConfig()
     simac: SimACConfig = SimACConfig()
+    robust: RobustConfig = RobustConfig()
 
     @property
     def total_pgd_steps(self) -> int:
@@ -318,8 +371,13 @@ class EvaluateConfig(_Strict):
     lora_rank: int = Field(4, ge=1)
     lora_learning_rate: float = Field(1e-4, gt=0)
     transforms: list[str] = Field(
-        default_factory=list, description="robustness: 'jpeg:75', 'blur:1.5', 'resize:0.5' applied before training"
+        default_factory=list, description="purifications the attacker applies before training: 'jpeg:75', "
+        "'blur:1.5', 'resize:0.5', … or 'suite' for all of them (docs/evaluation.md#purifications)"
     )
+    upscaler_model: str | None = Field(None, description="local directory of stabilityai/stable-diffusion-x4-"
+                                       "upscaler for the noisy-upscaling purification; unset: it is unavailable")
+    purifier_model: str | None = Field(None, description="SD-format directory for the diffusion purification "
+                                       "(DiffPure-style img2img); unset: it is unavailable")
     face_backend: Literal["auto", "insightface", "opencv"] = Field(
         "auto", description="'insightface' = the paper's RetinaFace-R50 + ArcFace (weights needed); "
                             "'opencv' = YuNet + SFace"
@@ -383,6 +441,8 @@ SIMAC_CHANGED_DEFAULTS = {"feature_detach": False, "feature_reduction": "sum"}
 def _hash_view(engine: dict[str, Any]) -> dict[str, Any]:
     """`engine_dict()` as the config hash sees it (HASH_NEUTRAL_WHEN_ADDED, HASHED_AS_BEFORE)."""
     view = json.loads(json.dumps(engine, default=str))
+    if not view["attack"].get("robust", {}).get("enabled", False):
+        view["attack"].pop("robust", None)  # off changes no pixel, whatever its other settings say
     if view["attack"]["method"] != "simac":
         view["attack"]["simac"].update(SIMAC_CHANGED_DEFAULTS)
     for path, value in HASH_NEUTRAL_WHEN_ADDED.items():
@@ -465,7 +525,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "surrogate_steps": 3, "fsmg_train_steps": 1000},
         "cap": {"ratio_max": 100, "start_fraction": 0.5},
     },
+    # Expectation over transformations with RobustConfig's documented ranges; composes with the others
+    # ("smoke,robust", "paper,robust").
+    "robust": {"attack": {"robust": {"enabled": True}}},
 }
+
+
+def preset_names(preset: str) -> list[str]:
+    """'smoke,robust' → ['smoke', 'robust'], each checked; later presets win where they overlap."""
+    names = [p.strip() for p in preset.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PRESETS]
+    if unknown or not names:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}, or several joined by ','")
+    return names
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -499,12 +571,10 @@ def load_config(
     preset: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> CaprayConfig:
-    """Preset, then YAML/JSON file, then explicit overrides (later wins)."""
+    """Preset(s), then YAML/JSON file, then explicit overrides (later wins)."""
     data: dict[str, Any] = {}
-    if preset:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        data = deep_merge(data, PRESETS[preset])
+    for name in preset_names(preset) if preset else []:
+        data = deep_merge(data, PRESETS[name])
     if path:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):

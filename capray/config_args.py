@@ -17,10 +17,19 @@ def add_config_options(parser: argparse.ArgumentParser, *, set_example: str = "a
                         help=f"override any config value, e.g. --set {set_example} (repeatable)")
     parser.add_argument("--model", help="SD model: hub id, local SD-format directory, or 'tiny' (sets model.sd; "
                                          "default: SD 2.1 base)")
-    parser.add_argument("--preset", choices=["smoke", "paper"],
+    parser.add_argument("--preset", type=_preset,
                         help="'smoke': the tiny random model and tiny budgets for a CPU; 'paper': the paper's "
-                             "settings (§5)")
+                             "settings (§5); 'robust': attack.robust on; several join with ',' (smoke,robust)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+
+def _preset(value: str) -> str:
+    from capray.config import preset_names
+
+    try:
+        return ",".join(preset_names(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def overrides_from_args(args: argparse.Namespace, flags: dict | None = None) -> dict:

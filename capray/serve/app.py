@@ -42,7 +42,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -587,7 +587,7 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     config_path: str | None = Field(None, description="capray YAML/JSON config file on the cluster")
-    preset: Literal["smoke", "paper"] | None = None
+    preset: str | None = Field(None, description="'smoke', 'paper', 'robust', or several joined by ','")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="nested overrides, e.g. {serve: {max_replicas: 8}}")
 

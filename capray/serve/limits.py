@@ -200,6 +200,10 @@ TUNABLE = {
     "cap.gram_normalization", "cap.consistency_sign", "cap.search", "cap.score_draw",
     "cap.score_draws",
     "attack.fsmg_batch_size",
+    # the robust mode: on costs one transform chain per photo per draw (~10-20 % a step, docs/engine.md);
+    # more EOT samples cost a forward + backward each, so `samples` is a ceiling
+    "attack.robust.enabled", "attack.robust.samples", "attack.robust.probability", "attack.robust.jpeg_quality",
+    "attack.robust.resize_factor", "attack.robust.blur_sigma", "attack.robust.crop_scale", "attack.robust.flip",
     "output.format", "output.keep_capture_time", "output.keep_location",  # how the caller's own photos come back
 }
 SERVER_ONLY = {  # server paths, memory layout, and the class-image cache (changing it means generating images)
@@ -212,7 +216,7 @@ SERVER_ONLY = {  # server paths, memory layout, and the class-image cache (chang
 CEILINGS = (  # cost (time or memory) grows with the value: a request may lower it, not raise it
     "attack.fsmg_train_steps", "attack.surrogate_steps", "attack.surrogate.batch_size",
     "attack.simac.max_select_iters", "attack.simac.samples_per_iter", "cap.ratio_max",
-    "cap.score_draws", "attack.fsmg_batch_size",
+    "cap.score_draws", "attack.fsmg_batch_size", "attack.robust.samples",
 )
 FLOORS = ("cap.start_fraction",)  # CAP searches λ from k̂ = start_fraction·K on: lowering it searches more steps
 ORDERED = {  # choices from cheap to expensive: a request may pick the server's or a cheaper one
