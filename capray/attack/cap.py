@@ -143,7 +143,9 @@ class InProcessEvaluator:
 
     The M candidates × N photos are one candidate-major list of images, cut into chunks of images
     (not of candidates), each chunk's photos built (at original resolution) and resized only when it is
-    scored, so memory is set by the chunk, whatever N and M are.
+    scored, so memory is set by the chunk, whatever N and M are. A robust-mode draw's transforms are
+    applied to each photo before its resize (`GroupLayout.model_rows`): a candidate is scored as it
+    reaches the attacker in that draw.
     `image_loss(images (B, 3, r, r), draw with B rows)` → per-image L_re, shape (B,).
     """
 
@@ -161,7 +163,7 @@ class InProcessEvaluator:
         per_image = []
         for start in range(0, rows, self.image_batch_size):
             stop = min(start + self.image_batch_size, rows)
-            images = self.layout.model_rows(candidates, start, stop, self.resolution)
+            images = self.layout.model_rows(candidates, start, stop, self.resolution, draw.augments)
             per_image.append(self.image_loss(images, draw.select(torch.arange(start, stop) % n)))
             self.forward_passes += 1
         return torch.cat(per_image).view(candidates.m, n).sum(dim=1)

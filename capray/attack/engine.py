@@ -233,20 +233,27 @@ class GroupAttack:
 
     # -- randomness ------------------------------------------------------------------------------
     def draw(self, *purpose: object) -> NoiseDraw:
-        """One draw for the whole group, seeded by (seed, identity, *purpose)."""
+        """One draw for the whole group, seeded by (seed, identity, *purpose); with `attack.robust` on it
+        carries each photo's transform too, so the attack and the λ scores see the photos transformed."""
         return draw_noise(self.layout.n, self.latent_shape, self.cfg.seed, self.identity, *purpose,
                           num_train_timesteps=self.parts.scheduler.config.num_train_timesteps,
-                          timestep_pools=self.pools)
+                          timestep_pools=self.pools, robust=self.cfg.attack.robust)
 
     def draw_for_step(self, k: int) -> NoiseDraw:
-        """The draw PGD step k takes its gradients on."""
+        """The (first) draw PGD step k takes its gradients on."""
         return self.draw("pgd", k)
 
-    def scorer(self, phase: Phase, k: int, gradient_draw: NoiseDraw) -> cap_search.CandidateScorer:
+    def step_draws(self, k: int) -> list[NoiseDraw]:
+        """Every draw of step k's gradient: one, or `attack.robust.samples` EOT samples (the mean of theirs)."""
+        robust = self.cfg.attack.robust
+        extra = robust.samples - 1 if robust.enabled else 0
+        return [self.draw_for_step(k), *(self.draw("pgd", k, "eot", s) for s in range(1, extra + 1))]
+
+    def scorer(self, phase: Phase, k: int, gradient_draws: list[NoiseDraw]) -> cap_search.CandidateScorer:
         """How step k's λ candidates are scored (`cap.score_draw`, `cap.score_draws`)."""
         c = self.cfg.cap
         if c.score_draw == "gradient":
-            return cap_search.CandidateScorer(phase.evaluator, lambda r: [gradient_draw], shared=True)
+            return cap_search.CandidateScorer(phase.evaluator, lambda r: gradient_draws, shared=True)
         if c.score_draw == "fresh":
             draws = [self.draw("score", k, j) for j in range(c.score_draws)]
             return cap_search.CandidateScorer(phase.evaluator, lambda r: draws, shared=True)
@@ -298,9 +305,9 @@ class GroupAttack:
             if phase.tap is None:
                 l_re = reconstruction_loss(self.parts, phase.net.unet, phase.cond, model_in, draw).sum()
                 return l_re, l_re
-            with torch.no_grad():  # SimAC: the phase's starting photos under the same draw
+            with torch.no_grad():  # SimAC: the phase's starting photos under the same draw (and transforms)
                 phase.tap.capture()
-                start = batch.layout.to_model(phase.start[batch.flat], self.resolution)
+                start = batch.layout.to_model(phase.start[batch.flat], self.resolution, draw.augments)
                 reconstruction_loss(self.parts, phase.net.unet, phase.cond, start, draw)
                 clean = phase.tap.release()
             phase.tap.capture()
@@ -310,7 +317,7 @@ class GroupAttack:
                                         reduction=s.feature_reduction)
             return l_re, l_re + s.feature_weight * feat
 
-    def gradients(self, phase: Phase, x: torch.Tensor, draw: NoiseDraw, *, consistency: bool,
+    def gradients(self, phase: Phase, x: torch.Tensor, draws: NoiseDraw | list[NoiseDraw], *, consistency: bool,
                   combined_ratio: float | None = None) -> Gradients:
         """∇ of the attack loss (and of L_cons) w.r.t. flat x, accumulated over micro-batches of photos.
 
@@ -319,22 +326,36 @@ class GroupAttack:
         (Algorithm 1's combined loss, for the reference search). `consistency` is the gradient of
         s·L_cons with s = +1 for `cap.consistency_sign: descend` and −1 for `ascend`, so every update
         is x + α·sign(∇attack − r·consistency) under either reading.
+
+        Several `draws` (robust mode's EOT samples): the attack loss is their mean, one forward and
+        backward each. The attack loss sees each photo through its draw's transform; the style
+        statistics (S̄ and L_cons) see the photos as written, so the consistency term is one whatever
+        the draws, and the λ candidates stay linear in r.
         """
+        draws = [draws] if isinstance(draws, NoiseDraw) else list(draws)
+        weight = 1.0 / len(draws)
         grad_attack = torch.zeros_like(x)
         grad_cons = torch.zeros_like(x) if consistency and combined_ratio is None else None
         means = self.mean_style(x) if consistency else None
         loss_re, loss_cons = 0.0, 0.0
         for batch in self.photo_batches():
             xs = x[batch.flat].detach().requires_grad_(True)
-            model_in = batch.layout.to_model(xs, self.resolution)
-            l_re, attack = self.attack_losses(phase, model_in, draw.rows(batch.start, batch.stop), batch)
-            loss_re += l_re.item()
-            if combined_ratio is not None:
-                l_cons = consistency_part(self.style_stats(model_in), means, self.group_size)
-                loss_cons += l_cons.item()
-                (grad_attack[batch.flat],) = torch.autograd.grad(attack - combined_ratio * self.cons_sign * l_cons, xs)
-                continue
-            (grad_attack[batch.flat],) = torch.autograd.grad(attack, xs)
+            for s, draw in enumerate(draws):
+                rows = draw.rows(batch.start, batch.stop)
+                model_in = batch.layout.to_model(xs, self.resolution, rows.augments)
+                l_re, attack = self.attack_losses(phase, model_in, rows, batch)
+                loss_re += l_re.item() * weight
+                objective = attack if len(draws) == 1 else attack * weight
+                if combined_ratio is not None and s == 0:
+                    style_in = model_in if rows.augments is None else batch.layout.to_model(xs, self.resolution)
+                    l_cons = consistency_part(self.style_stats(style_in), means, self.group_size)
+                    loss_cons += l_cons.item()
+                    objective = objective - combined_ratio * self.cons_sign * l_cons
+                (grad,) = torch.autograd.grad(objective, xs)
+                if s == 0:
+                    grad_attack[batch.flat] = grad
+                else:
+                    grad_attack[batch.flat] += grad
             if grad_cons is not None:
                 model_in = batch.layout.to_model(xs, self.resolution)
                 l_cons = consistency_part(self.style_stats(model_in), means, self.group_size)
@@ -388,9 +409,9 @@ class GroupAttack:
         """One PGD step: plain, static-ratio CAP, or CAP with the λ search; appends its record."""
         a, c = self.cfg.attack, self.cfg.cap
         k = len(self.steps)
-        draw = self.draw_for_step(k)
+        draws = self.step_draws(k)
         with_cap = self.cap_on and k >= self.k_hat
-        grads = self.gradients(phase, self.x, draw, consistency=with_cap)
+        grads = self.gradients(phase, self.x, draws, consistency=with_cap)
         record = StepRecord(step=k, loss_re=grads.loss_re, loss_cons=grads.loss_cons)
         scores: list[float] = []
         if not with_cap:
@@ -400,7 +421,7 @@ class GroupAttack:
             record.ratio = c.static_ratio
         else:
             t0 = time.perf_counter()
-            result = self.search_ratio(phase, k, draw, grads)
+            result = self.search_ratio(phase, k, draws, grads)
             self.timings["search_s"] += time.perf_counter() - t0
             self.x = result.next_x
             record.ratio, record.distinct = result.ratio, result.distinct
@@ -417,17 +438,18 @@ class GroupAttack:
             ("the attack loss's gradient", grads.attack), ("the consistency loss's gradient", grads.consistency),
             ("the λ candidates' scores", scores), ("the updated photos", self.x)])
 
-    def search_ratio(self, phase: Phase, k: int, draw: NoiseDraw, grads: Gradients) -> cap_search.SearchResult:
+    def search_ratio(self, phase: Phase, k: int, draws: list[NoiseDraw],
+                     grads: Gradients) -> cap_search.SearchResult:
         a, c = self.cfg.attack, self.cfg.cap
         ratios = range(0, c.ratio_max + 1)
-        scorer = self.scorer(phase, k, draw)
+        scorer = self.scorer(phase, k, draws)
         x = self.x.detach()
         if c.search == "fast":
             return cap_search.fast_search(x, self.x0, grads.attack, grads.consistency, ratios, a.alpha, a.eps,
                                           scorer, c.candidate_batch_size)
 
         def combined_grad(x_r: torch.Tensor, r: float) -> torch.Tensor:
-            return self.gradients(phase, x_r, draw, consistency=True, combined_ratio=r).attack
+            return self.gradients(phase, x_r, draws, consistency=True, combined_ratio=r).attack
 
         return cap_search.reference_search(x, self.x0, combined_grad, ratios, a.alpha, a.eps, scorer)
 
@@ -461,17 +483,20 @@ class GroupAttack:
         self._fsmg() if self.cfg.attack.method == "fsmg" else self._aspl()
 
     def _fsmg(self) -> None:
-        """Anti-DreamBooth FSMG: DreamBooth on the clean references (batch 2 + 2 class images, shuffled),
-        then PGD against that frozen model."""
+        """Anti-DreamBooth FSMG: PGD against the frozen `fsmg_surrogate`."""
+        self.pgd_phase(self.fsmg_surrogate(), self.cfg.attack.pgd_steps)
+
+    def fsmg_surrogate(self) -> Surrogate:
+        """FSMG's target: DreamBooth on the clean references (batch 2 + 2 class images, shuffled), or
+        `attack.fsmg_model`. Seeded, so a benchmark can rebuild the very model a run attacked."""
         a = self.cfg.attack
         if a.fsmg_model:
-            net = self.new_surrogate(load_diffusion(self.cfg.model.model_copy(update={"sd": a.fsmg_model})))
-        else:
-            net = self.new_surrogate()
-            fsmg_training = a.surrogate.model_copy(update={"batch_size": a.fsmg_batch_size})
-            self.train(net, self.references, self.class_images(), a.fsmg_train_steps, ("fsmg",),
-                       surrogate=fsmg_training, shuffle=True)
-        self.pgd_phase(net, a.pgd_steps)
+            return self.new_surrogate(load_diffusion(self.cfg.model.model_copy(update={"sd": a.fsmg_model})))
+        net = self.new_surrogate()
+        fsmg_training = a.surrogate.model_copy(update={"batch_size": a.fsmg_batch_size})
+        self.train(net, self.references, self.class_images(), a.fsmg_train_steps, ("fsmg",),
+                   surrogate=fsmg_training, shuffle=True)
+        return net
 
     def _aspl(self) -> None:
         """ASPL (and SimAC on top of it): every outer loop, f_sur = copy(f) trains on the clean references,

@@ -9,11 +9,14 @@ construction single tensor operations whatever the photo sizes are.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+PhotoTransform = Callable[[torch.Tensor], torch.Tensor]  # (1, 3, H, W) → same shape: e.g. `robust.Augment`
 
 
 @lru_cache(maxsize=64)
@@ -36,6 +39,22 @@ def _crop_operators(h: int, w: int, size: int, dtype: torch.dtype, device: torch
     rows = _resize_matrix(h, new_h)[top: top + size].to(device, dtype)
     cols = _resize_matrix(w, new_w)[left: left + size].to(device, dtype)
     return rows, cols
+
+
+@lru_cache(maxsize=64)
+def _resize_operators(h: int, w: int, new_h: int, new_w: int, dtype: torch.dtype,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return _resize_matrix(h, new_h).to(device, dtype), _resize_matrix(w, new_w).to(device, dtype)
+
+
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B,C,H,W) → (B,C,h,w): `F.interpolate`'s antialiased bilinear as two matrix products, so its
+    backward is deterministic on CUDA too (the robust mode's transforms resize inside the attack loss)."""
+    h, w = image.shape[-2:]
+    if (h, w) == tuple(size):
+        return image
+    rows, cols = _resize_operators(h, w, int(size[0]), int(size[1]), image.dtype, image.device)
+    return rows @ image @ cols.T
 
 
 def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -100,15 +119,17 @@ class GroupLayout:
             out.append(out[-1] + s)
         return out
 
-    def model_rows(self, candidates, start: int, stop: int, resolution: int) -> torch.Tensor:
+    def model_rows(self, candidates, start: int, stop: int, resolution: int,
+                   augments: Sequence[PhotoTransform] | None = None) -> torch.Tensor:
         """Rows start..stop-1 of the candidate-major image list of M candidates, at model resolution.
 
         Row q is photo q mod N of candidate q div N. `candidates`: flat rows (M, P), or anything whose
         `values(m, a, b)` gives elements a..b-1 of candidate m (a lazy `cap.CandidateSet`): only those
         rows' photos are built and resized, so scoring memory is set by stop − start, not by M·N.
+        `augments`: one transform per photo (the robust mode's draw), applied at the photo's own size.
         """
         if isinstance(candidates, torch.Tensor):
-            if self.uniform:
+            if self.uniform and augments is None:
                 return resize_center_crop(candidates.reshape(-1, *self.shapes[0])[start:stop], resolution)
             rows = candidates
 
@@ -120,21 +141,28 @@ class GroupLayout:
 
         def photo(q: int) -> torch.Tensor:
             m, i = divmod(q, self.n)
-            return values(m, offsets[i], offsets[i + 1]).view(self.shapes[i])
+            image = values(m, offsets[i], offsets[i + 1]).view(self.shapes[i])
+            return image if augments is None else augments[i](image.unsqueeze(0))[0]
 
         # photo by photo, whatever the sizes: only one photo at original resolution exists at a time
         # (stacking a chunk of 32 photos of 12 MP first would hold 4.6 GB, twice)
         return torch.cat([resize_center_crop(photo(q).unsqueeze(0), resolution) for q in range(start, stop)])
 
-    def to_model(self, flat: torch.Tensor, resolution: int) -> torch.Tensor:
-        """Flat group (P,) or candidates (M, P) → model input (N, 3, r, r) or (M·N, 3, r, r)."""
+    def to_model(self, flat: torch.Tensor, resolution: int,
+                 augments: Sequence[PhotoTransform] | None = None) -> torch.Tensor:
+        """Flat group (P,) or candidates (M, P) → model input (N, 3, r, r) or (M·N, 3, r, r).
+
+        `augments`: one transform per photo (the robust mode's draw), applied at the photo's own size
+        before the resize, as a platform re-encodes the photo it publishes.
+        """
         batch = flat.reshape(-1, flat.shape[-1])
         m = batch.shape[0]
-        if self.uniform:
+        if self.uniform and augments is None:
             images = batch.reshape(m * self.n, *self.shapes[0])
             return resize_center_crop(images, resolution)
         out = []
         for row in batch:
-            for part, shape in zip(row.split(self.sizes()), self.shapes):
-                out.append(resize_center_crop(part.view(1, *shape), resolution))
+            for i, (part, shape) in enumerate(zip(row.split(self.sizes()), self.shapes)):
+                photo = part.view(1, *shape)
+                out.append(resize_center_crop(photo if augments is None else augments[i](photo), resolution))
         return torch.cat(out)

@@ -148,8 +148,6 @@ def _cancel(ref: Any) -> None:
         pass
 
 
-def _cpu(draw: NoiseDraw) -> NoiseDraw:
-    return NoiseDraw(draw.timesteps.cpu(), draw.noise.cpu(), draw.vae_noise.cpu())
 
 
 class PooledEvaluator:
@@ -218,7 +216,7 @@ class PooledEvaluator:
         try:
             cuts = self.shards(m, len(peers) + 1)
             shards = [candidates.shard(a, b) for a, b in cuts]
-            box, cpu_draw = self._state_box(), _cpu(draw)
+            box, cpu_draw = self._state_box(), draw.cpu()
             token, vectors_box, ratios = self._vectors_box(candidates)
             for (pid, peer), shard, (a, b) in zip(peers, shards[1:], cuts[1:]):
                 ref = peer.score.remote(self.key, box, token, vectors_box, ratios, a, b, cpu_draw,
