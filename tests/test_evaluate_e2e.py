@@ -102,6 +102,7 @@ def test_evaluate_end_to_end_on_ray(ray_cluster, tiny_model_dir, photo_dirs, tmp
 
     html = (out / "report.html").read_text()
     assert "ASPL+CAP · JPEG q75" in html and "<table" in html and "no readable photos" in html
+    assert "id='purifications'" in html and "quality=75, subsampling=4:2:0" in html  # beside clean and protected
     for src in re.findall(r"<img src='([^']+)'", html):
         assert (out / src).is_file()
     assert (out / "summary.md").is_file() and json.loads((out / "results.json").read_text())["identities"]

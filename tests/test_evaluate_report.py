@@ -86,6 +86,11 @@ def test_layout_labels_from_run_json_and_ignores_manifest(tmp_path):
     plain.mkdir()
     assert protected_label(aspl) == ("ASPL+CAP", "ASPL", True)
     assert protected_label(plain) == ("mine", "mine", None)
+    robust = tmp_path / "out-r"
+    robust.mkdir()
+    (robust / "run.json").write_text(json.dumps({"config": {"attack": {"method": "fsmg", "robust": {"enabled": True}},
+                                                            "cap": {"enabled": True}}}))
+    assert protected_label(robust) == ("FSMG+CAP robust", "FSMG", True)
     sources = plan_sources(tmp_path / "clean", [aspl, plain], [parse_transform("jpeg:75")])
     assert [s.label for s in sources] == ["clean", "ASPL+CAP", "ASPL+CAP · JPEG q75", "mine", "mine · JPEG q75"]
     assert len({s.key for s in sources}) == len(sources)

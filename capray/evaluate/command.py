@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_config_options(parser, set_example="evaluate.train_steps=500")  # no --preset: smoke for 'tiny', else paper
     parser.add_argument("--transform", action="append", default=[], metavar="SPEC",
-                        help="robustness transform before training: jpeg:75, blur:1.5, resize:0.5 (repeatable)")
+                        help="purification the attacker applies before training: jpeg:75, blur:1, median:3, "
+                             "bilateral:25, resize:0.5, noise-denoise:8, tvm:0.1, upscale:20, diffpure:0.1, or "
+                             "suite for the standard set (repeatable; docs/evaluation.md#purifications)")
     parser.add_argument("--lora", action="store_true", help="the attacker trains LoRA adapters instead of full weights")
     parser.add_argument("--identity", action="append", default=[], help="evaluate only these identities")
     parser.add_argument("--no-ray", action="store_true", help="run identities in this process, one after another")
@@ -34,7 +36,11 @@ def build_config(args: argparse.Namespace):
         flags["evaluate"] = {"transforms": list(args.transform)}
     if args.lora:
         flags.setdefault("evaluate", {})["lora"] = True
-    return config_from_args(args, flags, default_preset=budget_for)
+    cfg = config_from_args(args, flags, default_preset=budget_for)
+    from capray.evaluate.transforms import parse_transforms
+
+    parse_transforms(cfg.evaluate.transforms)  # a bad spec is a usage error before anything starts
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:

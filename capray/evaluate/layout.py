@@ -2,8 +2,9 @@
 
 Folders use the output layout `DIR/<identity>/<photo>`; a `capray protect` output folder also holds
 `manifest/` and `run.json`, which are not identities. A protected folder's label comes from its
-run.json (method and CAP on/off, e.g. "ASPL+CAP"), else from the folder's name. Each robustness
-transform adds one more source per protected folder ("ASPL+CAP · JPEG q75").
+run.json (method and CAP on/off, e.g. "ASPL+CAP"), else from the folder's name. Each purification
+adds one more source per protected folder ("ASPL+CAP · JPEG q75"); one that cannot run here carries
+its reason and is reported, never trained on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from capray.evaluate.files import EvalFiles
-from capray.evaluate.transforms import Transform
+from capray.evaluate.purification import Transform
 from capray.io.naming import RESERVED, is_safe, output_stems, safe_name
 from capray.io.storage import join, normalize_uri, overlaps
 
@@ -35,7 +36,9 @@ class Source:
     root: str
     protected: bool
     cap: bool | None = None
-    transform: Transform | None = field(default=None)
+    transform: Transform | None = field(default=None)  # the purification applied before training
+    base: str | None = None  # a purified set: the key of the protected set it purifies
+    unavailable: str | None = None  # a purification that cannot run here: why, and how to supply its model
 
 
 def slugify(text: str) -> str:
@@ -43,7 +46,8 @@ def slugify(text: str) -> str:
 
 
 def protected_label(root: str | Path, files: EvalFiles | None = None) -> tuple[str, str, bool | None]:
-    """(label, method group, cap) from run.json if it names the method, else the folder name."""
+    """(label, method group, cap) from run.json if it names the method, else the folder name; a run with
+    `attack.robust` on is labelled "… robust", so plain and robust sets of one method read apart."""
     root = normalize_uri(str(root))
     try:
         text = (files or EvalFiles()).read_text(join(root, "run.json"))
@@ -51,19 +55,24 @@ def protected_label(root: str | Path, files: EvalFiles | None = None) -> tuple[s
         conf = data.get("config", data) if isinstance(data, dict) else {}
         method = str(conf["attack"]["method"]).lower()
         cap = bool(conf.get("cap", {}).get("enabled", False))
+        robust = bool(conf["attack"].get("robust", {}).get("enabled", False))
         name = METHOD_NAMES.get(method, method)
-        return (f"{name}+CAP" if cap else name), name, cap
+        return (f"{name}+CAP" if cap else name) + (" robust" if robust else ""), name, cap
     except (ValueError, KeyError, TypeError, AttributeError, OSError):
         name = posixpath.basename(root)
         return name, name, None
 
 
 def plan_sources(clean: str | Path, protected: list[str | Path], transforms: list[Transform],
-                 files: EvalFiles | None = None) -> list[Source]:
+                 files: EvalFiles | None = None,
+                 unavailable: dict[Transform, str | None] | None = None) -> list[Source]:
+    """Clean, then each protected folder followed by its purified variants (`unavailable`: transform → reason)."""
     sources = [Source("clean", "clean", "clean", normalize_uri(str(clean)), protected=False)]
     seen = {"clean"}
+    reasons = unavailable or {}
     for root in map(normalize_uri, map(str, protected)):
         label, group, cap = protected_label(root, files)
+        base_key = None
         for transform in [None, *transforms]:
             full = label if transform is None else f"{label} · {transform.label}"
             key = slugify(full if transform is None else f"{label}-{transform.slug}")
@@ -72,7 +81,9 @@ def plan_sources(clean: str | Path, protected: list[str | Path], transforms: lis
                 key, n = f"{base}-{n}", n + 1
             seen.add(key)
             sources.append(Source(key, full if key == base else f"{full} ({posixpath.basename(root)})", group, root,
-                                  protected=True, cap=cap, transform=transform))
+                                  protected=True, cap=cap, transform=transform, base=base_key,
+                                  unavailable=reasons.get(transform) if transform is not None else None))
+            base_key = base_key or key
     return sources
 
 

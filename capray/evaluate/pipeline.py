@@ -11,10 +11,10 @@ from typing import Any
 
 from capray.config import CaprayConfig
 from capray.evaluate.files import EvalFiles
-from capray.evaluate.layout import check_output, list_identities, list_photos, plan_sources
+from capray.evaluate.layout import Source, check_output, list_identities, list_photos, plan_sources
 from capray.evaluate.report import render
 from capray.evaluate.runner import IdentityTask, run_identities
-from capray.evaluate.transforms import parse_transform
+from capray.evaluate.transforms import Transform, parse_transforms
 from capray.io.naming import identity_problem
 from capray.io.storage import join, normalize_uri, redacted_config
 
@@ -33,8 +33,12 @@ def evaluate(clean: str | PathLike, protected: list[str | PathLike], out: str | 
         if not files.is_dir(folder):
             raise FileNotFoundError(f"no such folder: {folder}")
     check_output(out, [clean, *protected])
-    transforms = [parse_transform(t) for t in cfg.evaluate.transforms]
-    sources = plan_sources(clean, protected, transforms, files)
+    transforms = parse_transforms(cfg.evaluate.transforms)
+    unavailable = {t: t.unavailable(cfg.evaluate) for t in transforms}
+    sources = plan_sources(clean, protected, transforms, files, unavailable)
+    for t, reason in unavailable.items():
+        if reason:
+            progress(f"purification {t.spec} unavailable (not trained on): {reason}")
     if identities:  # named ones are looked up directly, without listing the whole library
         wanted = sorted(i for i in set(identities) if identity_problem(i) is None)
     else:
@@ -51,7 +55,8 @@ def evaluate(clean: str | PathLike, protected: list[str | PathLike], out: str | 
         "batch_size": cfg.evaluate.batch_size, "lora": cfg.evaluate.lora, "prompts": cfg.evaluate.prompts,
         "images_per_prompt": cfg.evaluate.images_per_prompt, "sample_steps": cfg.evaluate.sample_steps,
         "guidance_scale": cfg.evaluate.guidance_scale,
-        "sources": [{**asdict(s), "transform": s.transform.label if s.transform else None} for s in sources],
+        "sources": [source_meta(s) for s in sources],
+        "purifications": purification_meta(transforms, unavailable, results),
         "seconds": round(time.perf_counter() - started, 3),
         "config": redacted_config(cfg),
     }
@@ -62,3 +67,17 @@ def evaluate(clean: str | PathLike, protected: list[str | PathLike], out: str | 
     return {"meta": meta, "identities": results, "report": str(html_path), "summary": str(md_path)}
 
 
+def source_meta(source: Source) -> dict[str, Any]:
+    """A photo set as results.json lists it: the purification by label and spec (its parameters are in
+    meta["purifications"])."""
+    t = source.transform
+    return {**asdict(source), "transform": t.label if t else None, "purification": t.spec if t else None}
+
+
+def purification_meta(transforms: list[Transform], unavailable: dict[Transform, str | None],
+                      results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each purification with its parameters and, where it could not run, why: known before the run
+    (not configured) or found by the identity tasks (the weights did not load)."""
+    found = {e["purification"]: e.get("reason") for r in results for e in r.get("sources", {}).values()
+             if e.get("status") == "unavailable" and e.get("purification")}
+    return [{**t.describe(), "unavailable": unavailable[t] or found.get(t.spec)} for t in transforms]

@@ -1,9 +1,10 @@
 """The report people look at: `report.html` (inline CSS, image strips as PNGs next to it) and
 `summary.md`, both built from `results.json`.
 
-One table per protection method (clean / baseline / baseline + CAP / robustness variants), every
-metric header naming its backend, then per identity: the clean photos, each protected set, its
-perturbation amplified (clip(0.5 + (protected − clean)·k)), and samples the attacker generated.
+One table per protection method (clean / baseline / baseline + CAP), every metric header naming its
+backend; the purifications, side by side with the sets they purify (`report_purify`); then per
+identity: the clean photos, each protected set, its perturbation amplified
+(clip(0.5 + (protected − clean)·k)), and samples the attacker generated.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ from __future__ import annotations
 import html
 import io
 import math
+from collections.abc import Collection
 from os import PathLike
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from capray.evaluate import report_purify
 from capray.evaluate.files import EvalFiles
 from capray.evaluate.layout import Source, load_photo_set, slugify
 from capray.evaluate.metrics import DIRECTION, METRICS
+from capray.evaluate.report_cells import arrow, fmt, metric_header, short_backend
 from capray.io.storage import join, normalize_uri
 
 THUMB = 128
@@ -34,12 +38,16 @@ VIS_COLUMNS = (("psnr", "PSNR dB", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("linf
 # -- aggregation -------------------------------------------------------------------------------
 
 def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per source: label, group, mean of each metric over identities (None where none had a value)."""
+    """Per source: label, group, mean of each metric over identities (None where none had a value), and
+    the reasons a purification could not run (`unavailable`: not a failure, and never a number)."""
     table: dict[str, dict[str, Any]] = {}
     for res in results:
         for key, entry in res.get("sources", {}).items():
             row = table.setdefault(key, {"label": entry["label"], "group": entry["group"], "metrics": {},
-                                         "visibility": {}, "identities": 0, "failed": 0})
+                                         "visibility": {}, "identities": 0, "failed": 0, "unavailable": set()})
+            if entry.get("status") == "unavailable":
+                row["unavailable"].add(entry.get("reason") or "unavailable")
+                continue
             if entry.get("status") != "ok":
                 row["failed"] += 1
                 continue
@@ -58,11 +66,15 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             slot["mean"] = float(np.mean(slot["values"])) if slot["values"] else None
             slot["reasons"] = sorted(slot["reasons"])
         row["visibility"] = {k: float(np.mean(v)) for k, v in row["visibility"].items() if v}
+        row["unavailable"] = sorted(row["unavailable"])
     return table
 
 
-def groups(table: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
-    """[(method, [source keys: clean first, then that method's sets])]; just clean when nothing is protected."""
+def groups(table: dict[str, dict[str, Any]], purified: Collection[str] = ()) -> list[tuple[str, list[str]]]:
+    """[(method, [source keys: clean first, then that method's sets])]; just clean when nothing is protected.
+
+    Purified sets (`purified` keys) have their own section, side by side with the set they purify.
+    """
     order: list[str] = []
     for row in table.values():
         if row["group"] != "clean" and row["group"] not in order:
@@ -70,7 +82,7 @@ def groups(table: dict[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
     clean = [k for k, r in table.items() if r["group"] == "clean"]
     if not order:
         return [("clean", clean)]
-    return [(g, clean + [k for k, r in table.items() if r["group"] == g]) for g in order]
+    return [(g, clean + [k for k, r in table.items() if r["group"] == g and k not in purified]) for g in order]
 
 
 def backend_names(results: list[dict[str, Any]]) -> dict[str, str]:
@@ -78,14 +90,6 @@ def backend_names(results: list[dict[str, Any]]) -> dict[str, str]:
         if res.get("backends"):
             return dict(res["backends"])
     return {m: "unavailable: no identity was evaluated" for m in METRICS}
-
-
-def _fmt(v: float | None, spec: str = "{:.4f}") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if isinstance(v, float) and math.isinf(v):
-        return "∞"
-    return spec.format(v)
 
 
 def _best(table: dict[str, Any], keys: list[str], metric: str) -> str | None:
@@ -101,14 +105,6 @@ def _best(table: dict[str, Any], keys: list[str], metric: str) -> str | None:
 
 def _plural(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
-
-
-def _arrow(metric: str) -> str:
-    return "↑" if DIRECTION[metric] > 0 else "↓"
-
-
-def _short_backend(name: str) -> str:
-    return "unavailable" if name.startswith("unavailable") else name
 
 
 # -- images --------------------------------------------------------------------------------------
@@ -208,16 +204,12 @@ td.na{color:#a0a6b6} .tag{display:inline-block;padding:1px 7px;border-radius:9px
 .err{color:#b00020;font-size:13px}
 section.warn{background:#fff8e1;border-left:4px solid #f0a500;font-size:14px}
 table.left td,table.left th{text-align:left}
-"""
-
-
-def _metric_header(metric: str, backend: str) -> str:
-    return f"{metric} {_arrow(metric)}<small>{html.escape(_short_backend(backend))}</small>"
+""" + report_purify.CSS
 
 
 def _table_html(table: dict[str, Any], keys: list[str], backends: dict[str, str], show_lpips: bool) -> str:
     vis_cols = [c for c in VIS_COLUMNS if c[0] != "lpips" or show_lpips]
-    head = "".join(f"<th>{_metric_header(m, backends.get(m, ''))}</th>" for m in METRICS)
+    head = "".join(f"<th>{metric_header(m, backends.get(m, ''))}</th>" for m in METRICS)
     head += "".join(f"<th>{label}<small>vs clean</small></th>" for _, label, _ in vis_cols)
     head += "<th>ids</th>"
     best = {m: _best(table, keys, m) for m in METRICS}
@@ -231,10 +223,10 @@ def _table_html(table: dict[str, Any], keys: list[str], backends: dict[str, str]
             cls = "best" if best[m] == key else ("na" if mean is None else "")
             why = "; ".join(slot.get("reasons", []))
             title = f' title="{html.escape(why)}"' if why else ""
-            cells.append(f'<td class="{cls}"{title}>{_fmt(mean)}</td>')
+            cells.append(f'<td class="{cls}"{title}>{fmt(mean)}</td>')
         for name, _, spec in vis_cols:
             v = row["visibility"].get(name)
-            shown = "—" if row["group"] == "clean" else _fmt(v, spec)
+            shown = "—" if row["group"] == "clean" else fmt(v, spec)
             cells.append(f'<td class="{"na" if v is None else ""}">{shown}</td>')
         ids = f"{row['identities']}" + (f' <span class="err">({row["failed"]} failed)</span>' if row["failed"] else "")
         cls = ' class="clean"' if row["group"] == "clean" else ""
@@ -267,6 +259,7 @@ def render(out: str | PathLike, results: list[dict[str, Any]], meta: dict[str, A
     backends = backend_names(results)
     show_lpips = any("lpips" in r["visibility"] for r in table.values())
     sources = meta["sources"]
+    purified = {s["key"] for s in sources if s.get("base") or s.get("transform")}
     figures = {res["identity"]: identity_figures(out, res, sources, files) for res in results}
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>capray evaluate</title><style>{CSS}</style>"
@@ -282,10 +275,12 @@ def render(out: str | PathLike, results: list[dict[str, Any]], meta: dict[str, A
                      "for real numbers.</section>")
     parts.append("<section><h2>Protection, per method</h2><p class='note'>Arrows point to stronger protection; "
                  "the strongest protected row per metric is <b style='color:#0a7a3e'>green</b>. Metrics are means "
-                 "over identities; visibility columns compare the protected photos with the clean ones.</p>")
-    for group, keys in groups(table):
+                 "over identities; visibility columns compare the protected photos with the clean ones. "
+                 "Purified sets are under <a href='#purifications'>Purifications</a>.</p>")
+    for group, keys in groups(table, purified):
         parts.append(f"<h3>{html.escape(group)}</h3>" + _table_html(table, keys, backends, show_lpips))
     parts.append("</section>")
+    parts.append(report_purify.section_html(table, meta, backends))
     parts.append("<section><h2>Metric backends</h2>" + _backend_html(backends) + "</section>")
     for res in results:
         ident = html.escape(res["identity"])
@@ -316,17 +311,18 @@ def render(out: str | PathLike, results: list[dict[str, Any]], meta: dict[str, A
           f"{meta['images_per_prompt']} images × {len(meta['prompts'])} prompts\n"]
     if meta["model"] == "tiny":
         md.append("> Tiny random model: its samples are noise, so these numbers check the pipeline, not protection.\n")
-    for group, keys in groups(table):
+    for group, keys in groups(table, purified):
         md.append(f"\n## {group}\n")
-        heads = [f"{m} {_arrow(m)} ({_short_backend(backends.get(m, ''))})" for m in METRICS]
+        heads = [f"{m} {arrow(m)} ({short_backend(backends.get(m, ''))})" for m in METRICS]
         md.append("| photo set | " + " | ".join(heads) + " | PSNR dB | SSIM | ids |")
         md.append("|---" * (len(heads) + 4) + "|")
         for key in keys:
             row = table[key]
-            vals = [_fmt(row["metrics"].get(m, {}).get("mean")) for m in METRICS]
-            vis = ["—", "—"] if row["group"] == "clean" else [_fmt(row["visibility"].get("psnr"), "{:.2f}"),
-                                                            _fmt(row["visibility"].get("ssim"))]
+            vals = [fmt(row["metrics"].get(m, {}).get("mean")) for m in METRICS]
+            vis = ["—", "—"] if row["group"] == "clean" else [fmt(row["visibility"].get("psnr"), "{:.2f}"),
+                                                            fmt(row["visibility"].get("ssim"))]
             md.append(f"| {row['label']} | " + " | ".join(vals + vis) + f" | {row['identities']} |")
+    md += report_purify.section_md(table, meta, backends)
     md.append("\n## Backends\n")
     for m in METRICS:
         md.append(f"- **{m}**: {backends.get(m, '')} (paper: {PAPER_BACKENDS[m]})")

@@ -1,10 +1,11 @@
 """Evaluate every identity, one Ray task each (a GPU per task when the cluster has GPUs).
 
 A task loads the diffusion model once, then for each source (clean, each protected set, each
-robustness variant) fine-tunes DreamBooth, generates, saves the samples under
+purified variant of it) fine-tunes DreamBooth, generates, saves the samples under
 `OUT/generated/<identity>/<source>/` and scores them. All sources of an identity use the same
 training noise and sampling seeds (common random numbers), so differences between rows come from
-the photos, not from luck. A failing source or identity is recorded and the rest go on.
+the photos, not from luck. A failing source or identity is recorded and the rest go on; a
+purification that cannot run here (its model is missing) is recorded as unavailable and not trained.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from capray.config import CaprayConfig
 from capray.evaluate.files import EvalFiles
 from capray.evaluate.layout import Source, load_photo_set, slugify
+from capray.evaluate.purification import Unavailable
 from capray.evaluate.visibility import lpips_or_reason, visibility
 from capray.io.images import encode_png
 from capray.io.storage import join
@@ -69,15 +71,22 @@ def evaluate_identity(task: IdentityTask, cfg: CaprayConfig) -> dict[str, Any]:
         result["clean_photos"] = sorted(clean)
 
         from capray.evaluate.attacker import attacker_surrogate_config
+        from capray.evaluate.purifiers import Purifiers
         from capray.models.class_images import ensure_class_images
         from capray.models.sd import load_diffusion
 
         parts = load_diffusion(cfg.model)
         class_images = ensure_class_images(parts, attacker_surrogate_config(cfg), cfg.model.resolution)
+        purifiers = Purifiers(cfg, parts.device, parts.dtype)
         seed_parts = (cfg.seed, task.identity, "attacker")
         for source in task.sources:
             entry: dict[str, Any] = {"label": source.label, "group": source.group}
+            if source.transform is not None:
+                entry["purification"] = source.transform.spec
             result["sources"][source.key] = entry
+            if source.unavailable:  # known before any work: no photos read, no training
+                entry.update(status="unavailable", reason=source.unavailable, seconds=0.0)
+                continue
             t0 = time.perf_counter()
             try:
                 if source.protected:
@@ -87,7 +96,7 @@ def evaluate_identity(task: IdentityTask, cfg: CaprayConfig) -> dict[str, Any]:
                         raise ValueError(f"no readable photos in {source.root}/{task.identity}")
                     entry["visibility"] = source_visibility(clean, photos)
                     if source.transform is not None:
-                        photos = {k: source.transform(v) for k, v in photos.items()}
+                        photos = purifiers.apply(source.transform, photos)
                 else:
                     photos = clean
                 entry["photos"] = sorted(photos)
@@ -104,13 +113,18 @@ def evaluate_identity(task: IdentityTask, cfg: CaprayConfig) -> dict[str, Any]:
                 entry["samples"] = paths
                 entry["metrics"] = suite.score(images, reference, seed=int(cfg.seed))
                 entry["status"] = "ok"
+            except Unavailable as exc:  # the purifier's weights did not load: reported, never approximated
+                entry.update(status="unavailable", reason=str(exc))
             except Exception as exc:  # noqa: BLE001 - keep going with the other sources
                 entry["status"] = "failed"
                 entry["error"] = f"{type(exc).__name__}: {exc}"
                 entry["traceback"] = traceback.format_exc(limit=5)
             entry["seconds"] = round(time.perf_counter() - t0, 3)
             _free_cuda()
-        result["status"] = "ok" if all(e.get("status") == "ok" for e in result["sources"].values()) else "partial"
+        purifiers.close()
+        _free_cuda()
+        done = all(e.get("status") in ("ok", "unavailable") for e in result["sources"].values())
+        result["status"] = "ok" if done else "partial"
     except Exception as exc:  # noqa: BLE001
         result["status"] = "failed"
         result["error"] = f"{type(exc).__name__}: {exc}"

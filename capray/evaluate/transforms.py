@@ -1,60 +1,51 @@
-"""Robustness transforms an attacker may apply to protected photos before fine-tuning.
+"""Purification spec strings (config `evaluate.transforms`, CLI `--transform`) → transforms.
 
-Spec strings (config `evaluate.transforms`, CLI `--transform`): ``jpeg:Q`` (re-encode at quality Q),
-``blur:SIGMA`` (Gaussian blur, σ in pixels), ``resize:F`` (down by factor F in (0, 1), then back up,
-bicubic). Each transform keeps the photo's size and runs on uint8 RGB, like a real re-upload would.
+A spec is `KIND:VALUE`: `jpeg:Q`, `blur:SIGMA`, `resize:F`, `median:K`, `bilateral:SIGMA_COLOR`,
+`noise-denoise:SIGMA`, `tvm:W` (pixel filters, `capray.evaluate.filters`), `upscale:NOISE` and
+`diffpure:STRENGTH` (need weights, `capray.evaluate.purifiers`), or `suite`: the standard set below.
+docs/evaluation.md#purifications has the table.
 """
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
+from capray.evaluate.filters import FILTERS
+from capray.evaluate.purification import Transform, Unavailable
+from capray.evaluate.purifiers import MODELS
 
-import numpy as np
-from PIL import Image, ImageFilter
+__all__ = ["KINDS", "SUITE", "Transform", "Unavailable", "parse_transform", "parse_transforms"]
+
+KINDS: dict[str, type[Transform]] = {cls.kind: cls for cls in (*FILTERS, *MODELS)}
+# The standard suite: a platform's re-encodes, the classic filters, and the two model purifiers.
+SUITE = ("jpeg:95", "jpeg:75", "jpeg:50", "blur:1", "median:3", "bilateral:25", "resize:0.5",
+         "noise-denoise:8", "tvm:0.1", "upscale:20", "diffpure:0.1")
 
 
-@dataclass(frozen=True)
-class Transform:
-    kind: str
-    value: float
-
-    @property
-    def label(self) -> str:
-        return {"jpeg": f"JPEG q{int(self.value)}", "blur": f"blur σ{self.value:g}",
-                "resize": f"resize ×{self.value:g}"}[self.kind]
-
-    @property
-    def slug(self) -> str:
-        return f"{self.kind}{self.value:g}"
-
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        img = Image.fromarray(rgb)
-        if self.kind == "jpeg":
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=int(self.value))
-            out = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-        elif self.kind == "blur":
-            out = img.filter(ImageFilter.GaussianBlur(radius=self.value))
-        else:
-            small = (max(1, round(img.width * self.value)), max(1, round(img.height * self.value)))
-            out = img.resize(small, Image.BICUBIC).resize(img.size, Image.BICUBIC)
-        return np.asarray(out, dtype=np.uint8).copy()
+def allowed_forms() -> str:
+    return ", ".join(cls.form for cls in KINDS.values()) + " or suite"
 
 
 def parse_transform(spec: str) -> Transform:
-    kind, _, raw = spec.strip().partition(":")
-    kind = kind.lower()
+    """One spec (not `suite`) → its transform; a ValueError names the spec and the allowed form."""
+    kind, sep, raw = str(spec).strip().partition(":")
+    if kind.strip().lower() == "suite":
+        raise ValueError(f"transform {spec!r}: 'suite' stands alone (it expands to {', '.join(SUITE)})")
+    cls = KINDS.get(kind.strip().lower())
+    if cls is None:
+        raise ValueError(f"transform {spec!r}: unknown kind {kind.strip()!r}; expected {allowed_forms()}")
     try:
-        value = float(raw)
+        value = float(raw) if sep else None
     except ValueError:
-        raise ValueError(f"transform {spec!r}: expected jpeg:Q, blur:SIGMA or resize:F") from None
-    if kind == "jpeg" and not 1 <= value <= 100:
-        raise ValueError(f"transform {spec!r}: JPEG quality must be in 1..100")
-    if kind == "blur" and value <= 0:
-        raise ValueError(f"transform {spec!r}: blur sigma must be > 0")
-    if kind == "resize" and not 0 < value < 1:
-        raise ValueError(f"transform {spec!r}: resize factor must be in (0, 1)")
-    if kind not in ("jpeg", "blur", "resize"):
-        raise ValueError(f"transform {spec!r}: unknown kind {kind!r} (jpeg, blur, resize)")
-    return Transform(kind, value)
+        value = None
+    problem = cls.problem(value) if value is not None else f"expected {cls.form} with {cls.rule}"
+    if problem:
+        raise ValueError(f"transform {spec!r}: {problem}")
+    return cls(value)
+
+
+def parse_transforms(specs: list[str]) -> list[Transform]:
+    """Specs in order, `suite` expanded in place; a purification named twice runs once."""
+    out: dict[Transform, None] = {}
+    for spec in specs:
+        names = SUITE if str(spec).strip().lower() == "suite" else (spec,)
+        out.update(dict.fromkeys(parse_transform(name) for name in names))
+    return list(out)
