@@ -107,6 +107,7 @@ def test_incremental_rerun_redoes_exactly_what_changed(ray_cluster, tmp_path):
     assert r["deleted"]["removed_output_uris"] == [str(out / "deleted" / "0.png")]
 
 
+@pytest.mark.slow  # a whole multi-run scenario (~15-30 s): the fast tier keeps its cheaper siblings
 def test_input_failures_are_permanent_until_the_input_changes_transient_ones_retried(ray_cluster, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     save(src / "good" / "1.png", 1)

@@ -82,6 +82,7 @@ def latest(out: Path) -> dict[str, dict]:
     return {r["identity"]: r for r in manifest.read_manifest(str(out)).to_pylist()}
 
 
+@pytest.mark.slow  # a whole multi-run scenario (~15-30 s): the fast tier keeps its cheaper siblings
 def test_slices_cover_the_library_and_a_sigterm_stops_cleanly_and_resumes_with_nothing_redone(
         ray_cluster, tmp_path, _calls):
     names = [f"id{i}" for i in range(8)]
@@ -112,6 +113,7 @@ def test_slices_cover_the_library_and_a_sigterm_stops_cleanly_and_resumes_with_n
     assert set(latest(out)) == set(names) and all(r["status"] == "ok" for r in latest(out).values())
 
 
+@pytest.mark.slow  # a whole multi-run scenario (~15-30 s): the fast tier keeps its cheaper siblings
 def test_a_time_box_stops_the_run_and_the_next_continues_after_where_it_stopped(ray_cluster, tmp_path, _calls):
     names = [f"id{i}" for i in range(6)]
     src, out = tmp_path / "in", tmp_path / "out"
@@ -128,6 +130,7 @@ def test_a_time_box_stops_the_run_and_the_next_continues_after_where_it_stopped(
         assert order[0] > cursor["after"]
 
 
+@pytest.mark.slow  # a whole multi-run scenario (~15-30 s): the fast tier keeps its cheaper siblings
 def test_a_deleted_identity_has_its_outputs_removed_and_recorded(ray_cluster, tmp_path, _calls):
     import shutil
 
@@ -180,6 +183,7 @@ def test_an_unreadable_run_file_stops_the_job_with_exit_2_naming_it(ray_cluster,
     assert (out / "run.json").read_text() == "{ hand edited" and (out / "alice" / "a.png").read_bytes() == before
 
 
+@pytest.mark.slow  # a whole multi-run scenario (~15-30 s): the fast tier keeps its cheaper siblings
 def test_transient_failures_in_a_row_quarantine_an_identity_until_retried(ray_cluster, tmp_path, _calls):
     src, out = tmp_path / "in", tmp_path / "out"
     library(src, ["alice", BROKEN])
@@ -208,6 +212,7 @@ def test_a_group_over_the_pixel_budget_fails_for_its_input_before_the_engine(ray
     assert "batch.max_group_pixels=4000" in big["error"] and calls(_calls) == ["small"]
 
 
+@pytest.mark.slow  # a whole multi-run scenario (~15-30 s): the fast tier keeps its cheaper siblings
 def test_a_rerun_writes_a_delta_in_proportion_to_change_and_leaves_the_main_files_alone(ray_cluster, tmp_path):
     names = [f"id{i:02d}" for i in range(30)]
     src, out = tmp_path / "in", tmp_path / "out"
