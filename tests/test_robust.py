@@ -197,15 +197,16 @@ def test_simac_feature_loss_under_robust(fp64_models, smoke_config):
     assert_same(*out)
 
 
-def test_robust_changes_the_perturbation_on_real_photos(tiny_models, smoke_config, faces_dir):
+@pytest.mark.parametrize("cap", [True, False], ids=["with-cap", "without-cap"])
+def test_robust_changes_the_perturbation_on_real_photos(tiny_models, smoke_config, faces_dir, cap):
     """Same seed and draws of noise; only the transforms differ: the photos differ, both within ε, and a
-    second run gives the same pixels."""
+    second run gives the same pixels — with CAP and for the baseline alone."""
     photos = load_faces(faces_dir, 64)[:3]
     eps = 0.05
 
     def protect(robust: dict):
         cfg = smoke_config(attack={**METHOD_STEPS["fsmg"], "pgd_steps": 4, "eps": eps, "robust": robust},
-                           cap={"ratio_max": 4})
+                           cap={"ratio_max": 4, "enabled": cap})
         return protect_group(photos, cfg, identity="face", models=tiny_models)
 
     plain, robust, again = protect({}), protect(ON), protect(ON)
