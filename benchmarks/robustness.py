@@ -5,7 +5,7 @@ The shared faces (`../shared/data/faces/n000050`, one person) are protected twic
 with the same seed: once as written, once with `attack.robust` (the `robust` preset's settings;
 `--crop-flip` adds a third run with crop and flip on as well). Each result is then purified by PIL
 — JPEG at `--quality` (75) for the RESULT line, and JPEG q50, Gaussian blur σ1 and resize ×0.5 for
-the table — and measured on the surrogate FSMG attacks:
+the table, `capray evaluate`'s own purifications — and measured on the surrogate FSMG attacks:
 
     gain(T)  = L(T(protected)) − L(T(clean))      (L: the reconstruction loss, Σ photos, mean over draws)
     retained = gain(JPEG) / gain(identity)         (how much of the adversarial objective survives)
@@ -25,14 +25,13 @@ RESULT robustness retained_plain=<x> retained_robust=<y> ratio=<y/x> linf_ok=<1|
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -42,6 +41,8 @@ from capray.attack.losses import reconstruction_loss  # noqa: E402
 from capray.attack.randomness import draw_noise  # noqa: E402
 from capray.attack.surrogate import latent_shape_for  # noqa: E402
 from capray.config import load_config  # noqa: E402
+from capray.evaluate.transforms import Transform, parse_transform  # noqa: E402
+from capray.models.pixels import from_uint8, to_uint8  # noqa: E402
 from capray.models.sd import encode_prompt  # noqa: E402
 
 FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces" / "n000050"
@@ -51,38 +52,14 @@ def load_photos(folder: Path, size: int, limit: int) -> list[torch.Tensor]:
     files = sorted(folder.glob("set_*/*.png"))[:limit]
     if not files:
         sys.exit(f"no photos under {folder}")
-    return [torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)).copy())
-            .permute(2, 0, 1).float() / 127.5 - 1 for f in files]
+    return [from_uint8(np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC))) for f in files]
 
 
-def published(x: torch.Tensor) -> np.ndarray:
-    """The photo as capray writes it: uint8 RGB."""
-    return ((x.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def from_rgb(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 127.5 - 1
-
-
-def jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-
-
-def purifications(quality: int) -> dict[str, object]:
-    """What the attacker may apply (PIL, on the published uint8 photo): the first is the RESULT line's."""
-    def resize_half(rgb: np.ndarray) -> np.ndarray:
-        img = Image.fromarray(rgb)
-        small = img.resize((img.width // 2, img.height // 2), Image.BICUBIC)
-        return np.asarray(small.resize(img.size, Image.BICUBIC))
-
-    return {
-        f"jpeg{quality}": lambda rgb: jpeg_round_trip(rgb, quality),
-        "jpeg50": lambda rgb: jpeg_round_trip(rgb, 50),
-        "blur1": lambda rgb: np.asarray(Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(1))),
-        "resize0.5": resize_half,
-    }
+def purifications(quality: int) -> dict[str, Transform]:
+    """What the attacker applies to the published uint8 photos (`capray evaluate`'s own purifications); the
+    first is the RESULT line's."""
+    return {f"jpeg{quality}": parse_transform(f"jpeg:{quality}"), "jpeg50": parse_transform("jpeg:50"),
+            "blur1": parse_transform("blur:1"), "resize0.5": parse_transform("resize:0.5")}
 
 
 class SurrogateLoss:
@@ -95,13 +72,9 @@ class SurrogateLoss:
 
     @torch.no_grad()
     def __call__(self, rgb: list[np.ndarray]) -> float:
-        images = torch.stack([from_rgb(r) for r in rgb]).to(self.parts.device, self.parts.master_dtype)
+        images = torch.stack([from_uint8(r) for r in rgb]).to(self.parts.device, self.parts.master_dtype)
         return float(np.mean([reconstruction_loss(self.parts, self.net.unet, self.cond, images, d).sum().item()
                               for d in self.draws]))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255 ** 2 / np.mean((a.astype(float) - b.astype(float)) ** 2)))
 
 
 def main() -> int:
@@ -150,7 +123,7 @@ def main() -> int:
                            num_train_timesteps=models.parts.scheduler.config.num_train_timesteps)
                 for d in range(args.draws)]
     loss = SurrogateLoss(models, surrogate, configs["plain"], held_out)
-    clean_rgb = [published(p) for p in photos]
+    clean_rgb = [to_uint8(p) for p in photos]
     purify = {"none": lambda rgb: rgb, **purifications(args.quality)}
     clean_loss = {k: loss([t(r) for r in clean_rgb]) for k, t in purify.items()}
     print(f"surrogate: L(clean) = {clean_loss['none']:.4f} on {args.draws} held-out draws")
@@ -160,10 +133,10 @@ def main() -> int:
     for name, result in results.items():
         linf = max(float((x - p).abs().max()) for x, p in zip(result.images, photos))
         linf_ok &= linf <= args.eps + 1e-6
-        rgb = [published(x) for x in result.images]
+        rgb = [to_uint8(x) for x in result.images]
         gains = {k: loss([t(r) for r in rgb]) - clean_loss[k] for k, t in purify.items()}
         retained[name] = gains[f"jpeg{args.quality}"] / gains["none"] if gains["none"] > 0 else float("nan")
-        quality = np.mean([psnr(a, c) for a, c in zip(rgb, clean_rgb)])
+        quality = np.mean([m["psnr"] for m in result.metrics])  # the engine's own record, per photo
         print(f"{name:18s}" + "".join(f"{g * 1000:10.2f}" for g in gains.values())
               + f"{quality:10.2f}{linf * 127.5:8.2f}")
     print(f"cost step_ms_plain={step_ms['plain']:.0f} step_ms_robust={step_ms['robust']:.0f} "

@@ -20,6 +20,7 @@ from capray.attack.randomness import derive_seed
 from capray.attack.surrogate import Surrogate, train_surrogate
 from capray.config import CaprayConfig, EvaluateConfig, SurrogateConfig
 from capray.models.class_images import ensure_class_images
+from capray.models.pixels import unit_to_uint8
 
 
 def attacker_surrogate_config(cfg: CaprayConfig) -> SurrogateConfig:
@@ -105,6 +106,6 @@ def generate(parts: Any, surrogate: Surrogate, cfg: CaprayConfig,
             result = pipe(prompt, height=res, width=res, num_inference_steps=ev.sample_steps,
                           guidance_scale=ev.guidance_scale, num_images_per_prompt=n, generator=gen,
                           output_type="np")
-            images += [(np.clip(a, 0, 1) * 255).round().astype(np.uint8) for a in result.images]
+            images += [unit_to_uint8(a) for a in result.images]
         out[prompt] = images
     return out

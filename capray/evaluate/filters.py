@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from capray.evaluate.purification import Transform, photo_seed, to_uint8
+from capray.evaluate.purification import Transform, photo_seed
+from capray.models.pixels import unit_to_uint8
 
 BILATERAL_SPATIAL_PX = 1.5
 NLM_PATCH, NLM_DISTANCE, NLM_H = 5, 6, 0.8  # skimage's recommended fast-mode settings: h = 0.8 σ
@@ -121,7 +122,7 @@ class Bilateral(Transform):
 
         out = denoise_bilateral(rgb / 255.0, sigma_color=self.value / 255.0, sigma_spatial=BILATERAL_SPATIAL_PX,
                                 mode="edge", channel_axis=-1)
-        return to_uint8(out)
+        return unit_to_uint8(out)
 
 
 class NoiseDenoise(Transform):
@@ -150,7 +151,7 @@ class NoiseDenoise(Transform):
         noisy = np.clip(rgb / 255.0 + rng.normal(0.0, sigma, rgb.shape), 0.0, 1.0)
         out = denoise_nl_means(noisy, h=NLM_H * sigma, sigma=sigma, patch_size=NLM_PATCH,
                                patch_distance=NLM_DISTANCE, fast_mode=True, channel_axis=-1)
-        return to_uint8(out)
+        return unit_to_uint8(out)
 
 
 class TotalVariation(Transform):
@@ -171,7 +172,7 @@ class TotalVariation(Transform):
     def apply(self, rgb: np.ndarray) -> np.ndarray:
         from skimage.restoration import denoise_tv_chambolle
 
-        return to_uint8(denoise_tv_chambolle(rgb / 255.0, weight=self.value, channel_axis=-1))
+        return unit_to_uint8(denoise_tv_chambolle(rgb / 255.0, weight=self.value, channel_axis=-1))
 
 
 FILTERS: tuple[type[Transform], ...] = (Jpeg, GaussianBlur, Resize, Median, Bilateral, NoiseDenoise, TotalVariation)

@@ -104,8 +104,3 @@ def photo_seed(rgb: np.ndarray, *parts: object) -> int:
     digest = hashlib.sha256(":".join(map(str, (*parts, rgb.shape))).encode())
     digest.update(np.ascontiguousarray(rgb).tobytes())
     return int.from_bytes(digest.digest()[:8], "little") & ((1 << 63) - 1)
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """A float image on [0, 1] back to 8 bits, as the attacker's saved file holds it."""
-    return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)

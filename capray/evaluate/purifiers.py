@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from capray.evaluate.purification import Transform, Unavailable, check_output, check_rgb, photo_seed, to_uint8
+from capray.evaluate.purification import Transform, Unavailable, check_output, check_rgb, photo_seed
+from capray.models.pixels import unit_to_uint8
 
 UPSCALE_FACTOR = 4
 UPSCALE_MAX_SIDE = 512  # the ×4 upscaler's training output size: larger photos are first brought down to it
@@ -29,7 +30,7 @@ def _multiple_of_8(n: float) -> int:
 
 def _back_to_photo(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A pipeline's [0, 1] float output back to 8 bits at the photo's own size."""
-    return np.asarray(Image.fromarray(to_uint8(image)).resize(size, Image.BICUBIC), dtype=np.uint8)
+    return np.asarray(Image.fromarray(unit_to_uint8(image)).resize(size, Image.BICUBIC), dtype=np.uint8)
 
 
 class ModelTransform(Transform):

@@ -25,6 +25,7 @@ from capray.evaluate.layout import Source, load_photo_set, slugify
 from capray.evaluate.metrics import DIRECTION, METRICS
 from capray.evaluate.report_cells import arrow, fmt, metric_header, short_backend
 from capray.io.storage import join, normalize_uri
+from capray.models.pixels import unit_to_uint8
 
 THUMB = 128
 AMPLIFY = 10.0
@@ -132,7 +133,7 @@ def strip(images: list[np.ndarray], size: int = THUMB, gap: int = 4) -> bytes:
 def amplified(clean: np.ndarray, protected: np.ndarray, k: float = AMPLIFY) -> np.ndarray:
     """clip(0.5 + (protected − clean)·k) on [0, 1], as uint8: grey where nothing changed."""
     delta = (protected.astype(np.float32) - clean.astype(np.float32)) / 255.0
-    return (np.clip(0.5 + delta * k, 0, 1) * 255).round().astype(np.uint8)
+    return unit_to_uint8(0.5 + delta * k)
 
 
 def _photos(src: dict[str, Any], identity: str, files: EvalFiles) -> dict[str, np.ndarray]:

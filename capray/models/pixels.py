@@ -16,6 +16,12 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return arr.permute(1, 2, 0).numpy()
 
 
+def unit_to_uint8(image: np.ndarray) -> np.ndarray:
+    """A float image on [0, 1] (a diffusers pipeline's `output_type="np"`, a scikit-image filter's result)
+    → uint8, clipped and rounded to nearest, as the file an attacker saves holds it."""
+    return (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
 def from_uint8(array: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 → (3, H, W) float32 in [-1, 1]; exact inverse of `to_uint8` on the grid."""
     pixels = np.array(array, dtype=np.uint8, order="C")  # a copy: the caller's array may be read-only
