@@ -102,9 +102,9 @@ def engine_before_issue_20():
 
     lean_rows, cached = GroupLayout.model_rows, group._crop_operators
 
-    def stacked_rows(self, candidates, start, stop, resolution):
-        if isinstance(candidates, torch.Tensor) or not self.uniform:
-            return lean_rows(self, candidates, start, stop, resolution)
+    def stacked_rows(self, candidates, start, stop, resolution, augments=None):
+        if isinstance(candidates, torch.Tensor) or not self.uniform or augments is not None:
+            return lean_rows(self, candidates, start, stop, resolution, augments)
         offsets = self.offsets()
 
         def photo(q: int) -> torch.Tensor:
