@@ -88,6 +88,32 @@ def test_linear_transforms_have_exact_gradients(augment):
     assert torch.autograd.gradcheck(augment, (x,))
 
 
+def test_a_draws_resize_matrices_live_with_the_draw_not_in_a_module_cache():
+    """Random sizes in the shared caches would hold GBs of stale matrices at 12 MP (and, past 64 keys a
+    step, rebuild them for every λ-candidate row): an Augment keeps its own, reused across rows, and a
+    pickled copy (a peer actor's) carries the parameters only."""
+    import pickle
+
+    from capray.attack import group
+
+    group._resize_matrix.cache_clear()
+    group._recurring_resize_operators.cache_clear()
+    augment = Augment(crop=(0.8, 0.4, 0.6), resize=0.7)
+    x = torch.rand(1, 3, 30, 41, dtype=torch.float64)
+    first = augment(x)
+    built = dict(augment._operators)
+    assert len(built) == 3  # crop back up, down, up
+    assert torch.equal(augment(x + 0), first)  # another candidate row: the same matrices, not rebuilt
+    assert all(augment._operators[k] is v for k, v in built.items()) and len(augment._operators) == 3
+    assert group._resize_matrix.cache_info().currsize == 0
+    assert group._recurring_resize_operators.cache_info().currsize == 0
+    copy = pickle.loads(pickle.dumps(augment))
+    assert copy == augment and copy._operators == {} and torch.equal(copy(x), first)
+    reference = torch.nn.functional.interpolate(x, size=(21, 29), mode="bilinear", antialias=True,
+                                                align_corners=False)
+    assert torch.allclose(group.resize(x, (21, 29), group.resize_operators), reference, atol=1e-12)
+
+
 @pytest.mark.parametrize("sigma", [0.5, 1.5, 4.0])
 def test_separable_blur_equals_torchvision(sigma):
     from torchvision.transforms.v2 import functional as TF

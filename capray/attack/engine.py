@@ -345,17 +345,14 @@ class GroupAttack:
                 model_in = batch.layout.to_model(xs, self.resolution, rows.augments)
                 l_re, attack = self.attack_losses(phase, model_in, rows, batch)
                 loss_re += l_re.item() * weight
-                objective = attack if len(draws) == 1 else attack * weight
+                objective = attack * weight
                 if combined_ratio is not None and s == 0:
                     style_in = model_in if rows.augments is None else batch.layout.to_model(xs, self.resolution)
                     l_cons = consistency_part(self.style_stats(style_in), means, self.group_size)
                     loss_cons += l_cons.item()
                     objective = objective - combined_ratio * self.cons_sign * l_cons
                 (grad,) = torch.autograd.grad(objective, xs)
-                if s == 0:
-                    grad_attack[batch.flat] = grad
-                else:
-                    grad_attack[batch.flat] += grad
+                grad_attack[batch.flat] += grad
             if grad_cons is not None:
                 model_in = batch.layout.to_model(xs, self.resolution)
                 l_cons = consistency_part(self.style_stats(model_in), means, self.group_size)

@@ -41,19 +41,27 @@ def _crop_operators(h: int, w: int, size: int, dtype: torch.dtype, device: torch
     return rows, cols
 
 
-@lru_cache(maxsize=64)
-def _resize_operators(h: int, w: int, new_h: int, new_w: int, dtype: torch.dtype,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return _resize_matrix(h, new_h).to(device, dtype), _resize_matrix(w, new_w).to(device, dtype)
+def resize_operators(h: int, w: int, new_h: int, new_w: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (new_h, h), cols (new_w, w)) of `resize`, built afresh on the device: for sizes drawn at random
+    (the robust mode's), which the long-lived caches here would only fill (at 12 MP, ~70 MB a pair)."""
+    build = _resize_matrix.__wrapped__
+    return build(h, new_h).to(device, dtype), build(w, new_w).to(device, dtype)
 
 
-def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+_recurring_resize_operators = lru_cache(maxsize=64)(resize_operators)  # sizes set by the photo (JPEG's chroma)
+ResizeOperators = Callable[[int, int, int, int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]]
+
+
+def resize(image: torch.Tensor, size: tuple[int, int],
+           operators: ResizeOperators = _recurring_resize_operators) -> torch.Tensor:
     """(B,C,H,W) → (B,C,h,w): `F.interpolate`'s antialiased bilinear as two matrix products, so its
-    backward is deterministic on CUDA too (the robust mode's transforms resize inside the attack loss)."""
+    backward is deterministic on CUDA too (the robust mode's transforms resize inside the attack loss).
+    `operators` supplies the matrices: cached per size by default, or the caller's own store."""
     h, w = image.shape[-2:]
     if (h, w) == tuple(size):
         return image
-    rows, cols = _resize_operators(h, w, int(size[0]), int(size[1]), image.dtype, image.device)
+    rows, cols = operators(h, w, int(size[0]), int(size[1]), image.dtype, image.device)
     return rows @ image @ cols.T
 
 

@@ -12,13 +12,13 @@ never shifts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from capray.attack.diff_jpeg import jpeg
-from capray.attack.group import resize
+from capray.attack.group import resize, resize_operators
 from capray.config import RobustConfig
 from capray.models.seeds import cpu_generator
 
@@ -46,6 +46,17 @@ class Augment:
     resize: float | None = None  # down by this factor, then back up
     blur: float | None = None  # Gaussian σ in pixels
     jpeg: int | None = None  # quality
+    # This draw's resize matrices by size: a photo's M λ-candidate rows of a step share them, and they go
+    # with the draw, as the sizes are random (a module-wide cache would keep GBs of stale ones at 12 MP).
+    _operators: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __reduce__(self):  # the parameters only: a peer actor builds its own matrices on its own device
+        return Augment, (self.crop, self.flip, self.resize, self.blur, self.jpeg)
+
+    def _resize_operators(self, *key) -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in self._operators:
+            self._operators[key] = resize_operators(*key)
+        return self._operators[key]
 
     @property
     def is_identity(self) -> bool:
@@ -74,12 +85,12 @@ class Augment:
             scale, top, left = self.crop
             ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
             y, x = round(top * (h - ch)), round(left * (w - cw))
-            image = resize(image[..., y: y + ch, x: x + cw], (h, w))
+            image = resize(image[..., y: y + ch, x: x + cw], (h, w), self._resize_operators)
         if self.flip:
             image = torch.flip(image, dims=(-1,))
         if self.resize:
             small = (max(1, round(h * self.resize)), max(1, round(w * self.resize)))
-            image = resize(resize(image, small), (h, w))
+            image = resize(resize(image, small, self._resize_operators), (h, w), self._resize_operators)
         if self.blur:
             image = gaussian_blur(image, self.blur)
         if self.jpeg:

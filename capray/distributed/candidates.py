@@ -148,8 +148,6 @@ def _cancel(ref: Any) -> None:
         pass
 
 
-
-
 class PooledEvaluator:
     """A `CandidateEvaluator` for one PGD phase: the runner's own shard plus borrowed peers' shards."""
 
